@@ -1,0 +1,3 @@
+from skinvlm.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""The `skinvlm` command line: read options, call a stage function, render its result. Nothing more."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from skinvlm.errors import SkinvlmError
+from skinvlm.rules import Rules, load_rules, resolve_rules_path
+from skinvlm.workspace import Workspace
+
+app = typer.Typer(
+    help="Facial skin photo folders -> a served, evaluated Korean vision-language model.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        envvar="SKINVLM_WORKSPACE",
+        file_okay=False,
+        help="Workspace folder shared by all commands [default: current folder].",
+    ),
+]
+RulesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rules",
+        envvar="SKINVLM_RULES",
+        dir_okay=False,
+        help="Rule file [default: <workspace>/postprocess.toml, else the shipped one].",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def user_errors(fn: F) -> F:
+    """A SkinvlmError becomes one line on stderr and exit 1; Ctrl-C exits 130 after the stage saved."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SkinvlmError as problem:
+            err.print(f"[bold red]error:[/] {problem}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to go on")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def open_workspace(workspace: Path | None, rules: Path | None = None) -> tuple[Workspace, Rules]:
+    ws = Workspace.open(workspace)
+    return ws, load_rules(resolve_rules_path(rules, ws.root))
+
+
+def progress_bar(description: str) -> Progress:
+    return Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+@app.command()
+@user_errors
+def ingest(
+    src: Annotated[
+        Path, typer.Argument(help="AI Hub folder (Training/ and Validation/) or a folder of class folders.")
+    ],
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing datasets/ingested.")] = False,
+    test_size: Annotated[float, typer.Option(help="Test share for a tree without Training/Validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 42,
+    max_side: Annotated[int | None, typer.Option(help="Downscale images whose longer side exceeds PX.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding threads [default: all cores].")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every image under SRC and write datasets/ingested (splits train/test)."""
+    from skinvlm.ingest import ingest as run_ingest
+
+    ws, loaded = open_workspace(workspace, rules)
+    with progress_bar("checking images") as bar:
+        task = bar.add_task("ingest", total=None, note="")
+        result = run_ingest(
+            ws,
+            src,
+            loaded,
+            force=force,
+            test_size=test_size,
+            seed=seed,
+            max_side=max_side,
+            workers=workers,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if as_json:
+        print_json(result.as_json())
+        return
+    from skinvlm.render import ingest_report
+
+    ingest_report(out, err, result, loaded)
+
+
+@app.command()
+@user_errors
+def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what the workspace holds, stage by stage."""
+    from skinvlm.workspace import stage_status
+
+    ws = Workspace.open(workspace)
+    stages = stage_status(ws)
+    if as_json:
+        print_json(
+            {
+                "workspace": str(ws.root),
+                "stages": [
+                    {"name": s.name, "present": s.present, "rows": s.rows, "finished": s.finished, "inputs": s.inputs}
+                    for s in stages
+                ],
+            }
+        )
+        return
+    table = Table(title=f"workspace {ws.root}")
+    for column in ("stage", "present", "rows", "finished", "from"):
+        table.add_column(column)
+    for s in stages:
+        rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
+        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, s.finished, s.inputs)
+    out.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    app()

@@ -1,0 +1,230 @@
+"""The rule file (``postprocess.toml``): classes, label aliases, term and rewrite rules, audit settings.
+
+Resolution order: ``--rules FILE``, then ``$SKINVLM_RULES``, then ``<workspace>/postprocess.toml``,
+then the default shipped inside the package (the repository's top-level ``postprocess.toml``).
+Every problem in a file is reported at once, each naming its table and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from skinvlm.errors import SkinvlmError
+
+RULES_FILENAME = "postprocess.toml"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    english: str
+    features: str = ""
+    template: str = ""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    pattern: str
+    replace: str
+    note: str = ""
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+
+@dataclass(frozen=True)
+class AuditRules:
+    allow: tuple[str, ...] = ()
+    min_summary_chars: int = 40
+    repeated_summary_min: int = 3
+
+
+@dataclass(frozen=True)
+class Rules:
+    path: Path
+    classes: tuple[ClassInfo, ...]
+    unreadable: str = "진단불가"
+    aliases: dict[str, str] = field(default_factory=dict)
+    views: dict[str, str] = field(default_factory=dict)
+    terms: dict[str, str] = field(default_factory=dict)
+    rewrites: tuple[Rewrite, ...] = ()
+    audit: AuditRules = AuditRules()
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def english(self, name: str) -> str:
+        return next((c.english for c in self.classes if c.name == name), name)
+
+    def canonical(self, raw: str | None) -> str | None:
+        """Map a written label (a class, an alias or an English name) to its class, else None."""
+        if raw is None:
+            return None
+        text = " ".join(nfc(raw).split())
+        if text in self.class_names:
+            return text
+        if text in self.aliases:
+            return self.aliases[text]
+        lowered = text.lower()
+        return next((c.name for c in self.classes if c.english.lower() == lowered), None)
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def default_rules_path() -> Path:
+    shipped = resources.files("skinvlm") / RULES_FILENAME
+    if shipped.is_file():
+        return Path(str(shipped))
+    # An editable install runs from the source tree, where the file sits beside the package.
+    return Path(__file__).resolve().parent.parent / RULES_FILENAME
+
+
+def resolve_rules_path(explicit: Path | None, workspace_root: Path) -> Path:
+    if explicit:
+        return explicit
+    if os.environ.get("SKINVLM_RULES"):
+        return Path(os.environ["SKINVLM_RULES"])
+    local = workspace_root / RULES_FILENAME
+    return local if local.exists() else default_rules_path()
+
+
+def load_rules(path: Path) -> Rules:
+    if not path.is_file():
+        raise SkinvlmError(f"rule file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise SkinvlmError(f"rule file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise SkinvlmError(f"rule file {path} is not UTF-8 text") from None
+    problems: list[str] = []
+    rules = _parse(path, raw, problems)
+    if problems:
+        raise SkinvlmError(f"{path}: " + "; ".join(problems))
+    return rules
+
+
+def _unknown(table: str, data: dict[str, Any], allowed: set[str], problems: list[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            problems.append(f"[{table}] unknown key '{key}' (expected one of: {', '.join(sorted(allowed))})")
+
+
+def _table(data: dict[str, Any], key: str, where: str, problems: list[str]) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(f"[{where}] '{key}' must be a table")
+        return {}
+    return value
+
+
+def _string_map(data: dict[str, Any], where: str, problems: list[str]) -> dict[str, str]:
+    out = {}
+    for key, value in data.items():
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"[{where}] '{key}' must map to a non-empty string")
+        else:
+            out[nfc(key).strip()] = nfc(value).strip()
+    return out
+
+
+def _parse(path: Path, raw: dict[str, Any], problems: list[str]) -> Rules:
+    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit"}, problems)
+    labels = _table(raw, "labels", "labels", problems)
+    _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
+    classes = _parse_classes(_table(labels, "classes", "labels", problems), problems)
+    names = {c.name for c in classes}
+    aliases = _string_map(_table(labels, "aliases", "labels", problems), "labels.aliases", problems)
+    for alias, target in aliases.items():
+        if target not in names:
+            problems.append(f"[labels.aliases] '{alias}' maps to '{target}', which is not a class")
+    unreadable = labels.get("unreadable", "진단불가")
+    if not isinstance(unreadable, str) or not unreadable:
+        problems.append("[labels] 'unreadable' must be a non-empty string")
+        unreadable = "진단불가"
+    views = _string_map(_table(raw, "views", "top level", problems), "views", problems)
+    if not views:
+        problems.append('[views] must name at least one view, e.g. 정면 = "front"')
+    terms = _string_map(_table(raw, "terms", "top level", problems), "terms", problems)
+    return Rules(
+        path=path,
+        classes=tuple(classes),
+        unreadable=nfc(unreadable),
+        aliases=aliases,
+        views=views,
+        terms={k.lower(): v for k, v in terms.items()},
+        rewrites=_parse_rewrites(raw.get("rewrite", []), problems),
+        audit=_parse_audit(_table(raw, "audit", "top level", problems), problems),
+    )
+
+
+def _parse_classes(table: dict[str, Any], problems: list[str]) -> list[ClassInfo]:
+    classes = []
+    for name, spec in table.items():
+        where = f"labels.classes.{name}"
+        if not isinstance(spec, dict):
+            problems.append(f'[{where}] must be a table with at least english = "..."')
+            continue
+        _unknown(where, spec, {"english", "features", "template"}, problems)
+        values = {k: spec.get(k, "") for k in ("english", "features", "template")}
+        bad = [k for k, v in values.items() if not isinstance(v, str)]
+        problems.extend(f"[{where}] '{k}' must be a string" for k in bad)
+        if not values["english"]:
+            problems.append(f"[{where}] 'english' is required")
+        if not bad:
+            classes.append(ClassInfo(nfc(name).strip(), **{k: v.strip() for k, v in values.items()}))
+    if len(table) < 2:
+        problems.append("[labels.classes] must define at least two classes")
+    return classes
+
+
+def _parse_rewrites(items: Any, problems: list[str]) -> tuple[Rewrite, ...]:
+    if not isinstance(items, list):
+        problems.append("[[rewrite]] must be an array of tables")
+        return ()
+    rewrites = []
+    for number, item in enumerate(items, start=1):
+        where = f"rewrite #{number}"
+        if not isinstance(item, dict):
+            problems.append(f"[{where}] must be a table")
+            continue
+        _unknown(where, item, {"pattern", "replace", "note"}, problems)
+        pattern, replace = item.get("pattern"), item.get("replace")
+        if not isinstance(pattern, str) or not pattern or not isinstance(replace, str):
+            problems.append(f"[{where}] needs a non-empty 'pattern' and a string 'replace'")
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problems.append(f"[{where}] 'pattern' is not a valid regex: {err}")
+            continue
+        rewrites.append(Rewrite(nfc(pattern), nfc(replace), str(item.get("note", ""))))
+    return tuple(rewrites)
+
+
+def _parse_audit(table: dict[str, Any], problems: list[str]) -> AuditRules:
+    _unknown("audit", table, {"allow", "min_summary_chars", "repeated_summary_min"}, problems)
+    allow = table.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(w, str) for w in allow):
+        problems.append("[audit] 'allow' must be a list of words")
+        allow = []
+    numbers = {}
+    for key, default in (("min_summary_chars", 40), ("repeated_summary_min", 3)):
+        value = table.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(f"[audit] '{key}' must be a whole number >= 0")
+            value = default
+        numbers[key] = value
+    return AuditRules(allow=tuple(w.lower() for w in allow), **numbers)
