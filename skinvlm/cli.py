@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from skinvlm import render
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
 from skinvlm.workspace import Workspace
@@ -36,7 +38,7 @@ WorkspaceOpt = Annotated[
         "-w",
         envvar="SKINVLM_WORKSPACE",
         file_okay=False,
-        help="Workspace folder shared by all commands [default: current folder].",
+        help="Workspace folder shared by all commands (default: current folder).",
     ),
 ]
 RulesOpt = Annotated[
@@ -45,7 +47,7 @@ RulesOpt = Annotated[
         "--rules",
         envvar="SKINVLM_RULES",
         dir_okay=False,
-        help="Rule file [default: <workspace>/postprocess.toml, else the shipped one].",
+        help="Rule file (default: <workspace>/postprocess.toml, else the shipped one).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
@@ -101,7 +103,7 @@ def ingest(
     test_size: Annotated[float, typer.Option(help="Test share for a tree without Training/Validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 42,
     max_side: Annotated[int | None, typer.Option(help="Downscale images whose longer side exceeds PX.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decoding threads [default: all cores].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding threads (default: all cores).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -124,9 +126,7 @@ def ingest(
     if as_json:
         print_json(result.as_json())
         return
-    from skinvlm.render import ingest_report
-
-    ingest_report(out, err, result, loaded)
+    render.ingest_report(out, err, result, loaded)
 
 
 @app.command()
@@ -155,6 +155,80 @@ def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
         rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
         table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, s.finished, s.inputs)
     out.print(table)
+
+
+@app.command()
+@user_errors
+def describe(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    model: Annotated[str, typer.Option(help="Model name at the endpoint.")] = "gpt-4o-mini",
+    base_url: Annotated[
+        str | None, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint (default: api.openai.com).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 16,
+    rpm: Annotated[int | None, typer.Option(help="Client-side limit: requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Client-side limit: tokens per minute (estimated).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 120.0,
+    max_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option()] = 0.2,
+    image_max_side: Annotated[int, typer.Option(help="Images are re-encoded to fit this many pixels.")] = 1024,
+    detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "auto",
+    format_retries: Annotated[int, typer.Option(help="Re-asks when an answer lacks <label>/<summary>.")] = 1,
+    max_attempts: Annotated[int, typer.Option(help="Tries per request on 429/5xx/timeouts.")] = 6,
+    backoff: Annotated[float, typer.Option(help="Base seconds of the exponential backoff (with jitter).")] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="Describe at most N pending records.")] = None,
+    redo: Annotated[str, typer.Option(help="Ask again for records that ended: failed,invalid,ok or all.")] = "",
+    split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="System prompt: TOML (system, user) or text.")] = None,
+    template: Annotated[
+        bool, typer.Option("--template", help="Offline answers from the rule file's class templates; nothing is sent.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show one request and the cost; send nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe every ingested image in Korean with GPT-4o-mini or any OpenAI-compatible model (resumable)."""
+    from skinvlm import describe as stage
+    from skinvlm.prompts import load_describe_prompt
+
+    ws, loaded = open_workspace(workspace, rules)
+    settings = stage.DescribeSettings(
+        model=model,
+        base_url=base_url,
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        image_max_side=image_max_side,
+        detail=detail,
+        format_retries=format_retries,
+        max_attempts=max_attempts,
+        limit=limit,
+        redo=tuple(x.strip() for x in redo.split(",") if x.strip()),
+        splits=tuple(split or ("train", "test")),
+        template=template,
+        backoff=backoff,
+    )
+    prompt = load_describe_prompt(prompt_file, loaded)
+    if dry_run:
+        preview = stage.dry_run(ws, loaded, settings, prompt)
+        return print_json(asdict(preview)) if as_json else render.describe_dry_run(out, preview, settings)
+    with progress_bar("describing") as bar:
+        task = bar.add_task("describe", total=None, note="")
+        result = stage.describe(
+            ws,
+            loaded,
+            settings,
+            prompt,
+            api_key,
+            progress=lambda p: bar.update(task, completed=p.done, total=p.total, note=render.progress_note(p)),
+        )
+    return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
 
 def main() -> None:

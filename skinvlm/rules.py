@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from skinvlm.errors import SkinvlmError
 

@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +153,9 @@ class Workspace:
 
     def save(self, stage: str, data: DatasetDict, manifest: dict[str, Any]) -> Path:
         """Write a stage atomically: a crash mid-write leaves the previous version intact."""
+        from datasets import disable_progress_bars
+
+        disable_progress_bars()  # our own rich bars run on stderr; tqdm lines would garble them
         target = self.dataset(stage)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{stage}.tmp-{os.getpid()}")
@@ -173,7 +176,7 @@ def replace_dir(new: Path, target: Path) -> None:
 
 # -- manifests -------------------------------------------------------------------------------
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def package_versions() -> dict[str, str]:

@@ -1,0 +1,458 @@
+"""`skinvlm describe`: a label-conditioned Korean description of every ingested image.
+
+Concurrent (a fixed pool of workers, so in-flight requests never exceed --concurrency), rate
+limited (--rpm/--tpm token buckets), retried (see openai_api), and crash-safe: every finished
+record is appended to ``journal/describe.jsonl`` and fsynced before the next is counted, so kill -9
+loses at most the requests in flight. ``datasets/described`` is rebuilt from ingested + journal at
+the end and on Ctrl-C; it holds only text columns, so checkpoints never rewrite images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skinvlm import openai_api, pricing
+from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import DescribePrompt, format_answer, parse_answer
+from skinvlm.rules import Rules
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint
+
+STATUSES = ("ok", "invalid", "failed")
+TEMPLATE_MODEL = "template"
+DEFAULT_COMPLETION_TOKENS = 300
+
+
+@dataclass
+class DescribeSettings:
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    concurrency: int = 16
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float = 120.0
+    max_tokens: int = 512
+    temperature: float = 0.2
+    image_max_side: int = 1024
+    detail: str = "auto"
+    format_retries: int = 1
+    max_attempts: int = 6
+    limit: int | None = None
+    redo: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train", "test")
+    template: bool = False
+    backoff: float = 1.0
+
+    def check(self) -> None:
+        if self.concurrency < 1:
+            raise SkinvlmError("--concurrency must be at least 1")
+        if self.detail not in ("low", "high", "auto"):
+            raise SkinvlmError(f"--detail must be low, high or auto, not {self.detail!r}")
+        bad = set(self.redo) - {*STATUSES, "all"}
+        if bad:
+            raise SkinvlmError(f"--redo takes failed, invalid, ok or all; not {', '.join(sorted(bad))}")
+        if self.image_max_side < 64:
+            raise SkinvlmError("--image-max-side must be at least 64")
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    failed: int = 0
+    invalid: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dollars: float | None = 0.0
+
+    def add(self, record: dict[str, Any], model: str) -> None:
+        self.done += 1
+        self.failed += record["status"] == "failed"
+        self.invalid += record["status"] == "invalid"
+        self.prompt_tokens += record["prompt_tokens"]
+        self.completion_tokens += record["completion_tokens"]
+        spent = pricing.cost(model, record["prompt_tokens"], record["completion_tokens"])
+        self.dollars = None if spent is None or self.dollars is None else self.dollars + spent
+
+
+@dataclass
+class DescribeResult:
+    path: Path
+    statuses: dict[str, int]
+    run: Progress
+    seconds: float
+    prompt_hash: str
+    model: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "statuses": self.statuses,
+            "requests_this_run": self.run.done,
+            "prompt_tokens": self.run.prompt_tokens,
+            "completion_tokens": self.run.completion_tokens,
+            "dollars": self.run.dollars,
+            "seconds": self.seconds,
+            "prompt_hash": self.prompt_hash,
+            "model": self.model,
+        }
+
+
+@dataclass
+class Task:
+    split: str
+    index: int
+    id: str
+    label: str
+    view: str
+
+
+# -- the journal -----------------------------------------------------------------------------
+class Journal:
+    """Append-only JSON lines, one per finished record; the last line for an id wins."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return records
+        with self.path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the torn last line of a killed run
+                records[record["id"]] = record
+        return records
+
+    def open(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+b")
+        handle.seek(0, os.SEEK_END)
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a torn line must not swallow the next record
+                handle.write(b"\n")
+        return handle
+
+    @staticmethod
+    def append(handle: Any, record: dict[str, Any]) -> None:
+        handle.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# -- choosing the work -----------------------------------------------------------------------
+def pending_tasks(ingested: Any, journal: dict[str, dict[str, Any]], settings: DescribeSettings) -> list[Task]:
+    redo = set(STATUSES) if "all" in settings.redo else set(settings.redo)
+    tasks = []
+    for split in settings.splits:
+        if split not in ingested:
+            continue
+        ds = ingested[split]
+        for index, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True)):
+            known = journal.get(rid)
+            stale_template = known and known["model"] == TEMPLATE_MODEL and not settings.template
+            if known is None or known["status"] in redo or stale_template:
+                tasks.append(Task(split, index, rid, label, view))
+    return tasks[: settings.limit] if settings.limit is not None else tasks
+
+
+def record(
+    task: Task,
+    status: str,
+    output: str,
+    model: str,
+    attempts: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    error: str | None,
+    prompt_hash: str,
+) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "split": task.split,
+        "status": status,
+        "output": output,
+        "model": model,
+        "attempts": attempts,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "error": error,
+        "prompt_hash": prompt_hash,
+        "at": now_iso(),
+    }
+
+
+# -- one request -----------------------------------------------------------------------------
+async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, Any]:
+    s = ctx.settings
+    image = await asyncio.to_thread(lambda: ingested[task.split][task.index]["image"])
+    side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
+    url, width, height = await asyncio.to_thread(openai_api.image_data_url, image, side)
+    user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view)
+    messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
+    estimate = estimate_prompt_tokens(ctx.prompt, user_text, s.model, width, height, s.detail) + s.max_tokens
+    attempts = prompt_tokens = completion_tokens = 0
+    reply: openai_api.Reply | None = None
+    for _ in range(s.format_retries + 1):
+        await ctx.rpm.acquire(1)
+        await ctx.tpm.acquire(estimate)
+        reply = await openai_api.complete(
+            ctx.client,
+            ctx.endpoint,
+            messages,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            max_attempts=s.max_attempts,
+            backoff=s.backoff,
+        )
+        attempts += reply.attempts
+        prompt_tokens += reply.prompt_tokens
+        completion_tokens += reply.completion_tokens
+        if reply.error or parse_answer(reply.text).well_formed:
+            break
+    assert reply is not None
+    if reply.error:
+        status, output = "failed", ""
+    else:
+        status = "ok" if parse_answer(reply.text).well_formed else "invalid"
+        output = reply.text or ""
+    error = reply.error or (None if status == "ok" else "answer lacks <label> or <summary>")
+    return record(task, status, output, s.model, attempts, prompt_tokens, completion_tokens, error, ctx.prompt.hash)
+
+
+@dataclass
+class RunContext:
+    settings: DescribeSettings
+    rules: Rules
+    prompt: DescribePrompt
+    endpoint: openai_api.Endpoint
+    client: Any
+    rpm: openai_api.RateLimiter = field(init=False)
+    tpm: openai_api.RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rpm = openai_api.RateLimiter(self.settings.rpm)
+        self.tpm = openai_api.RateLimiter(self.settings.tpm)
+
+
+async def run_requests(
+    tasks: list[Task],
+    ingested: Any,
+    ctx: RunContext,
+    journal: Journal,
+    stats: Progress,
+    progress: Callable[[Progress], None] | None,
+) -> None:
+    queue: asyncio.Queue[Task] = asyncio.Queue()
+    for task in tasks:
+        queue.put_nowait(task)
+    handle = journal.open()
+
+    async def worker() -> None:
+        while not queue.empty():
+            task = queue.get_nowait()
+            done = await describe_one(task, ingested, ctx)
+            Journal.append(handle, done)
+            stats.add(done, ctx.settings.model)
+            if progress:
+                progress(stats)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(ctx.settings.concurrency, len(tasks))):
+                group.create_task(worker())
+    except* SkinvlmError as errors:
+        raise errors.exceptions[0] from None
+    finally:
+        handle.close()
+        await ctx.client.close()
+
+
+# -- the stage -------------------------------------------------------------------------------
+def describe(
+    ws: Workspace,
+    rules: Rules,
+    settings: DescribeSettings,
+    prompt: DescribePrompt,
+    api_key: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> DescribeResult:
+    from datasets import load_from_disk
+
+    settings.check()
+    started, clock = now_iso(), time.perf_counter()
+    ingested = load_from_disk(str(ws.require("ingested", "run `skinvlm ingest SRC` first")))
+    journal = Journal(ws.describe_journal)
+    tasks = pending_tasks(ingested, journal.read(), settings)
+    stats = Progress(total=len(tasks))
+    model = TEMPLATE_MODEL if settings.template else settings.model
+    try:
+        if settings.template:
+            write_templates(tasks, rules, journal, stats, prompt.hash, progress)
+        elif tasks:
+            ep = openai_api.endpoint(ws, settings.base_url, api_key, settings.model, settings.timeout)
+            ctx = RunContext(settings, rules, prompt, ep, ep.client())
+            asyncio.run(run_requests(tasks, ingested, ctx, journal, stats, progress))
+    finally:
+        statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
+    return DescribeResult(ws.described, statuses, stats, round(time.perf_counter() - clock, 2), prompt.hash, model)
+
+
+def write_templates(
+    tasks: Iterable[Task],
+    rules: Rules,
+    journal: Journal,
+    stats: Progress,
+    prompt_hash: str,
+    progress: Callable[[Progress], None] | None,
+) -> None:
+    """Offline answers from the rule file's class templates: label-only training, demos, dry runs."""
+    templates = {c.name: c.template for c in rules.classes}
+    handle = journal.open()
+    try:
+        for task in tasks:
+            if not templates.get(task.label):
+                raise SkinvlmError(f"the rule file has no template for class {task.label!r} ([labels.classes])")
+            done = record(
+                task, "ok", format_answer(task.label, templates[task.label]), TEMPLATE_MODEL, 0, 0, 0, None, prompt_hash
+            )
+            Journal.append(handle, done)
+            stats.add(done, TEMPLATE_MODEL)
+            if progress:
+                progress(stats)
+    finally:
+        handle.close()
+
+
+TEXT_COLUMNS = ("id", "output", "status", "model", "attempts", "prompt_tokens", "completion_tokens", "error")
+
+
+def materialise(
+    ws: Workspace,
+    ingested: Any,
+    journal: dict[str, dict[str, Any]],
+    settings: DescribeSettings,
+    prompt: DescribePrompt,
+    stats: Progress,
+    started: str,
+) -> dict[str, int]:
+    """ingested ids + journal -> datasets/described (text columns only; images stay in ingested)."""
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    kinds = {"attempts": "int32", "prompt_tokens": "int32", "completion_tokens": "int32"}
+    feats = Features({c: Value(kinds.get(c, "string")) for c in TEXT_COLUMNS})
+    statuses: Counter[str] = Counter()
+    splits = {}
+    for split, ds in ingested.items():
+        rows: dict[str, list[Any]] = {c: [] for c in TEXT_COLUMNS}
+        for rid in ds["id"]:
+            found = journal.get(
+                rid,
+                {
+                    "status": "pending",
+                    "output": "",
+                    "model": "",
+                    "attempts": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "error": None,
+                },
+            )
+            statuses[found["status"]] += 1
+            for column in TEXT_COLUMNS:
+                rows[column].append(rid if column == "id" else found.get(column))
+        splits[split] = Dataset.from_dict(rows, features=feats)
+    template_made = sum(1 for r in journal.values() if r["model"] == TEMPLATE_MODEL)
+    used = {k: v for k, v in asdict(settings).items() if k != "limit"} | {"prompt_source": prompt.source}
+    counts = {
+        "splits": {s: d.num_rows for s, d in splits.items()},
+        "statuses": dict(statuses),
+        "template_made": template_made,
+        "this_run": asdict(stats),
+    }
+    inputs = {"stage": "ingested", "fingerprint": stage_fingerprint(ws.ingested), "journal": str(ws.describe_journal)}
+    ws.save(
+        "described",
+        DatasetDict(splits),
+        manifest("describe", used, inputs, counts, started, prompt_hash=prompt.hash, template_made=template_made > 0),
+    )
+    return dict(statuses)
+
+
+# -- cost ------------------------------------------------------------------------------------
+def estimate_prompt_tokens(
+    prompt: DescribePrompt, user_text: str, model: str, width: int, height: int, detail: str
+) -> int:
+    text = pricing.text_tokens(prompt.system) + pricing.text_tokens(user_text) + 12
+    return text + pricing.image_tokens(model, width, height, "high" if detail == "auto" else detail)
+
+
+@dataclass
+class DryRun:
+    example: dict[str, Any]
+    records: int
+    prompt_tokens: int
+    completion_tokens: int
+    dollars: float | None
+    dollars_low_detail: float | None
+    dollars_batch: float | None
+    prompt_hash: str
+
+
+def dry_run(ws: Workspace, rules: Rules, settings: DescribeSettings, prompt: DescribePrompt) -> DryRun:
+    """One full example request (image elided) and what the whole run would cost; nothing is sent."""
+    from datasets import load_from_disk
+
+    settings.check()
+    ingested = load_from_disk(str(ws.require("ingested", "run `skinvlm ingest SRC` first")))
+    journal = Journal(ws.describe_journal).read()
+    tasks = pending_tasks(ingested, journal, settings)
+    seen = [r["completion_tokens"] for r in journal.values() if r["status"] == "ok" and r["completion_tokens"]]
+    per_answer = min(
+        settings.max_tokens, round(sum(seen) / len(seen)) if len(seen) >= 10 else DEFAULT_COMPLETION_TOKENS
+    )
+    prompt_tokens = low_tokens = 0
+    example: dict[str, Any] = {}
+    sizes = {split: list(zip(ds["width"], ds["height"], strict=True)) for split, ds in ingested.items()}
+    for task in tasks:
+        width, height = fit(*sizes[task.split][task.index], settings.image_max_side)
+        user_text = prompt.user_text(rules, task.label, task.view)
+        prompt_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, settings.detail)
+        low_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, "low")
+        if not example:
+            messages = openai_api.chat_messages(
+                prompt.system, user_text, "data:image/jpeg;base64,<elided>", settings.detail
+            )
+            example = {
+                "model": settings.model,
+                "max_tokens": settings.max_tokens,
+                "temperature": settings.temperature,
+                "messages": messages,
+            }
+    completion = per_answer * len(tasks)
+    return DryRun(
+        example,
+        len(tasks),
+        prompt_tokens,
+        completion,
+        pricing.cost(settings.model, prompt_tokens, completion),
+        pricing.cost(settings.model, low_tokens, completion),
+        pricing.cost(settings.model, prompt_tokens, completion, batch=True),
+        prompt.hash,
+    )
+
+
+def fit(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return round(width * scale), round(height * scale)

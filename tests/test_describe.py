@@ -1,0 +1,146 @@
+"""`skinvlm describe` against a real OpenAI-protocol server on 127.0.0.1 with injected faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+from openai_server import FakeOpenAI
+
+KEY = "sk-test-0123456789abcdefSECRET"
+
+
+@pytest.fixture
+def ingested(cli, clean_tree: Path, workspace: Path) -> Path:
+    cli("ingest", clean_tree)
+    return workspace
+
+
+def describe(cli, server: FakeOpenAI, *args: str, ok: bool = True):
+    return cli("describe", "--base-url", server.url, "--api-key", KEY, "--backoff", "0.01", *args, ok=ok)
+
+
+def described(workspace: Path) -> dict[str, list]:
+    data = load_from_disk(str(workspace / "datasets" / "described"))
+    return {split: data[split].to_list() for split in data}
+
+
+def journal_lines(workspace: Path) -> list[dict]:
+    return [json.loads(line) for line in (workspace / "journal" / "describe.jsonl").read_text().splitlines()]
+
+
+def test_all_records_end_ok_and_concurrency_is_respected(cli, ingested: Path) -> None:
+    with FakeOpenAI(latency=0.05, key=KEY) as server:
+        result = json.loads(describe(cli, server, "--concurrency", "3", "--json").stdout)
+    assert result["statuses"] == {"ok": 48}
+    assert server.requests == 48 and len(set(server.images)) == 48
+    assert server.max_in_flight == 3, "in-flight requests must reach but never exceed --concurrency"
+    rows = described(ingested)
+    assert all(r["status"] == "ok" and r["output"].startswith("<label>") for s in rows.values() for r in s)
+    first = server.bodies[0]
+    assert first["model"] == "gpt-4o-mini" and first["messages"][0]["role"] == "system"
+    assert first["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    manifest = json.loads((ingested / "datasets" / "described" / "manifest.json").read_text())
+    assert manifest["counts"]["statuses"] == {"ok": 48} and manifest["prompt_hash"]
+    assert KEY not in json.dumps(manifest)
+    joined = __import__("skinvlm.workspace", fromlist=["Workspace"]).Workspace.open(ingested).load("described")
+    assert joined["train"][0]["image"].mode == "RGB" and joined["train"][0]["output"]
+
+
+def test_faults_are_retried_and_malformed_answers_kept_as_invalid(cli, ingested: Path) -> None:
+    plan = ["429", "500", "reset", "slow", "badjson", "garbage", "garbage", "400"]
+    with FakeOpenAI(plan=plan, slow_seconds=3) as server:
+        out = describe(cli, server, "--concurrency", "1", "--timeout", "1", "--json")
+    statuses = json.loads(out.stdout)["statuses"]
+    # garbage twice on one record (1 format retry) -> invalid; the 400 -> failed; all else ok
+    assert statuses == {"ok": 46, "invalid": 1, "failed": 1}
+    records = {r["status"]: r for r in journal_lines(ingested)}
+    assert records["ok"]["attempts"] >= 1
+    assert "I am unable" in records["invalid"]["output"] and records["invalid"]["error"]
+    assert "400" in records["failed"]["error"] or "Invalid image" in records["failed"]["error"]
+    first = journal_lines(ingested)[0]
+    # 429, 500, reset, timeout and bad JSON are retried; then garbage twice (1 format retry) -> invalid
+    assert first["status"] == "invalid" and first["attempts"] == 7
+    with FakeOpenAI() as server:
+        again = json.loads(describe(cli, server, "--redo", "failed,invalid", "--json").stdout)
+    assert again["statuses"] == {"ok": 48} and server.requests == 2
+
+
+def test_a_bad_key_stops_at_once_and_never_prints(cli, ingested: Path, workspace: Path) -> None:
+    with FakeOpenAI(key="sk-the-right-one") as server:
+        result = describe(cli, server, "--concurrency", "4", ok=False)
+    assert result.exit_code == 1
+    assert "refused the API key (401)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert server.requests <= 4, "a 401 must stop the run after a handful of requests"
+    everything = result.stdout + result.stderr + (workspace / "datasets" / "described" / "manifest.json").read_text()
+    journal = workspace / "journal" / "describe.jsonl"
+    everything += journal.read_text() if journal.exists() else ""
+    assert KEY not in everything
+
+
+def test_key_from_workspace_env_file(cli, ingested: Path) -> None:
+    (ingested / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
+    with FakeOpenAI(key=KEY) as server:
+        result = cli("describe", "--base-url", server.url, "--limit", "5", "--json")
+    assert json.loads(result.stdout)["statuses"] == {"ok": 5, "pending": 43}
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_missing_key_is_a_clear_error(cli, ingested: Path) -> None:
+    result = cli("describe", ok=False)
+    assert result.exit_code == 1 and "no API key" in result.stderr
+
+
+def test_dry_run_sends_nothing_and_estimates_cost(cli, ingested: Path) -> None:
+    text = cli("describe", "--dry-run").stdout
+    assert "<elided>" in text and "$" in text and "gpt-4o-mini" in text
+    preview = json.loads(cli("describe", "--dry-run", "--detail", "low", "--json").stdout)
+    assert preview["records"] == 48 and preview["dollars"] > 0
+    assert preview["dollars_batch"] == pytest.approx(preview["dollars"] / 2)
+    assert not (ingested / "journal").exists()
+
+
+def test_template_answers_are_offline_and_marked(cli, ingested: Path) -> None:
+    result = json.loads(cli("describe", "--template", "--json").stdout)
+    assert result["statuses"] == {"ok": 48} and result["model"] == "template"
+    manifest = json.loads((ingested / "datasets" / "described" / "manifest.json").read_text())
+    assert manifest["template_made"] is True
+    row = described(ingested)["train"][0]
+    assert row["model"] == "template" and "<summary>" in row["output"]
+
+
+def test_prompt_file_overrides_and_its_hash_is_recorded(cli, ingested: Path, tmp_path: Path) -> None:
+    prompt = tmp_path / "prompt.toml"
+    prompt.write_text('system = "짧게 답하세요."\nuser = "진단은 \'{label}\'입니다. {view_hint}"\n')
+    with FakeOpenAI() as server:
+        out = json.loads(describe(cli, server, "--prompt-file", str(prompt), "--limit", "2", "--json").stdout)
+    assert server.bodies[0]["messages"][0]["content"] == "짧게 답하세요."
+    manifest = json.loads((ingested / "datasets" / "described" / "manifest.json").read_text())
+    assert manifest["prompt_hash"] == out["prompt_hash"] and manifest["settings"]["prompt_source"] == str(prompt)
+
+
+def test_kill_9_mid_run_loses_nothing_finished(ingested: Path) -> None:
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    with FakeOpenAI(latency=0.15, key=KEY) as server:
+        cmd = [sys.executable, "-m", "skinvlm", "describe", "-w", str(ingested), "--base-url", server.url,
+               "--concurrency", "4"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while server.requests < 16 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = len(journal_lines(ingested))
+        assert 8 <= finished < 48
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        duplicates = server.requests - len(set(server.images))
+    assert all(r["status"] == "ok" for rows in described(ingested).values() for r in rows)
+    assert len({r["id"] for r in journal_lines(ingested)}) == 48
+    assert duplicates <= 4, f"{duplicates} images were asked twice; at most --concurrency may be"
