@@ -57,9 +57,17 @@ class QuietServer(ThreadingHTTPServer):
 
 
 class FakeOpenAI:
-    def __init__(self, *, latency: float = 0.0, plan: list[str] | None = None, default: str = "ok",
-                 answer: Callable[[dict[str, Any]], str] = label_conditioned, key: str | None = None,
-                 slow_seconds: float = 2.0, retry_after: str = "0") -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        plan: list[str] | None = None,
+        default: str = "ok",
+        answer: Callable[[dict[str, Any]], str] = label_conditioned,
+        key: str | None = None,
+        slow_seconds: float = 2.0,
+        retry_after: str = "0",
+    ) -> None:
         self.latency, self.plan, self.default, self.answer = latency, list(plan or []), default, answer
         self.key, self.slow_seconds, self.retry_after = key, slow_seconds, retry_after
         self.lock = threading.Lock()
@@ -101,6 +109,7 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -124,13 +133,13 @@ class FakeOpenAI:
                     return self.send(404, {"error": {"message": f"no route {self.path}"}})
                 auth = self.headers.get("Authorization", "")
                 action = fake.next_action(body)
-                try:
-                    if fake.key is not None and auth != f"Bearer {fake.key}":
-                        action = "401"
-                    time.sleep(fake.latency)
-                    self.act(action, body, auth)
-                finally:
-                    fake.done()
+                if fake.key is not None and auth != f"Bearer {fake.key}":
+                    action = "401"
+                time.sleep(fake.latency)
+                # Counted out before the answer is written: once it is on the wire the client may
+                # rightly send its next request, before this thread gets the GIL back.
+                fake.done()
+                self.act(action, body, auth)
 
             def act(self, action: str, body: dict[str, Any], auth: str) -> None:
                 if action == "reset":
@@ -140,9 +149,12 @@ class FakeOpenAI:
                 if action == "slow":
                     time.sleep(fake.slow_seconds)
                     action = "ok"
-                errors = {"429": (429, "Rate limit reached"), "500": (500, "The server had an error"),
-                          "400": (400, "Invalid image"),
-                          "401": (401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}")}
+                errors = {
+                    "429": (429, "Rate limit reached"),
+                    "500": (500, "The server had an error"),
+                    "400": (400, "Invalid image"),
+                    "401": (401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"),
+                }
                 if action in errors:
                     status, message = errors[action]
                     headers = {"Retry-After": fake.retry_after} if status == 429 else {}
@@ -150,12 +162,18 @@ class FakeOpenAI:
                 if action == "badjson":
                     return self.send(200, b"{not json")
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
-                self.send(200, {
-                    "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model", "fake-model"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
-                })
+                self.send(
+                    200,
+                    {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "fake-model"),
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+                    },
+                )
 
         return Handler

@@ -129,8 +129,18 @@ def test_prompt_file_overrides_and_its_hash_is_recorded(cli, ingested: Path, tmp
 def test_kill_9_mid_run_loses_nothing_finished(ingested: Path) -> None:
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     with FakeOpenAI(latency=0.15, key=KEY) as server:
-        cmd = [sys.executable, "-m", "skinvlm", "describe", "-w", str(ingested), "--base-url", server.url,
-               "--concurrency", "4"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "skinvlm",
+            "describe",
+            "-w",
+            str(ingested),
+            "--base-url",
+            server.url,
+            "--concurrency",
+            "4",
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while server.requests < 16 and time.time() < deadline:
