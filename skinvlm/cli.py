@@ -231,6 +231,87 @@ def describe(
     return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
 
+StageOpt = Annotated[str | None, typer.Option(help="described or fixed (default: the newest).")]
+
+
+@app.command()
+@user_errors
+def audit(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    stage: StageOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when any record has a problem.")] = False,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Print TOML stanzas for what the rules miss.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report what is wrong with the generated text: English, other scripts, label tags, format, length."""
+    from skinvlm.audit import audit as run_audit
+    from skinvlm.audit import suggest as suggestions
+
+    ws, loaded = open_workspace(workspace, rules)
+    report = run_audit(ws, loaded, stage)
+    if suggest:
+        sys.stdout.write(suggestions(report, loaded))
+    elif as_json:
+        print_json(report.as_json())
+    else:
+        render.audit_report(out, report)
+    if strict and report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def fix(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show rule hits and examples; write nothing.")] = False,
+    drop_invalid: Annotated[
+        bool, typer.Option("--drop-invalid", help="Leave out records still malformed, empty or failed.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply the rule file (rewrites, terms, label aliases): datasets/described -> datasets/fixed."""
+    from skinvlm.fix import fix as run_fix
+
+    ws, loaded = open_workspace(workspace, rules)
+    result = run_fix(ws, loaded, dry_run=dry_run, drop_invalid=drop_invalid)
+    return print_json(result.as_json()) if as_json else render.fix_report(out, result, ws)
+
+
+@app.command()
+@user_errors
+def publish(
+    repo: Annotated[str | None, typer.Argument(help="OWNER/NAME on the Hub (default: $HF_REPO_NAME).")] = None,
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    stage: Annotated[str, typer.Option(help="Which text stage to publish.")] = "fixed",
+    public: Annotated[bool, typer.Option("--public", help="Make the dataset public (default: private).")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write shards and card to <workspace>/publish/; upload nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish even when audit --strict would fail.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Push a text stage with its images and a dataset card to the Hugging Face Hub (token: HF_TOKEN)."""
+    from skinvlm.publish import publish as run_publish
+
+    ws, loaded = open_workspace(workspace, rules)
+    result = run_publish(
+        ws,
+        loaded,
+        repo,
+        stage=stage,
+        public=public,
+        dry_run=dry_run,
+        yes=yes,
+        force=force,
+        confirm=lambda question: typer.confirm(question, default=False),
+    )
+    return print_json(result.as_json()) if as_json else render.publish_report(out, result)
+
+
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     app()

@@ -292,7 +292,7 @@ def describe(
 
     settings.check()
     started, clock = now_iso(), time.perf_counter()
-    ingested = load_from_disk(str(ws.require("ingested", "run `skinvlm ingest SRC` first")))
+    ingested = load_from_disk(str(ws.require("ingested")))
     journal = Journal(ws.describe_journal)
     tasks = pending_tasks(ingested, journal.read(), settings)
     stats = Progress(total=len(tasks))
@@ -415,7 +415,7 @@ def dry_run(ws: Workspace, rules: Rules, settings: DescribeSettings, prompt: Des
     from datasets import load_from_disk
 
     settings.check()
-    ingested = load_from_disk(str(ws.require("ingested", "run `skinvlm ingest SRC` first")))
+    ingested = load_from_disk(str(ws.require("ingested")))
     journal = Journal(ws.describe_journal).read()
     tasks = pending_tasks(ingested, journal, settings)
     seen = [r["completion_tokens"] for r in journal.values() if r["status"] == "ok" and r["completion_tokens"]]

@@ -80,3 +80,84 @@ def describe_summary(out: Console, result: Any) -> None:
     )
     if result.statuses.get("failed") or result.statuses.get("invalid"):
         out.print("ask again for those with: skinvlm describe --redo failed,invalid")
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i == 1 else "left", overflow="fold")
+    return table
+
+
+def audit_report(out: Console, report: Any, brief: bool = False) -> None:
+    ex = report.examples
+    if report.english_words:
+        table = _table("English words", "word", "count", "example")
+        for word, n in report.english_words.most_common(8 if brief else 30):
+            table.add_row(word, str(n), (ex.get(f"en:{word}") or [""])[0])
+        out.print(table)
+    if report.foreign_scripts:
+        table = _table("other scripts (records)", "script", "records", "example")
+        for script, n in report.foreign_scripts.most_common():
+            table.add_row(script, str(n), (ex.get(f"script:{script}") or [""])[0])
+        out.print(table)
+    if not brief:
+        table = _table("<label> tags", "raw tag", "count", "maps to")
+        for tag, n in report.tag_labels.most_common(20):
+            table.add_row(tag, str(n), report.tag_classes and _mapped(report, tag))
+        out.print(table)
+    if report.mismatch_pairs:
+        table = _table("label mismatches (folder label vs tag after aliases)", "label -> tag", "count", "example")
+        for (label, tag), n in report.mismatch_pairs.most_common(15):
+            table.add_row(f"{label} -> {tag}", str(n), (ex.get(f"mismatch:{label}:{tag}") or [""])[0])
+        out.print(table)
+    if report.reused and not brief:
+        table = _table("summaries reused across images", "summary", "images")
+        for text, n in report.reused[:5]:
+            table.add_row(text[:80], str(n))
+        out.print(table)
+    summary = _table(f"audit of {report.stage}: {report.records:,} records", "check", "records")
+    stats = report.length_stats()
+    for name, value in (
+        ("not a class (tag)", sum(report.not_class_tags.values())),
+        ("mismatches", report.mismatches),
+        ("missing <label>/<summary>", report.invalid),
+        ("empty output", report.empty),
+        ("summary too short", report.too_short),
+        ("describe status not ok", sum(n for s, n in report.statuses.items() if s != "ok")),
+        ("summary length min/median/max", "/".join(str(stats.get(k, "-")) for k in ("min", "median", "max"))),
+        ("records with problems", report.problems),
+    ):
+        summary.add_row(name, str(value))
+    out.print(summary)
+
+
+def _mapped(report: Any, tag: str) -> str:
+    from skinvlm.rules import nfc
+
+    return "(not a class)" if nfc(tag) in report.not_class_tags else "class"
+
+
+def fix_report(out: Console, result: Any, ws: Any) -> None:
+    table = _table("rule hits", "rule", "hits")
+    for rule, n in result.hits.most_common(25):
+        table.add_row(rule, str(n))
+    out.print(table)
+    for before, after in result.examples:
+        out.print(f"[dim]before[/] {before[:160]!r}\n[green]after [/] {after[:160]!r}", highlight=False)
+    where = f"-> {ws.fixed}" if result.written else "(dry run: nothing written)"
+    out.print(f"{result.changed:,} records changed, {result.dropped:,} dropped {where}")
+    audit_report(out, result.report, brief=True)
+
+
+def publish_report(out: Console, result: Any) -> None:
+    table = _table(
+        f"{'uploaded to' if result.uploaded else 'would upload to'} {result.repo} "
+        f"({'private' if result.private else 'PUBLIC'})",
+        "file",
+        "bytes",
+    )
+    for path, size in result.files:
+        table.add_row(path, f"{size:,}")
+    out.print(table)
+    out.print(result.url if result.uploaded else f"dry run: files are in {result.folder}; nothing was uploaded")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from datasets import DatasetDict
 
 DATASET_STAGES = ("ingested", "described", "fixed")
+MADE_BY = {"ingested": "skinvlm ingest SRC", "described": "skinvlm describe", "fixed": "skinvlm fix"}
 TEXT_STAGES = ("described", "fixed")
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
@@ -118,10 +119,10 @@ class Workspace:
     def env_file(self) -> Path:
         return self.root / ".env"
 
-    def require(self, stage: str, hint: str) -> Path:
+    def require(self, stage: str) -> Path:
         path = self.dataset(stage)
         if not (path / "dataset_dict.json").exists():
-            raise SkinvlmError(f"{path} does not exist yet: {hint}")
+            raise SkinvlmError(f"{path} does not exist yet: run `{MADE_BY[stage]}` first")
         return path
 
     def newest_text_stage(self) -> str:
@@ -135,18 +136,22 @@ class Workspace:
         """Load a stage; text stages come back joined with the ingested images (no copy)."""
         from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
-        data = load_from_disk(str(self.require(stage, f"run the step that writes {stage} first")))
+        data = load_from_disk(str(self.require(stage)))
         if stage not in TEXT_STAGES:
             return data
-        images = load_from_disk(str(self.require("ingested", "run `skinvlm ingest SRC` first")))
+        images = load_from_disk(str(self.require("ingested")))
         joined = {}
         for split, text in data.items():
             base = images[split]
-            if base.num_rows != text.num_rows or list(base["id"]) != list(text["id"]):
-                raise SkinvlmError(
-                    f"{self.dataset(stage)} no longer matches datasets/ingested ({split} rows differ): "
-                    "ingest was re-run; run describe again"
-                )
+            base_ids, text_ids = list(base["id"]), list(text["id"])
+            if base_ids != text_ids:  # rows were dropped (fix --drop-invalid): pick them by id, no copy
+                position = {rid: i for i, rid in enumerate(base_ids)}
+                if any(rid not in position for rid in text_ids):
+                    raise SkinvlmError(
+                        f"{self.dataset(stage)} no longer matches datasets/ingested ({split} ids differ): "
+                        "ingest was re-run; run describe again"
+                    )
+                base = base.select([position[rid] for rid in text_ids])
             keep = [c for c in base.column_names if c not in text.column_names]
             joined[split] = concatenate_datasets([base.select_columns(keep), text], axis=1)
         return DatasetDict(joined)

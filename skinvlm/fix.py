@@ -1,0 +1,150 @@
+"""`skinvlm fix`: apply the rule file to the generated text: datasets/described -> datasets/fixed.
+
+Order: [[rewrite]] phrase rules, then [terms] longest first (whole English words, any case; a
+Hangul particle right after the word still counts as a boundary), then the `<label>` tag mapped
+through the aliases. The folder label is ground truth and never changes. Fixing twice changes
+nothing the second time. Only text columns are written; images stay in datasets/ingested.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from skinvlm.audit import AuditReport, audit_rows
+from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG
+from skinvlm.rules import Rules, nfc
+from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint
+
+EXAMPLES = 3
+
+
+@dataclass
+class FixResult:
+    hits: Counter[str]
+    changed: int
+    dropped: int
+    examples: list[tuple[str, str]]
+    report: AuditReport
+    written: bool
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "hits": dict(self.hits.most_common()),
+            "changed": self.changed,
+            "dropped": self.dropped,
+            "examples": [{"before": b, "after": a} for b, a in self.examples],
+            "written": self.written,
+            "audit": self.report.as_json(),
+        }
+
+
+def term_pattern(rules: Rules) -> re.Pattern[str] | None:
+    if not rules.terms:
+        return None
+    words = sorted(rules.terms, key=len, reverse=True)
+    alternatives = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words)
+    return re.compile(rf"(?<![A-Za-z])(?:{alternatives})(?![A-Za-z])", re.IGNORECASE)
+
+
+def fix_text(text: str, rules: Rules, terms: re.Pattern[str] | None, hits: Counter[str]) -> str:
+    """Rewrites and terms on the prose (tags kept), then the label tag mapped through aliases."""
+    text = nfc(text)
+
+    def prose(part: str) -> str:
+        for rule in rules.rewrites:
+            part, n = rule.regex.subn(rule.replace, part)
+            if n:
+                hits[f"rewrite: {rule.note or rule.pattern}"] += n
+        if terms is not None:
+
+            def swap(match: re.Match[str]) -> str:
+                key = " ".join(match.group().lower().split())
+                hits[f"term: {key}"] += 1
+                return rules.terms[key]
+
+            part = terms.sub(swap, part)
+        return part
+
+    summary = SUMMARY_TAG.search(text)
+    if summary:
+        text = text[: summary.start(1)] + prose(summary.group(1)) + text[summary.end(1) :]
+    elif not LABEL_TAG.search(text):
+        text = prose(text)
+    label = LABEL_TAG.search(text)
+    if label:
+        raw = " ".join(label.group(1).split())
+        mapped = rules.canonical(raw)
+        if mapped and mapped != label.group(1):
+            hits[f"label: {raw} -> {mapped}"] += 1
+            text = text[: label.start(1)] + mapped + text[label.end(1) :]
+    return text
+
+
+def fix(
+    ws: Workspace,
+    rules: Rules,
+    *,
+    dry_run: bool = False,
+    drop_invalid: bool = False,
+) -> FixResult:
+    from datasets import DatasetDict, load_from_disk
+
+    started, clock = now_iso(), time.perf_counter()
+    described = load_from_disk(str(ws.require("described")))
+    labels = load_from_disk(str(ws.require("ingested")))
+    terms = term_pattern(rules)
+    hits: Counter[str] = Counter()
+    examples: list[tuple[str, str]] = []
+    rows_for_audit: list[dict[str, Any]] = []
+    splits, changed, dropped = {}, 0, 0
+    for split, ds in described.items():
+        label_of = dict(zip(labels[split]["id"], labels[split]["label"], strict=True))
+        outputs = list(ds["output"])
+        fixed = [fix_text(o or "", rules, terms, hits) if o else (o or "") for o in outputs]
+        for before, after in zip(outputs, fixed, strict=True):
+            if before != after:
+                changed += 1
+                if len(examples) < EXAMPLES:
+                    examples.append((before or "", after))
+        table = ds.remove_columns("output").add_column("output", fixed)
+        rows = [
+            {"id": r, "label": label_of[r], "output": o, "status": s}
+            for r, o, s in zip(table["id"], fixed, table["status"], strict=True)
+        ]
+        if drop_invalid:
+            keep = [i for i, row in enumerate(rows) if _usable(row)]
+            dropped += len(rows) - len(keep)
+            table, rows = table.select(keep), [rows[i] for i in keep]
+        splits[split] = table
+        rows_for_audit += rows
+    report = audit_rows("fixed", rows_for_audit, rules)
+    result = FixResult(hits, changed, dropped, examples, report, written=not dry_run)
+    if not dry_run:
+        data = DatasetDict(splits).flatten_indices()
+        settings = {
+            "rules": str(rules.path),
+            "rules_fingerprint": fingerprint(rules.path.read_text("utf-8")),
+            "drop_invalid": drop_invalid,
+        }
+        inputs = {"stage": "described", "fingerprint": stage_fingerprint(ws.described)}
+        counts = {
+            "splits": {s: d.num_rows for s, d in data.items()},
+            "changed": changed,
+            "dropped": dropped,
+            "hits": dict(hits),
+            "problems_after": report.problems,
+        }
+        ws.save("fixed", data, manifest("fix", settings, inputs, counts, started))
+    result.seconds = round(time.perf_counter() - clock, 2)
+    return result
+
+
+def _usable(row: dict[str, Any]) -> bool:
+    from skinvlm.prompts import parse_answer
+
+    return row["status"] in (None, "ok") and parse_answer(row["output"]).well_formed

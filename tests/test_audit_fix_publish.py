@@ -1,0 +1,201 @@
+"""audit, fix and publish on described datasets built directly, with known defects and known counts."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from skinvlm.rules import default_rules_path
+
+LONG = "병변 주변의 피부결과 색조 변화가 사진 전체에서 관찰되며 분포 양상이 진단과 일치합니다"
+
+
+def answer(tag: str, summary: str) -> str:
+    return f"<label>{tag}</label>\n<summary>{summary}</summary>"
+
+
+def write_described(workspace: Path) -> None:
+    """Every ingested record gets an output; the defects below are placed on known records."""
+    ingested = load_from_disk(str(workspace / "datasets" / "ingested"))
+    seen: dict[str, int] = {}
+    splits = {}
+    for split, ds in ingested.items():
+        rows: dict[str, list] = {
+            c: []
+            for c in ("id", "output", "status", "model", "attempts", "prompt_tokens", "completion_tokens", "error")
+        }
+        for rid, label in zip(ds["id"], ds["label"], strict=True):
+            n = seen[label] = seen.get(label, 0) + 1
+            uid = f"{'가' if split == 'train' else '나'} {label} {n}"  # keeps summaries unique without Latin letters
+            output, status = answer(label, f"{LONG} ({uid})"), "ok"
+            if label == "건선" and n <= 5:
+                output = answer(label, f"Erythema가 보이고 {LONG} ({uid})")  # 5 x erythema
+            elif label == "건선" and n <= 7:
+                output = answer("아토피", f"{LONG} ({uid})")  # 2 true disagreements
+            elif label == "아토피" and n <= 3:
+                output = answer(label, f"작은 papules이 흩어져 있고 {LONG} ({uid})")  # 3 x papules
+            elif label == "아토피" and n <= 5:
+                output = answer("아토피 피부염", f"severe 염증이 있고 {LONG} ({uid})")  # 2 x severe, alias
+            elif label == "지루" and n <= 4:
+                output = answer("지루성 피부염", f"{LONG} ({uid})")  # shipped alias
+            elif label == "주사" and n <= 3:
+                output = answer("주사성 피부염", f"{LONG} ({uid})")  # alias the shipped file lacks
+            elif label == "주사" and n <= 5:
+                output = answer(label, f"紅斑이 보이고 {LONG} ({uid})")  # 2 x Han
+            elif label == "정상" and n == 1:
+                output = answer("진단불가", f"사진이 흐려서 판단할 수 없습니다 {LONG} ({uid})")
+            elif label == "정상" and n == 2:
+                output, status = "I cannot help with that.", "invalid"
+            elif label == "정상" and n == 3:
+                output, status = "", "failed"
+            rows["id"].append(rid)
+            rows["output"].append(output)
+            rows["status"].append(status)
+            rows["model"].append("gpt-4o-mini")
+            for column in ("attempts", "prompt_tokens", "completion_tokens"):
+                rows[column].append(1)
+            rows["error"].append(None)
+        splits[split] = Dataset.from_dict(rows)
+    DatasetDict(splits).save_to_disk(str(workspace / "datasets" / "described"))
+    (workspace / "datasets" / "described" / "manifest.json").write_text(
+        json.dumps({"stage": "describe", "prompt_hash": "abc123", "settings": {"model": "gpt-4o-mini"}})
+    )
+
+
+@pytest.fixture
+def described(cli, clean_tree: Path, workspace: Path) -> Path:
+    cli("ingest", clean_tree)
+    write_described(workspace)
+    return workspace
+
+
+def pairs(report: dict) -> set[tuple[str, str, int]]:
+    return {(p["label"], p["tag"], p["count"]) for p in report["mismatch_pairs"]}
+
+
+def test_audit_counts_every_defect(cli, described: Path) -> None:
+    report = cli.json("audit")
+    assert report["stage"] == "described" and report["records"] == 48
+    malformed = {"cannot": 1, "help": 1, "with": 1, "that": 1}  # the invalid record's words count too
+    assert report["english_words"] == {"erythema": 5, "papules": 3, "severe": 2, **malformed}
+    assert report["foreign_scripts"] == {"Han": 2}
+    assert report["tag_labels"]["지루성 피부염"] == 4 and report["tag_labels"]["아토피 피부염"] == 2
+    assert pairs(report) == {("건선", "아토피", 2), ("주사", "주사성 피부염", 3), ("정상", "진단불가", 1)}
+    assert report["mismatches"] == 6
+    assert report["invalid"] == 1 and report["empty"] == 1 and report["too_short"] == 0
+    assert report["problems"] == 5 + 3 + 2 + 2 + 2 + 3 + 1 + 1 + 1
+    table = cli("audit").stdout
+    assert "erythema" in table and "Han" in table and "주사성 피부염" in table
+
+
+def test_suggest_is_valid_toml_for_what_the_rules_miss(cli, described: Path) -> None:
+    text = cli("audit", "--suggest").stdout
+    stanzas = tomllib.loads(text)
+    assert set(stanzas["terms"]) == {"severe", "cannot", "help", "with", "that"}, "erythema, papules: in [terms]"
+    assert list(stanzas["terms"])[0] == "severe", "most frequent first"
+    assert stanzas["labels"]["aliases"] == {"주사성 피부염": ""}
+    assert "rewrite" in text and "adverbs" in text
+
+
+def test_fix_with_matching_rules_leaves_only_true_disagreements(cli, described: Path, workspace: Path) -> None:
+    rules = default_rules_path().read_text(encoding="utf-8")
+    rules = rules.replace('"딸기코" = "주사"', '"딸기코" = "주사"\n"주사성 피부염" = "주사"')
+    rules += '\n[[rewrite]]\npattern = "紅斑"\nreplace = "홍반"\nnote = "Han 紅斑"\n'
+    (workspace / "postprocess.toml").write_text(rules, encoding="utf-8")
+    result = cli.json("fix")
+    assert result["hits"]["term: erythema"] == 5 and result["hits"]["term: papules"] == 3
+    assert result["hits"]["rewrite: severe 염증 -> 심한 염증"] == 2
+    assert result["hits"]["label: 주사성 피부염 -> 주사"] == 3
+    after = cli.json("audit", "--stage", "fixed")
+    assert after["english_words"] == {"cannot": 1, "help": 1, "with": 1, "that": 1}, "only the malformed answer"
+    assert after["foreign_scripts"] == {}
+    assert pairs(after) == {("건선", "아토피", 2), ("정상", "진단불가", 1)}
+    assert set(after["tag_labels"]) <= {"건선", "아토피", "여드름", "주사", "지루", "정상", "진단불가"}
+    fixed = load_from_disk(str(workspace / "datasets" / "fixed"))
+    outputs = [o for split in fixed.values() for o in split["output"]]
+    assert any("홍반가 보이고" in o for o in outputs) and any("심한 염증" in o for o in outputs)
+    assert any("구진이 흩어져" in o for o in outputs), "a Hangul particle after the word must not block the term"
+    cli("fix")
+    again = load_from_disk(str(workspace / "datasets" / "fixed"))
+    assert [o for split in again.values() for o in split["output"]] == outputs, "fix twice = fix once"
+    assert list(again["train"]["id"]) == list(load_from_disk(str(workspace / "datasets" / "ingested"))["train"]["id"])
+
+
+def test_fix_dry_run_writes_nothing_and_drop_invalid_drops(cli, described: Path, workspace: Path) -> None:
+    preview = cli.json("fix", "--dry-run")
+    assert preview["written"] is False and not (workspace / "datasets" / "fixed").exists()
+    assert preview["examples"] and "erythema" in preview["examples"][0]["before"].lower() + " erythema"
+    dropped = cli.json("fix", "--drop-invalid")
+    assert dropped["dropped"] == 2
+    from skinvlm.workspace import Workspace
+
+    joined = Workspace.open(workspace).load("fixed")
+    assert sum(d.num_rows for d in joined.values()) == 46
+    row = joined["train"][0]
+    assert row["image"].mode == "RGB" and row["output"].startswith("<label>")
+
+
+def test_strict_audit_exit_codes(cli, described: Path, workspace: Path) -> None:
+    assert cli("audit", "--strict", ok=False).exit_code == 1
+    cli("describe", "--template", "--redo", "all")
+    assert cli("audit", "--stage", "described", "--strict").exit_code == 0
+
+
+@pytest.fixture
+def clean_fixed(cli, clean_tree: Path) -> None:
+    cli("ingest", clean_tree)
+    cli("describe", "--template")
+    cli("fix")
+
+
+def test_publish_dry_run_builds_card_and_shards(cli, clean_fixed: None, workspace: Path) -> None:
+    result = cli.json("publish", "me/skin-vlm-ko", "--dry-run")
+    assert result["uploaded"] is False and result["private"] is True
+    folder = workspace / "publish"
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    for needed in (
+        "language:\n- ko",
+        "image-text-to-text",
+        "size_categories:\n- n<1K",
+        "license",
+        "| train | 건선 |",
+        "AI Hub",
+        "describe --template",
+        "path: data/train-*",
+    ):
+        assert needed in card
+    shards = sorted((folder / "data").glob("*.parquet"))
+    assert [p.name for p in shards] == ["test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+    train = Dataset.from_parquet(str(shards[1]))
+    assert train.num_rows == 36 and train[0]["image"].size == (32, 32) and "<label>" in train[0]["output"]
+
+
+def test_publish_uploads_through_the_hub_api(
+    cli, clean_fixed: None, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub cannot be reached here: HfApi is replaced by a recording double at that boundary."""
+    import huggingface_hub
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append((repo, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    token = "hf_secretsecretsecretsecret"
+    refused = cli("publish", "me/skin-vlm-ko", ok=False, env={"HF_TOKEN": token})
+    assert refused.exit_code == 1 and "--yes" in refused.stderr and not calls
+    done = cli("publish", "me/skin-vlm-ko", "--yes", "--json", env={"HF_TOKEN": token})
+    assert json.loads(done.stdout)["uploaded"] is True
+    assert calls[0] == ("me/skin-vlm-ko", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    assert calls[1][1]["folder_path"] == str(workspace / "publish") and calls[1][1]["repo_type"] == "dataset"
+    assert token not in done.stdout + done.stderr + (workspace / "publish" / "README.md").read_text()
+
+
+def test_publish_refuses_a_dataset_that_fails_audit(cli, described: Path) -> None:
+    result = cli("publish", "me/x", "--dry-run", "--stage", "described", ok=False)
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert cli("publish", "me/x", "--dry-run", "--force", "--stage", "described").exit_code == 0
+    bad = cli("publish", "no-slash", "--dry-run", ok=False)
+    assert "OWNER/NAME" in bad.stderr
