@@ -312,6 +312,227 @@ def publish(
     return print_json(result.as_json()) if as_json else render.publish_report(out, result)
 
 
+GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
+
+
+@app.command()
+@user_errors
+def train(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: Hub name or local folder.")
+    ] = "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit",
+    backend: Annotated[
+        str, typer.Option(help="auto (unsloth on CUDA when installed, else hf), unsloth or hf.")
+    ] = "auto",
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored with --epochs).")] = 3000,
+    epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
+    learning_rate: Annotated[float, typer.Option()] = 5e-5,
+    lora_r: Annotated[int, typer.Option()] = 128,
+    lora_alpha: Annotated[int, typer.Option()] = 128,
+    lora_dropout: Annotated[float, typer.Option()] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Per-device batch size.")] = 2,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Image resolution cap in pixels (max_pixels/784 vision tokens); recorded for merge, serve and eval."
+        ),
+    ] = 1024 * 28 * 28,
+    seed: Annotated[int, typer.Option()] = 1234,
+    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = 50,
+    eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = 64,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (3 kept).")] = 200,
+    gpu: GpuOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    report_to: Annotated[str, typer.Option(help="none, wandb or tensorboard.")] = "none",
+    output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
+) -> None:
+    """Fine-tune with LoRA on datasets/fixed: Unsloth QLoRA on a GPU, transformers + PEFT anywhere."""
+    from skinvlm.train import TrainSettings
+    from skinvlm.train import train as run_train
+
+    ws, loaded = open_workspace(workspace, rules)
+    settings = TrainSettings(
+        model=model,
+        backend=backend,
+        max_steps=max_steps,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_pixels=max_pixels,
+        seed=seed,
+        eval_steps=eval_steps,
+        eval_rows=eval_rows,
+        save_steps=save_steps,
+        gpu=gpu,
+        resume=resume,
+        report_to=report_to,
+        output=str(output) if output else None,
+    )
+    err.print(f"training {model} with backend {backend} ...")
+    result = run_train(ws, loaded, settings)
+    out.print(
+        f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable rows left out) with "
+        f"{result.backend} in {result.seconds:.0f}s; final loss {result.final_loss}; peak RSS "
+        f"{result.peak_rss_mb:.0f} MiB -> {result.output}"
+    )
+
+
+@app.command()
+@user_errors
+def merge(
+    workspace: WorkspaceOpt = None,
+    base: Annotated[
+        str | None, typer.Option(help="16-bit base model (default: the one recorded in the adapter).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+    adapter: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Merged folder (default: models/merged).")] = None,
+    gpu: GpuOpt = None,
+) -> None:
+    """Merge the LoRA adapter into a 16-bit model folder that transformers and vLLM load, and verify it."""
+    from skinvlm.merge import merge as run_merge
+
+    ws = Workspace.open(workspace)
+    result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype, gpu=gpu)
+    out.print(
+        f"merged {result.backend} adapter into {result.base} ({result.dtype}) -> {result.output}\n"
+        f"verified: max logit difference vs base + adapter {result.max_logit_diff}; "
+        f"{result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed"
+    )
+
+
+@app.command()
+@user_errors
+def serve(
+    workspace: WorkspaceOpt = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: models/merged).")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    gpu: GpuOpt = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    max_model_len: Annotated[int, typer.Option()] = 4096,
+    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option()] = 1,
+    served_model_name: Annotated[str, typer.Option()] = "skinvlm",
+    limit_mm_per_prompt: Annotated[str, typer.Option(help="JSON, e.g. '{\"image\":1}'.")] = '{"image":1}',
+    generation_config_vllm: Annotated[
+        bool,
+        typer.Option(
+            "--generation-config-vllm",
+            help="Pass --generation-config vllm (ignore the model's generation_config.json).",
+        ),
+    ] = False,
+    print_command: Annotated[bool, typer.Option("--print-command", help="Print the vllm command and exit.")] = False,
+) -> None:
+    """Serve models/merged with vLLM's OpenAI-compatible server (CUDA); Ctrl-C stops it."""
+    import shlex
+
+    from skinvlm import serve as stage
+
+    ws = Workspace.open(workspace)
+    folder = model or ws.merged
+    settings = stage.ServeSettings(
+        host=host,
+        port=port,
+        gpu=gpu,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        served_model_name=served_model_name,
+        limit_mm_per_prompt=limit_mm_per_prompt,
+        generation_config_vllm=generation_config_vllm,
+    )
+    if print_command:
+        stage.check_model(folder)
+        sys.stdout.write(shlex.join(stage.build_command(folder, settings)) + "\n")
+        return
+    process, endpoint = stage.start(folder, settings)
+    out.print(
+        f"[green]ready[/]: {endpoint} (model name {served_model_name!r}); Ctrl-C stops it\n"
+        f"{stage.curl_example(endpoint, served_model_name)}",
+        highlight=False,
+    )
+    try:
+        process.wait()
+    finally:
+        stage.stop(process)
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    name: Annotated[str | None, typer.Option(help="Run name: eval/<name>/ (default: a timestamp).")] = None,
+    split: Annotated[str, typer.Option(help="Split of datasets/ingested.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="A seeded stratified sample of N images.")] = None,
+    seed: Annotated[int, typer.Option()] = 42,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OPENAI_BASE_URL",
+            help="OpenAI-compatible server (default: http://127.0.0.1:8000/v1, i.e. skinvlm serve).",
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Model name at the server.")] = "skinvlm",
+    api_key: Annotated[
+        str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 32,
+    timeout: Annotated[float, typer.Option()] = 120.0,
+    max_tokens: Annotated[int, typer.Option()] = 256,
+    backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = 1.0,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per generate() call with --model-dir.")] = 8,
+    gpu: GpuOpt = None,
+    confusion_matrix: Annotated[
+        bool, typer.Option("--confusion-matrix", help="Also write confusion_matrix.png and print the matrix.")
+    ] = False,
+    compare: Annotated[list[str] | None, typer.Option(help="Print these runs side by side (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate against a server or a model folder: accuracy, macro F1, per class and view, confusion matrix."""
+    from skinvlm import evaluate as stage
+
+    ws, loaded = open_workspace(workspace, rules)
+    if compare:
+        runs = stage.compare(ws, compare)
+        return print_json(runs) if as_json else render.compare_runs(out, runs, loaded)
+    settings = stage.EvalSettings(
+        name=name,
+        split=split,
+        limit=limit,
+        seed=seed,
+        base_url=base_url,
+        model=model,
+        concurrency=concurrency,
+        timeout=timeout,
+        max_tokens=max_tokens,
+        backoff=backoff,
+        model_dir=str(model_dir) if model_dir else None,
+        batch_size=batch_size,
+        gpu=gpu,
+        confusion_matrix=confusion_matrix,
+    )
+    with progress_bar("evaluating") as bar:
+        task = bar.add_task("eval", total=None, note="")
+        result = stage.evaluate(
+            ws, loaded, settings, api_key, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    return print_json(result) if as_json else render.eval_report(out, result, loaded)
+
+
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     app()

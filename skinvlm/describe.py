@@ -196,9 +196,8 @@ def record(
 # -- one request -----------------------------------------------------------------------------
 async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, Any]:
     s = ctx.settings
-    image = await asyncio.to_thread(lambda: ingested[task.split][task.index]["image"])
     side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
-    url, width, height = await asyncio.to_thread(openai_api.image_data_url, image, side)
+    url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, side)
     user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view)
     messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
     estimate = estimate_prompt_tokens(ctx.prompt, user_text, s.model, width, height, s.detail) + s.max_tokens

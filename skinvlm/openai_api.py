@@ -84,6 +84,11 @@ def image_data_url(image: Any, max_side: int) -> tuple[str, int, int]:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), image.width, image.height
 
 
+async def row_image_url(ds: Any, index: int, max_side: int) -> tuple[str, int, int]:
+    """Decode row `index`'s image and encode it as a data URL, off the event loop."""
+    return await asyncio.to_thread(lambda: image_data_url(ds[index]["image"], max_side))
+
+
 def chat_messages(system: str | None, user_text: str, data_url: str, detail: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages.append(

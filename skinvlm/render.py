@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -161,3 +162,53 @@ def publish_report(out: Console, result: Any) -> None:
         table.add_row(path, f"{size:,}")
     out.print(table)
     out.print(result.url if result.uploaded else f"dry run: files are in {result.folder}; nothing was uploaded")
+
+
+def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
+    table = _table(
+        f"eval {result['name']}: {result['n']} images, {result['backend']}",
+        "class",
+        "precision",
+        "recall",
+        "F1",
+        "support",
+    )
+    for c, m in result["per_class"].items():
+        table.add_row(
+            f"{c} ({rules.english(c)})",
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['f1']:.3f}",
+            str(m["support"]),
+        )
+    out.print(table)
+    views = ", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items())
+    out.print(
+        f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  weighted F1 "
+        f"{result['weighted_f1']:.4f}  unparsed {result['unparsed']}  per view: {views}\n"
+        f"latency p50 {result['latency_p50']}s p95 {result['latency_p95']}s, "
+        f"{result['throughput']} images/s"
+    )
+    matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])
+    for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
+        if label != "unparsed":
+            matrix.add_row(label, *map(str, row))
+    out.print(matrix)
+    out.print(
+        f"written to {result['output_dir']}/ (metrics.json, predictions.jsonl, report.md"
+        + (", confusion_matrix.png)" if (Path(result["output_dir"]) / "confusion_matrix.png").exists() else ")")
+    )
+
+
+def compare_runs(out: Console, runs: list[dict[str, Any]], rules: Any) -> None:
+    table = Table(title="eval runs side by side")
+    table.add_column("metric")
+    for run in runs:
+        table.add_column(run["name"], justify="right")
+    table.add_row("images", *(str(r["n"]) for r in runs))
+    table.add_row("accuracy", *(f"{r['accuracy']:.4f}" for r in runs))
+    table.add_row("macro F1", *(f"{r['macro_f1']:.4f}" for r in runs))
+    table.add_row("unparsed", *(str(r["unparsed"]) for r in runs))
+    for c in rules.class_names:
+        table.add_row(f"F1 {c}", *(f"{r['per_class'].get(c, {}).get('f1', 0):.3f}" for r in runs))
+    out.print(table)

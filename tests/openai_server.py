@@ -3,6 +3,7 @@
 It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-alive, threads).
 `plan` is consumed one entry per chat request, then `default` applies:
 ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset.
+An `answer` function may return "!500" (any status) to fail that request.
 The default answer is label-conditioned (it reads the diagnosis from the prompt); pass `answer`
 to answer otherwise, e.g. from the image colour for eval tests.
 """
@@ -162,6 +163,8 @@ class FakeOpenAI:
                 if action == "badjson":
                     return self.send(200, b"{not json")
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
+                if text.startswith("!"):  # an answer function may ask for an HTTP error: "!500"
+                    return self.send(int(text[1:]), {"error": {"message": "injected", "type": "test"}})
                 self.send(
                     200,
                     {

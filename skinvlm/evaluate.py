@@ -1,0 +1,401 @@
+"""`skinvlm eval`: accuracy, macro F1, per-class and per-view report, confusion matrix.
+
+Images and true labels come from datasets/ingested (eval works right after ingest). Answers come
+from any OpenAI-compatible server (async, concurrent, retried as in describe) or from a model
+folder run in-process with transformers (CPU or GPU, batched). The `<label>` of each answer is
+mapped through the rule file's aliases; anything else is `unparsed` and counts as wrong.
+Predictions are appended to predictions.jsonl as they arrive, so a re-run of the same --name
+skips what is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from skinvlm import openai_api
+from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import instruction, parse_answer
+from skinvlm.rules import Rules
+from skinvlm.vlm import read_settings
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest
+
+UNPARSED = "unparsed"
+
+
+@dataclass
+class EvalSettings:
+    name: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    seed: int = 42
+    base_url: str | None = None
+    model: str = "skinvlm"
+    concurrency: int = 32
+    timeout: float = 120.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    detail: str = "auto"
+    image_max_side: int = 1024
+    max_attempts: int = 6
+    backoff: float = 1.0
+    model_dir: str | None = None
+    batch_size: int = 8
+    gpu: str | None = None
+    confusion_matrix: bool = False
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    label: str
+    view: str
+
+
+# -- choosing images -------------------------------------------------------------------------
+def stratified_sample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
+    """A seeded sample with each class in proportion; the whole split without --limit."""
+    if limit is None or limit >= len(items):
+        return items
+    groups: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        groups[item.label].append(item)
+    rng = random.Random(seed)
+    picked: list[Item] = []
+    quotas = {label: int(limit * len(members) / len(items)) for label, members in groups.items()}
+    spare = limit - sum(quotas.values())
+    for label in sorted(groups, key=lambda c: -len(groups[c]))[:spare]:
+        quotas[label] += 1
+    for label, members in groups.items():
+        picked += rng.sample(members, quotas[label])
+    return sorted(picked, key=lambda i: i.index)
+
+
+def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(ws.require("ingested")))
+    if settings.split not in data:
+        raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
+    ds = data[settings.split]
+    items = [
+        Item(i, rid, label, view)
+        for i, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True))
+    ]
+    if not items:
+        raise SkinvlmError(f"split {settings.split!r} is empty")
+    return ds, stratified_sample(items, settings.limit, settings.seed)
+
+
+# -- predictions -----------------------------------------------------------------------------
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record per id; a failed request (error set) is asked again on the next run."""
+    found: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a killed run
+            found[record["id"]] = record
+    return found
+
+
+def prediction(item: Item, raw: str | None, latency: float, rules: Rules, error: str | None = None) -> dict[str, Any]:
+    predicted = rules.canonical(parse_answer(raw).tag) or UNPARSED
+    return {
+        "id": item.id,
+        "label": item.label,
+        "view": item.view,
+        "predicted": predicted,
+        "raw": raw or "",
+        "latency": round(latency, 4),
+        "error": error,
+    }
+
+
+async def ask_server(
+    ds: Any,
+    items: list[Item],
+    prompt: str,
+    ws: Workspace,
+    settings: EvalSettings,
+    api_key: str | None,
+    rules: Rules,
+    sink: Callable[[dict[str, Any]], None],
+) -> None:
+    ep = openai_api.endpoint(
+        ws, settings.base_url or "http://127.0.0.1:8000/v1", api_key, settings.model, settings.timeout
+    )
+    client = ep.client()
+    queue = list(reversed(items))
+
+    async def worker() -> None:
+        while queue:
+            item = queue.pop()
+            url, _, _ = await openai_api.row_image_url(ds, item.index, settings.image_max_side)
+            messages = openai_api.chat_messages(None, prompt, url, settings.detail)
+            start = time.perf_counter()
+            reply = await openai_api.complete(
+                client,
+                ep,
+                messages,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                max_attempts=settings.max_attempts,
+                backoff=settings.backoff,
+            )
+            sink(prediction(item, reply.text, time.perf_counter() - start, rules, reply.error))
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(settings.concurrency, len(items))):
+                group.create_task(worker())
+    except* SkinvlmError as errors:
+        raise errors.exceptions[0] from None
+    finally:
+        await client.close()
+
+
+def ask_local(
+    ds: Any,
+    items: list[Item],
+    prompt: str,
+    settings: EvalSettings,
+    rules: Rules,
+    sink: Callable[[dict[str, Any]], None],
+) -> None:
+    """transformers generation in-process, batched, greedy; latency is the batch time per image."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from skinvlm.train import check_gpus, select_gpus
+    from skinvlm.vlm import load_processor, set_image_resolution
+
+    select_gpus(settings.gpu)
+    cuda = check_gpus(settings.gpu)
+    folder = Path(settings.model_dir or "")
+    if not (folder / "config.json").exists():
+        raise SkinvlmError(f"--model-dir {folder} holds no model (config.json missing)")
+    processor = load_processor(folder)
+    set_image_resolution(processor, read_settings(folder).get("max_pixels"))
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(folder), dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
+    ).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    for start in range(0, len(items), settings.batch_size):
+        batch = items[start : start + settings.batch_size]
+        images = [ds[item.index]["image"] for item in batch]
+        clock = time.perf_counter()
+        inputs = processor(text=[text] * len(batch), images=images, return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=settings.max_tokens, do_sample=False)
+        answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        per_image = (time.perf_counter() - clock) / len(batch)
+        for item, answer in zip(batch, answers, strict=True):
+            sink(prediction(item, answer, per_image, rules))
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    classes = rules.class_names
+    truth = [r["label"] for r in records]
+    predicted = [r["predicted"] for r in records]
+    p, r, f, support = precision_recall_fscore_support(truth, predicted, labels=classes, zero_division=0)
+    averages = {
+        avg: precision_recall_fscore_support(truth, predicted, labels=classes, average=avg, zero_division=0)
+        for avg in ("macro", "weighted")
+    }
+    views: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        views[record["view"]].append(record["predicted"] == record["label"])
+    latencies = sorted(rec["latency"] for rec in records)
+    labels = [*classes, UNPARSED]
+    return {
+        "n": len(records),
+        "accuracy": round(float(accuracy_score(truth, predicted)), 4),
+        **{
+            f"{avg}_{name}": round(float(values[i]), 4)
+            for avg, values in averages.items()
+            for i, name in enumerate(("precision", "recall", "f1"))
+        },
+        "per_class": {
+            c: {
+                "precision": round(float(p[i]), 4),
+                "recall": round(float(r[i]), 4),
+                "f1": round(float(f[i]), 4),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+        "per_view": {view: round(sum(hits) / len(hits), 4) for view, hits in sorted(views.items())},
+        "labels": labels,
+        "confusion_matrix": confusion_matrix(truth, predicted, labels=labels).tolist(),
+        "unparsed": predicted.count(UNPARSED),
+        "latency_p50": round(percentile(latencies, 0.50), 4),
+        "latency_p95": round(percentile(latencies, 0.95), 4),
+        "throughput": round(len(records) / wall, 3) if wall > 0 else None,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    position = (len(values) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> None:
+    """Counts and row-normalised, side by side; Korean names when a Hangul font is there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    try:
+        import koreanize_matplotlib  # noqa: F401  (registers a Hangul font)
+
+        names = [f"{c}\n{rules.english(c)}" for c in rules.class_names] + [UNPARSED]
+    except ImportError:
+        names = [rules.english(c) for c in rules.class_names] + [UNPARSED]
+    counts = np.array(result["confusion_matrix"], dtype=float)[: len(rules.class_names)]
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    figure, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110)
+    for axis, matrix, title, fmt in (
+        (axes[0], counts, "counts", "{:.0f}"),
+        (axes[1], normalised, "row-normalised (recall)", "{:.2f}"),
+    ):
+        axis.imshow(matrix, cmap="Blues", vmin=0, vmax=max(matrix.max(), 1e-9))
+        axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        axis.set_yticks(range(len(rules.class_names)), names[:-1], fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(title)
+        for (i, j), value in np.ndenumerate(matrix):
+            dark = value > matrix.max() / 2
+            axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    figure.suptitle(
+        f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, n={result['n']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def report_markdown(result: dict[str, Any], rules: Rules) -> str:
+    lines = [
+        f"# Evaluation {result['name']}",
+        "",
+        f"- images: {result['n']} ({result['backend']})",
+        f"- accuracy: {result['accuracy']:.4f}",
+        f"- macro F1: {result['macro_f1']:.4f}; weighted F1: {result['weighted_f1']:.4f}",
+        f"- unparsed answers: {result['unparsed']}",
+        f"- latency p50/p95: {result['latency_p50']}s / {result['latency_p95']}s; "
+        f"throughput {result['throughput']} images/s",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for c, m in result["per_class"].items():
+        lines.append(
+            f"| {c} ({rules.english(c)}) | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        )
+    lines += ["", "| view | accuracy |", "|---|---|"]
+    lines += [f"| {view} | {acc:.3f} |" for view, acc in result["per_view"].items()]
+    lines += [
+        "",
+        "Confusion matrix (rows: true, columns: predicted)",
+        "",
+        "| | " + " | ".join(result["labels"]) + " |",
+        "|---" * (len(result["labels"]) + 1) + "|",
+    ]
+    for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
+        if label != UNPARSED:
+            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the stage -------------------------------------------------------------------------------
+def evaluate(
+    ws: Workspace,
+    rules: Rules,
+    settings: EvalSettings,
+    api_key: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    name = settings.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = ws.eval_run(name)
+    ds, items = eval_items(ws, settings)
+    folder = Path(settings.model_dir) if settings.model_dir else ws.merged
+    prompt = read_settings(folder).get("instruction") or instruction(rules)
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "predictions.jsonl"
+    done = read_predictions(path)
+    todo = [item for item in items if item.id not in done or done[item.id]["error"]]
+    started, clock = now_iso(), time.perf_counter()
+    with path.open("a", encoding="utf-8") as handle:
+
+        def sink(record: dict[str, Any]) -> None:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            done[record["id"]] = record
+            if progress:
+                progress(len(done), len(items))
+
+        if settings.model_dir:
+            ask_local(ds, todo, prompt, settings, rules, sink)
+        elif todo:
+            asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink))
+    wall = time.perf_counter() - clock
+    # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
+    records = [done[item.id] for item in items if item.id in done]
+    failed = sum(1 for record in records if record["error"])
+    if failed == len(records):
+        raise SkinvlmError(f"no image got an answer; see {path} for the errors")
+    backend = f"model dir {settings.model_dir}" if settings.model_dir else f"{settings.base_url} ({settings.model})"
+    result = {
+        "name": name,
+        "backend": backend,
+        **metrics(records, rules, wall),
+        "failed": failed,
+        "output_dir": str(run),
+    }
+    (run / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    (run / "report.md").write_text(report_markdown(result, rules), encoding="utf-8")
+    if settings.confusion_matrix:
+        plot_confusion(result, rules, run / "confusion_matrix.png")
+
+    inputs = {
+        "stage": "ingested",
+        "fingerprint": stage_fingerprint(ws.ingested),
+        "model": settings.model_dir or settings.model,
+    }
+
+    write_manifest(run, manifest("eval", asdict(settings), inputs, {"n": len(records)}, started))
+    return result
+
+
+def compare(ws: Workspace, names: list[str]) -> list[dict[str, Any]]:
+    runs = []
+    for name in names:
+        path = ws.eval_run(name) / "metrics.json"
+        if not path.exists():
+            raise SkinvlmError(f"no eval run {name!r} in {ws.eval_root} (metrics.json missing)")
+        runs.append(json.loads(path.read_text(encoding="utf-8")))
+    return runs

@@ -1,0 +1,165 @@
+"""`skinvlm serve`: vLLM's OpenAI-compatible server on models/merged, on the GPU.
+
+The command always carries --max-model-len and --limit-mm-per-prompt, and passes the image
+resolution recorded at training time as --mm-processor-kwargs, so serving sees images as training
+did. `--print-command` prints it and exits (no GPU needed). SKINVLM_VLLM_BIN replaces the `vllm`
+executable (a stand-in server in tests, or a vllm in another virtual environment).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from skinvlm.errors import SkinvlmError
+from skinvlm.vlm import read_settings
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    gpu: str | None = None
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    served_model_name: str = "skinvlm"
+    limit_mm_per_prompt: str = '{"image":1}'
+    generation_config_vllm: bool = False
+    startup_timeout: float = 900.0
+
+
+def executable() -> list[str]:
+    return shlex.split(os.environ.get("SKINVLM_VLLM_BIN", "vllm"))
+
+
+def build_command(model: Path, s: ServeSettings) -> list[str]:
+    try:
+        limits = json.loads(s.limit_mm_per_prompt)
+    except json.JSONDecodeError:
+        raise SkinvlmError(
+            f"--limit-mm-per-prompt must be JSON like '{{\"image\":1}}', got {s.limit_mm_per_prompt!r}"
+        ) from None
+    command = [
+        *executable(),
+        "serve",
+        str(model),
+        "--host",
+        s.host,
+        "--port",
+        str(s.port),
+        "--served-model-name",
+        s.served_model_name,
+        "--dtype",
+        s.dtype,
+        "--max-model-len",
+        str(s.max_model_len),
+        "--gpu-memory-utilization",
+        str(s.gpu_memory_utilization),
+        "--tensor-parallel-size",
+        str(s.tensor_parallel_size),
+        "--limit-mm-per-prompt",
+        json.dumps(limits, separators=(",", ":")),
+    ]
+    max_pixels = read_settings(model).get("max_pixels")
+    if max_pixels:
+        kwargs = {"max_pixels": max_pixels, "min_pixels": min(3136, max_pixels)}
+        command += ["--mm-processor-kwargs", json.dumps(kwargs, separators=(",", ":"))]
+    if s.generation_config_vllm:
+        command += ["--generation-config", "vllm"]
+    return command
+
+
+def check_model(model: Path) -> None:
+    if not (model / "config.json").exists():
+        raise SkinvlmError(f"{model} holds no model (config.json missing): run `skinvlm merge` first or pass --model")
+
+
+def check_runtime() -> None:
+    """Only for the real vllm: it needs the package and a CUDA GPU."""
+    if "SKINVLM_VLLM_BIN" in os.environ:
+        return
+    if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
+        raise SkinvlmError(
+            "vllm is not installed: on a CUDA machine run `pip install -c constraints-gpu.txt -e "
+            ".[serve]`; on this machine `skinvlm eval --model-dir models/merged` evaluates on the CPU"
+        )
+    if shutil.which("nvidia-smi") is None:
+        raise SkinvlmError(
+            "vllm needs a CUDA GPU and none is visible here; `skinvlm eval --model-dir models/merged` "
+            "evaluates on the CPU"
+        )
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SkinvlmError(f"the server exited with code {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise SkinvlmError(f"the server did not answer {url} within {timeout:.0f}s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start(model: Path, s: ServeSettings) -> tuple[subprocess.Popen[bytes], str]:
+    check_model(model)
+    check_runtime()
+    command = build_command(model, s)
+    env = dict(os.environ)
+    if s.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = s.gpu
+    process = subprocess.Popen(command, env=env)
+    base = f"http://{s.host}:{s.port}"
+    try:
+        wait_healthy(process, f"{base}/health", s.startup_timeout)
+    except BaseException:
+        stop(process)
+        raise
+    return process, f"{base}/v1"
+
+
+def curl_example(endpoint: str, name: str) -> str:
+    body = {
+        "model": name,
+        "max_tokens": 256,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "https://example.com/face.jpg"}},
+                    {"type": "text", "text": "이 얼굴 피부 사진의 질환을 <label>과 <summary>로 답하세요."},
+                ],
+            }
+        ],
+    }
+    return (
+        f"curl {endpoint}/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, ensure_ascii=False)}'"
+    )

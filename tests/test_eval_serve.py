@@ -1,0 +1,174 @@
+"""`skinvlm eval` against a real OpenAI-protocol server (known answers, hand-computed metrics) and
+`skinvlm serve`'s command line and process handling with a stand-in server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from openai_server import FakeOpenAI, image_of
+
+from skinvlm.synthetic import colour_label
+
+
+def scripted_answers():
+    """Reads the class from the image colour, then answers per class as the expected values assume."""
+    seen = {"정상": 0}
+
+    def answer(body: dict) -> str:
+        pixels = list(image_of(body).getdata())
+        mean = tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3))
+        label = colour_label(mean)
+        if label == "정상":
+            seen["정상"] += 1
+            if seen["정상"] > 1:  # the second 정상 image (측면) fails on every attempt
+                return "!500"
+        text = {
+            "건선": "<label>판상 건선</label>",
+            "아토피": "<label>아토피성 피부염</label>",
+            "여드름": "Sorry, I can't tell.",
+            "주사": "<label>지루</label>",
+        }.get(label, f"<label>{label}</label>")
+        return text + "\n<summary>테스트 소견입니다.</summary>" if text.startswith("<label>") else text
+
+    return answer
+
+
+@pytest.fixture
+def ingested(cli, clean_tree: Path, workspace: Path) -> Path:
+    cli("ingest", clean_tree)
+    return workspace
+
+
+def run_eval(cli, server: FakeOpenAI, *args: str) -> dict:
+    return cli.json("eval", "--base-url", server.url, "--api-key", "sk-x", "--backoff", "0.01", *args)
+
+
+def test_metrics_equal_hand_computed_values(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=scripted_answers()) as server:
+        result = run_eval(cli, server, "--name", "scripted", "--concurrency", "1", "--confusion-matrix")
+    # 12 test images, 2 per class: 건선 2/2 (alias), 아토피 2/2 (alias), 여드름 0/2 (garbage: unparsed),
+    # 주사 0/2 (answered 지루), 지루 2/2, 정상 1/2 (one request fails: unparsed).
+    assert result["n"] == 12 and result["unparsed"] == 3 and result["failed"] == 1
+    assert result["accuracy"] == pytest.approx(7 / 12, abs=1e-4)
+    per_class = result["per_class"]
+    assert per_class["건선"]["f1"] == 1.0 and per_class["아토피"]["f1"] == 1.0
+    assert per_class["여드름"]["f1"] == 0.0 and per_class["주사"]["recall"] == 0.0
+    assert per_class["지루"]["precision"] == 0.5 and per_class["지루"]["f1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert per_class["정상"]["recall"] == 0.5 and per_class["정상"]["f1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert result["macro_f1"] == pytest.approx((1 + 1 + 0 + 0 + 2 / 3 + 2 / 3) / 6, abs=1e-4)
+    assert result["per_view"] == {"정면": pytest.approx(4 / 6, abs=1e-4), "측면": pytest.approx(3 / 6, abs=1e-4)}
+    labels = result["labels"]
+    assert labels[-1] == "unparsed"
+    row = result["confusion_matrix"][labels.index("주사")]
+    assert row[labels.index("지루")] == 2
+    run = Path(result["output_dir"])
+    assert {p.name for p in run.iterdir()} >= {
+        "metrics.json",
+        "predictions.jsonl",
+        "report.md",
+        "confusion_matrix.png",
+        "manifest.json",
+    }
+    lines = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert set(lines[0]) >= {"id", "label", "view", "predicted", "raw", "latency"}
+
+
+def test_rerun_asks_only_what_failed(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=scripted_answers()) as server:
+        run_eval(cli, server, "--name", "again", "--concurrency", "1")
+    with FakeOpenAI() as server:  # now everything answers "<label>정상</label>"-less: label-conditioned default
+        result = run_eval(cli, server, "--name", "again")
+        assert server.requests == 1, "only the failed image is asked again"
+    assert result["failed"] == 0 and result["n"] == 12
+
+
+def test_limit_takes_a_stratified_sample_and_compare(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=scripted_answers()) as server:
+        small = run_eval(cli, server, "--name", "six", "--limit", "6")
+    assert small["n"] == 6 and all(m["support"] == 1 for m in small["per_class"].values())
+    with FakeOpenAI(answer=scripted_answers()) as server:
+        run_eval(cli, server, "--name", "twelve")
+    table = cli("eval", "--compare", "six", "--compare", "twelve").stdout
+    assert "six" in table and "twelve" in table and "macro F1" in table
+    missing = cli("eval", "--compare", "nope", ok=False)
+    assert missing.exit_code == 1 and "no eval run 'nope'" in missing.stderr
+
+
+def test_a_refused_key_is_one_line(cli, ingested: Path) -> None:
+    with FakeOpenAI(key="right") as server:
+        result = cli("eval", "--base-url", server.url, "--api-key", "wrong-key", ok=False)
+    assert result.exit_code == 1 and "401" in result.stderr and "wrong-key" not in result.stderr
+
+
+# -- serve -----------------------------------------------------------------------------------
+@pytest.fixture
+def merged_folder(workspace: Path) -> Path:
+    folder = workspace / "models" / "merged"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "skinvlm.json").write_text(json.dumps({"max_pixels": 802816}))
+    return folder
+
+
+def test_print_command_carries_resolution_and_limits(cli, merged_folder: Path) -> None:
+    line = cli("serve", "--print-command", "--port", "8123", "--gpu", "0").stdout.strip()
+    assert line.startswith(f"vllm serve {merged_folder} ")
+    for part in (
+        "--port 8123",
+        "--max-model-len 4096",
+        "--served-model-name skinvlm",
+        "--host 127.0.0.1",
+        "--limit-mm-per-prompt '{\"image\":1}'",
+        '--mm-processor-kwargs \'{"max_pixels":802816,"min_pixels":3136}\'',
+    ):
+        assert part in line
+    assert "--generation-config" not in line
+    assert "--generation-config vllm" in cli("serve", "--print-command", "--generation-config-vllm").stdout
+
+
+def test_serve_without_vllm_or_model_says_what_to_do(cli, merged_folder: Path, workspace: Path) -> None:
+    result = cli("serve", ok=False)
+    assert result.exit_code == 1 and "vllm" in result.stderr and "eval --model-dir" in result.stderr
+    empty = cli("serve", "--model", str(workspace / "nothing"), ok=False)
+    assert "config.json missing" in empty.stderr
+
+
+STAND_IN = """
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_serve_waits_for_health_and_stops_on_ctrl_c(merged_folder: Path, workspace: Path, tmp_path: Path) -> None:
+    """A stand-in for vllm (no GPU here) that answers /health: the process handling is real."""
+    script = tmp_path / "standin.py"
+    script.write_text(STAND_IN)
+    env = {**os.environ, "SKINVLM_VLLM_BIN": f"{sys.executable} {script}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skinvlm", "serve", "-w", str(workspace), "--port", "18731"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ready = proc.stdout.readline()
+    assert "ready" in ready and "http://127.0.0.1:18731/v1" in ready
+    assert "curl http://127.0.0.1:18731/v1/chat/completions" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    deadline = time.time() + 10
+    while subprocess.run(["pgrep", "-f", str(script)], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "the stand-in server outlived skinvlm serve"
+        time.sleep(0.1)
