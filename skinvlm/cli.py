@@ -533,6 +533,25 @@ def eval_(
     return print_json(result) if as_json else render.eval_report(out, result, loaded)
 
 
+@app.command()
+@user_errors
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Where the demo writes everything.")] = Path("skinvlm-demo"),
+    per_folder: Annotated[int, typer.Option(help="Training images per class-and-view folder.")] = 5,
+    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 160,
+) -> None:
+    """Run every stage for real on a small synthetic set: offline, CPU only, a few minutes."""
+    from skinvlm.demo import run_demo
+    from skinvlm.rules import load_rules
+
+    rules_path = folder / "workspace" / "postprocess.toml"  # written by the demo before its first step
+    out.rule("[bold]skinvlm demo")
+    say = lambda line: out.print(f"\n[bold cyan]{line}[/]")  # noqa: E731
+    show = lambda kind, result: render.demo_step(out, err, kind, result, load_rules(rules_path))  # noqa: E731
+    result = run_demo(folder, say, show, per_folder=per_folder, steps=steps)
+    render.demo_closing(out, result, load_rules(rules_path))
+
+
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     app()

@@ -318,13 +318,22 @@ def write_templates(
 ) -> None:
     """Offline answers from the rule file's class templates: label-only training, demos, dry runs."""
     templates = {c.name: c.template for c in rules.classes}
+    tags = {c.name: c.template_label or c.name for c in rules.classes}
     handle = journal.open()
     try:
         for task in tasks:
             if not templates.get(task.label):
                 raise SkinvlmError(f"the rule file has no template for class {task.label!r} ([labels.classes])")
             done = record(
-                task, "ok", format_answer(task.label, templates[task.label]), TEMPLATE_MODEL, 0, 0, 0, None, prompt_hash
+                task,
+                "ok",
+                format_answer(tags[task.label], templates[task.label]),
+                TEMPLATE_MODEL,
+                0,
+                0,
+                0,
+                None,
+                prompt_hash,
             )
             Journal.append(handle, done)
             stats.add(done, TEMPLATE_MODEL)

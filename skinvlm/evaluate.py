@@ -294,7 +294,7 @@ def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> None:
         f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, n={result['n']}"
     )
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
 
 

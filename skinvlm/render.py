@@ -212,3 +212,63 @@ def compare_runs(out: Console, runs: list[dict[str, Any]], rules: Any) -> None:
     for c in rules.class_names:
         table.add_row(f"F1 {c}", *(f"{r['per_class'].get(c, {}).get('f1', 0):.3f}" for r in runs))
     out.print(table)
+
+
+def demo_step(out: Console, err: Console, kind: str, result: Any, rules: Any) -> None:
+    if kind == "ingest":
+        ingest_report(out, err, result, rules)
+    elif kind == "audit":
+        out.print(
+            f"audit of the raw answers: {result.problems} records with problems; English words "
+            f"{dict(result.english_words.most_common(5))}; tags {dict(result.tag_labels.most_common())}"
+        )
+    elif kind == "fix":
+        out.print(
+            f"fix: {result.changed} records changed by {sum(result.hits.values())} rule hits; "
+            f"problems left: {result.report.problems}"
+        )
+        if result.examples:
+            before, after = result.examples[0]
+            out.print(f"  [dim]before[/] {before!r}\n  [green]after [/] {after!r}", highlight=False)
+    elif kind == "train":
+        out.print(
+            f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.3f}, "
+            f"peak RSS {result.peak_rss_mb:.0f} MiB -> {result.output}"
+        )
+    elif kind == "merge":
+        out.print(
+            f"merged -> {result.output}; verified: max logit difference {result.max_logit_diff}, "
+            f"{result.changed_weights}/{result.lora_targets} LoRA weights changed"
+        )
+
+
+def demo_closing(out: Console, result: Any, rules: Any) -> None:
+    from rich.panel import Panel
+
+    eval_report(out, result.metrics, rules)
+    ws = result.workspace
+    folders = "\n".join(
+        f"  {sub:<19} {what}"
+        for sub, what in (
+            ("datasets/ingested", "images + labels, all decoded"),
+            ("datasets/described", "template answers with English, variants"),
+            ("datasets/fixed", "answers after the rule file"),
+            ("models/adapter", "LoRA adapter, train_log.jsonl, loss.png"),
+            ("models/merged", "16-bit model for transformers and vLLM"),
+            ("eval/demo", "metrics, predictions, report, confusion_matrix.png"),
+        )
+    )
+    real = (
+        "skinvlm ingest ./extracted_data\nskinvlm describe --dry-run && skinvlm describe\n"
+        "skinvlm audit && skinvlm fix && skinvlm audit --stage fixed --strict\n"
+        "skinvlm train --gpu 0 && skinvlm merge\nskinvlm serve --gpu 0 &  skinvlm eval --confusion-matrix"
+    )
+    out.print(
+        Panel(
+            f"accuracy {result.metrics['accuracy']:.3f}, macro F1 {result.metrics['macro_f1']:.3f} in "
+            f"{result.seconds:.0f}s; audit problems {result.audit_before} -> {result.audit_after}\n\n"
+            f"What the demo made in {ws}:\n{folders}\n\nOn real data (a GPU for train/serve):\n{real}",
+            title="skinvlm demo done",
+            expand=False,
+        )
+    )

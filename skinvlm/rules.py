@@ -27,6 +27,7 @@ class ClassInfo:
     english: str
     features: str = ""
     template: str = ""
+    template_label: str = ""  # the tag the template answer writes; default: the class name
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,9 @@ def _parse_classes(table: dict[str, Any], problems: list[str]) -> list[ClassInfo
         if not isinstance(spec, dict):
             problems.append(f'[{where}] must be a table with at least english = "..."')
             continue
-        _unknown(where, spec, {"english", "features", "template"}, problems)
-        values = {k: spec.get(k, "") for k in ("english", "features", "template")}
+        keys = ("english", "features", "template", "template_label")
+        _unknown(where, spec, set(keys), problems)
+        values = {k: spec.get(k, "") for k in keys}
         bad = [k for k, v in values.items() if not isinstance(v, str)]
         problems.extend(f"[{where}] '{k}' must be a string" for k in bad)
         if not values["english"]:

@@ -323,6 +323,9 @@ def train(ws: Workspace, rules: Rules, settings: TrainSettings) -> TrainResult:
     if not settings.resume:
         log_path.unlink(missing_ok=True)
     trainer = build_trainer(settings, rules, data, backend, cuda, output)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
     trainer.add_callback(log_callback(log_path))
     try:
         trainer.train(resume_from_checkpoint=resume_from)

@@ -16,6 +16,14 @@ from skinvlm.errors import SkinvlmError
 SETTINGS_FILE = "skinvlm.json"  # image resolution and instruction, beside the weights
 
 
+def quiet_transformers() -> None:
+    """Our own rich output runs on the terminal; transformers' bars and log printing would garble it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def image_only_processor_class() -> Any:
     from transformers import AutoProcessor, Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -41,6 +49,7 @@ def image_only_processor_class() -> Any:
 def load_processor(path: Path | str) -> Any:
     from transformers import AutoProcessor
 
+    quiet_transformers()
     try:
         processor = AutoProcessor.from_pretrained(str(path))
         if hasattr(processor, "image_processor"):

@@ -1,0 +1,36 @@
+"""The demo end to end (small), and every command's --help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from skinvlm.cli import app
+
+COMMANDS = ["ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "demo"]
+
+
+def test_top_level_help_lists_exactly_the_working_commands(cli) -> None:
+    text = cli.runner.invoke(app, ["--help"]).stdout
+    for command in COMMANDS:
+        assert f" {command} " in text
+    assert len([c for c in app.registered_commands]) == len(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_help_renders(cli, command: str) -> None:
+    result = cli.runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.stdout and "--workspace" in result.stdout or command == "demo"
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
+    result = cli.runner.invoke(app, ["demo", str(tmp_path / "demo"), "--per-folder", "2", "--steps", "12"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    ws = tmp_path / "demo" / "workspace"
+    for made in ("datasets/ingested", "datasets/described", "datasets/fixed", "models/adapter/adapter_config.json",
+                 "models/merged/config.json", "eval/demo/metrics.json", "eval/demo/confusion_matrix.png"):
+        assert (ws / made).exists(), made
+    assert "broken-truncated.png" in result.stderr and "skinvlm demo done" in result.stdout
+    assert "audit problems" in result.stdout and "-> 0" in result.stdout
