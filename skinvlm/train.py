@@ -119,9 +119,23 @@ def pick_backend(requested: str, cuda: bool) -> str:
             "--backend unsloth needs CUDA and `pip install -e .[gpu]`: Unsloth cannot load "
             "vision models on the CPU; use --backend hf there"
         )
-    if requested == "auto":
-        return "unsloth" if cuda and has_unsloth else "hf"
-    return requested
+    backend = ("unsloth" if cuda and has_unsloth else "hf") if requested == "auto" else requested
+    if backend == "hf":
+        check_assistant_masking()
+    return backend
+
+
+def check_assistant_masking() -> None:
+    """TRL masks all but the answer of vision samples only with transformers>=5.18 (the unsloth pins exclude it)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("transformers")) < Version("5.18.0.dev0"):
+        raise SkinvlmError(
+            f"--backend hf needs transformers>=5.18 for answer-only loss on images (found "
+            f"{version('transformers')}); use --backend unsloth on that stack"
+        )
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -29,8 +29,15 @@ def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
     result = cli.runner.invoke(app, ["demo", str(tmp_path / "demo"), "--per-folder", "2", "--steps", "12"])
     assert result.exit_code == 0, result.stdout + result.stderr
     ws = tmp_path / "demo" / "workspace"
-    for made in ("datasets/ingested", "datasets/described", "datasets/fixed", "models/adapter/adapter_config.json",
-                 "models/merged/config.json", "eval/demo/metrics.json", "eval/demo/confusion_matrix.png"):
+    for made in (
+        "datasets/ingested",
+        "datasets/described",
+        "datasets/fixed",
+        "models/adapter/adapter_config.json",
+        "models/merged/config.json",
+        "eval/demo/metrics.json",
+        "eval/demo/confusion_matrix.png",
+    ):
         assert (ws / made).exists(), made
     assert "broken-truncated.png" in result.stderr and "skinvlm demo done" in result.stdout
     assert "audit problems" in result.stdout and "-> 0" in result.stdout

@@ -156,19 +156,18 @@ def test_serve_waits_for_health_and_stops_on_ctrl_c(merged_folder: Path, workspa
     script = tmp_path / "standin.py"
     script.write_text(STAND_IN)
     env = {**os.environ, "SKINVLM_VLLM_BIN": f"{sys.executable} {script}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "skinvlm", "serve", "-w", str(workspace), "--port", "18731"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    ready = proc.stdout.readline()
-    assert "ready" in ready and "http://127.0.0.1:18731/v1" in ready
-    assert "curl http://127.0.0.1:18731/v1/chat/completions" in proc.stdout.readline()
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
-    deadline = time.time() + 10
-    while subprocess.run(["pgrep", "-f", str(script)], capture_output=True).returncode == 0:
-        assert time.time() < deadline, "the stand-in server outlived skinvlm serve"
-        time.sleep(0.1)
+    command = [sys.executable, "-m", "skinvlm", "serve", "-w", str(workspace), "--port", "18731"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline()
+        assert "ready" in ready and "http://127.0.0.1:18731/v1" in ready
+        assert "curl http://127.0.0.1:18731/v1/chat/completions" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        deadline = time.time() + 10
+        while subprocess.run(["pgrep", "-f", str(script)], capture_output=True).returncode == 0:
+            assert time.time() < deadline, "the stand-in server outlived skinvlm serve"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(script)], capture_output=True)
