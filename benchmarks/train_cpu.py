@@ -20,24 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import run_measured  # noqa: E402
 
-FAST = [
-    "--backend",
-    "hf",
-    "--lora-r",
-    "32",
-    "--lora-alpha",
-    "64",
-    "--batch-size",
-    "8",
-    "--grad-accum",
-    "1",
-    "--learning-rate",
-    "5e-3",
-    "--eval-rows",
-    "0",
-    "--save-steps",
-    "10000",
-]
+from skinvlm.demo import tiny_train_flags  # noqa: E402
+
+FAST = tiny_train_flags()
 
 
 def skinvlm(*args: str) -> list[str]:
@@ -66,13 +51,13 @@ def seconds_per_step(ws: Path, tiny: Path, pixels: int, env: dict[str, str]) -> 
             str(ws),
             "--model",
             str(tiny),
+            *FAST,
             "--max-steps",
             "30",
             "--max-pixels",
             str(pixels),
             "--output",
             str(out),
-            *FAST,
         ),
         env,
     )
@@ -89,7 +74,7 @@ def main() -> None:
     tiny = build(tmp / "tiny")
     ws = prepare(tmp / "proof", 112, env)
     train_s, train_mb = run_measured(
-        skinvlm("train", "-w", str(ws), "--model", str(tiny), "--max-steps", "160", "--max-pixels", "12544", *FAST), env
+        skinvlm("train", "-w", str(ws), "--model", str(tiny), *FAST, "--max-steps", "160", "--max-pixels", "12544"), env
     )
     merge_s, merge_mb = run_measured(skinvlm("merge", "-w", str(ws)), env)
     result = subprocess.run(

@@ -19,6 +19,7 @@ from rich.table import Table
 from skinvlm import render
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
+from skinvlm.train import DEFAULT_BASE, DEFAULT_MAX_PIXELS
 from skinvlm.workspace import Workspace
 
 app = typer.Typer(
@@ -188,6 +189,17 @@ def describe(
         bool, typer.Option("--template", help="Offline answers from the rule file's class templates; nothing is sent.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show one request and the cost; send nothing.")] = False,
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="Go through the OpenAI Batch API (half price, up to 24 h); a re-run resumes a submitted batch.",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="With --batch: wait for the results, or submit and return.")
+    ] = True,
+    poll_seconds: Annotated[float, typer.Option(help="With --batch: seconds between status checks.")] = 30.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe every ingested image in Korean with GPT-4o-mini or any OpenAI-compatible model (resumable)."""
@@ -213,6 +225,9 @@ def describe(
         splits=tuple(split or ("train", "test")),
         template=template,
         backoff=backoff,
+        batch=batch,
+        wait=wait,
+        poll_seconds=poll_seconds,
     )
     prompt = load_describe_prompt(prompt_file, loaded)
     if dry_run:
@@ -320,9 +335,7 @@ GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (
 def train(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    model: Annotated[
-        str, typer.Option(help="Base model: Hub name or local folder.")
-    ] = "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit",
+    model: Annotated[str, typer.Option(help="Base model: Hub name or local folder.")] = DEFAULT_BASE,
     backend: Annotated[
         str, typer.Option(help="auto (unsloth on CUDA when installed, else hf), unsloth or hf.")
     ] = "auto",
@@ -339,7 +352,7 @@ def train(
         typer.Option(
             help="Image resolution cap in pixels (max_pixels/784 vision tokens); recorded for merge, serve and eval."
         ),
-    ] = 1024 * 28 * 28,
+    ] = DEFAULT_MAX_PIXELS,
     seed: Annotated[int, typer.Option()] = 1234,
     eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = 50,
     eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = 64,

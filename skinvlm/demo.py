@@ -41,23 +41,30 @@ class DemoResult:
     audit_after: int
 
 
+# Small LoRA, high learning rate, 112px images: the tiny model learns the colours in ~2 CPU minutes.
+# The demo, the tests and benchmarks/train_cpu.py all train with it.
+TINY_RECIPE: dict[str, Any] = {
+    "backend": "hf",
+    "lora_r": 32,
+    "lora_alpha": 64,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "learning_rate": 5e-3,
+    "max_pixels": 112 * 112,
+    "eval_rows": 0,
+    "save_steps": 10_000,
+}
+
+
+def tiny_train_flags() -> list[str]:
+    """TINY_RECIPE as `skinvlm train` flags."""
+    return [part for key, value in TINY_RECIPE.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
 def demo_train_settings(model: Path, steps: int) -> Any:
-    """Small LoRA, high learning rate, 112px images: the tiny model learns the colours in ~2 CPU minutes."""
     from skinvlm.train import TrainSettings
 
-    return TrainSettings(
-        model=str(model),
-        backend="hf",
-        max_steps=steps,
-        lora_r=32,
-        lora_alpha=64,
-        batch_size=8,
-        grad_accum=1,
-        learning_rate=5e-3,
-        max_pixels=112 * 112,
-        eval_rows=0,
-        save_steps=10_000,
-    )
+    return TrainSettings(model=str(model), max_steps=steps, **TINY_RECIPE)
 
 
 def demo_rules(path: Path) -> Path:

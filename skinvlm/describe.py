@@ -49,6 +49,9 @@ class DescribeSettings:
     splits: tuple[str, ...] = ("train", "test")
     template: bool = False
     backoff: float = 1.0
+    batch: bool = False
+    wait: bool = True
+    poll_seconds: float = 30.0
 
     def check(self) -> None:
         if self.concurrency < 1:
@@ -72,13 +75,13 @@ class Progress:
     completion_tokens: int = 0
     dollars: float | None = 0.0
 
-    def add(self, record: dict[str, Any], model: str) -> None:
+    def add(self, record: dict[str, Any], model: str, batch: bool = False) -> None:
         self.done += 1
         self.failed += record["status"] == "failed"
         self.invalid += record["status"] == "invalid"
         self.prompt_tokens += record["prompt_tokens"]
         self.completion_tokens += record["completion_tokens"]
-        spent = pricing.cost(model, record["prompt_tokens"], record["completion_tokens"])
+        spent = pricing.cost(model, record["prompt_tokens"], record["completion_tokens"], batch=batch)
         self.dollars = None if spent is None or self.dollars is None else self.dollars + spent
 
 
@@ -90,6 +93,7 @@ class DescribeResult:
     seconds: float
     prompt_hash: str
     model: str
+    note: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +106,7 @@ class DescribeResult:
             "seconds": self.seconds,
             "prompt_hash": self.prompt_hash,
             "model": self.model,
+            "note": self.note,
         }
 
 
@@ -296,16 +301,32 @@ def describe(
     tasks = pending_tasks(ingested, journal.read(), settings)
     stats = Progress(total=len(tasks))
     model = TEMPLATE_MODEL if settings.template else settings.model
+    note = ""
     try:
         if settings.template:
             write_templates(tasks, rules, journal, stats, prompt.hash, progress)
+        elif settings.batch:
+            from skinvlm import batch
+
+            batch.check_resume(batch.read_state(batch.state_path(journal)), settings.model)
+            ctx = run_context(ws, settings, rules, prompt, api_key)
+            note = asyncio.run(
+                batch.run_batch(tasks, ingested, ctx, journal, stats, progress, settings.wait, settings.poll_seconds)
+            )
         elif tasks:
-            ep = openai_api.endpoint(ws, settings.base_url, api_key, settings.model, settings.timeout)
-            ctx = RunContext(settings, rules, prompt, ep, ep.client())
+            ctx = run_context(ws, settings, rules, prompt, api_key)
             asyncio.run(run_requests(tasks, ingested, ctx, journal, stats, progress))
     finally:
         statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
-    return DescribeResult(ws.described, statuses, stats, round(time.perf_counter() - clock, 2), prompt.hash, model)
+    seconds = round(time.perf_counter() - clock, 2)
+    return DescribeResult(ws.described, statuses, stats, seconds, prompt.hash, model, note)
+
+
+def run_context(
+    ws: Workspace, settings: DescribeSettings, rules: Rules, prompt: DescribePrompt, api_key: str | None
+) -> RunContext:
+    ep = openai_api.endpoint(ws, settings.base_url, api_key, settings.model, settings.timeout)
+    return RunContext(settings, rules, prompt, ep, ep.client())
 
 
 def write_templates(

@@ -79,6 +79,8 @@ def describe_summary(out: Console, result: Any) -> None:
         f"this run: {run.done:,} records in {result.seconds:.1f}s with {result.model}, "
         f"{run.prompt_tokens:,} prompt + {run.completion_tokens:,} completion tokens, {money(run.dollars)}"
     )
+    if result.note:
+        out.print(result.note)
     if result.statuses.get("failed") or result.statuses.get("invalid"):
         out.print("ask again for those with: skinvlm describe --redo failed,invalid")
 

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -246,10 +245,6 @@ def stage_fingerprint(folder: Path) -> str | None:
     """A stage's identity for the manifests of the stages built from it."""
     found = read_manifest(folder)
     return fingerprint(found) if found else None
-
-
-def elapsed_since(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
 
 
 @dataclass(frozen=True)

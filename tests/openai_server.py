@@ -1,6 +1,7 @@
 """A small OpenAI-protocol HTTP server for tests and benchmarks, on 127.0.0.1, with injected faults.
 
-It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-alive, threads).
+It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-alive, threads),
+and the Batch API: POST /v1/files (multipart), POST /v1/batches, GET /v1/batches/ID, GET /v1/files/ID/content.
 `plan` is consumed one entry per chat request, then `default` applies:
 ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset.
 An `answer` function may return "!500" (any status) to fail that request.
@@ -77,6 +78,9 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self.images: list[str] = []
         self.bodies: list[dict[str, Any]] = []
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_polls = 1  # retrieves that answer "in_progress" before a batch completes
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -105,6 +109,85 @@ class FakeOpenAI:
         with self.lock:
             self.in_flight -= 1
 
+    # -- the Batch API ------------------------------------------------------------------------
+    def store_file(self, content_type: str, raw: bytes) -> dict[str, Any]:
+        from email.parser import BytesParser
+
+        message = BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        parts = {part.get_param("name", header="content-disposition"): part for part in message.get_payload()}
+        data = parts["file"].get_payload(decode=True)
+        with self.lock:
+            file_id = f"file-{len(self.files)}"
+            self.files[file_id] = data
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": "input.jsonl",
+            "purpose": "batch",
+            "status": "processed",
+        }
+
+    def create_batch(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            batch_id = f"batch-{len(self.batches)}"
+            self.batches[batch_id] = {"input": request["input_file_id"], "polls": 0, "output": None}
+        return self.batch_object(batch_id, "validating")
+
+    def poll_batch(self, batch_id: str) -> dict[str, Any]:
+        entry = self.batches[batch_id]
+        entry["polls"] += 1
+        if entry["polls"] <= self.batch_polls:
+            return self.batch_object(batch_id, "in_progress")
+        if entry["output"] is None:
+            lines = []
+            for line in self.files[entry["input"]].decode().splitlines():
+                request = json.loads(line)
+                self.next_action(request["body"])
+                self.done()
+                answer = {
+                    "id": "chatcmpl-batch",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": request["body"]["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": self.answer(request["body"])},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+                }
+                lines.append(
+                    json.dumps(
+                        {
+                            "id": "r",
+                            "custom_id": request["custom_id"],
+                            "error": None,
+                            "response": {"status_code": 200, "request_id": "r", "body": answer},
+                        },
+                        ensure_ascii=False,
+                    )
+                )
+            entry["output"] = f"file-out-{batch_id}"
+            self.files[entry["output"]] = ("\n".join(lines) + "\n").encode()
+        return self.batch_object(batch_id, "completed", entry["output"])
+
+    def batch_object(self, batch_id: str, status: str, output: str | None = None) -> dict[str, Any]:
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "status": status,
+            "input_file_id": self.batches[batch_id]["input"],
+            "completion_window": "24h",
+            "created_at": int(time.time()),
+            "output_file_id": output,
+            "error_file_id": None,
+        }
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
@@ -126,10 +209,25 @@ class FakeOpenAI:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
+                parts = self.path.split("/")
+                if "/batches/" in self.path:
+                    return self.send(200, fake.poll_batch(parts[-1]))
+                if self.path.endswith("/content"):
+                    data = fake.files[parts[-2]]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
                 self.send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.endswith("/files"):
+                    return self.send(200, fake.store_file(self.headers["Content-Type"], raw))
+                if self.path.endswith("/batches"):
+                    return self.send(200, fake.create_batch(json.loads(raw)))
+                body = json.loads(raw)
                 if not self.path.endswith("/chat/completions"):
                     return self.send(404, {"error": {"message": f"no route {self.path}"}})
                 auth = self.headers.get("Authorization", "")

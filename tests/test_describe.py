@@ -154,3 +154,20 @@ def test_kill_9_mid_run_loses_nothing_finished(ingested: Path) -> None:
     assert all(r["status"] == "ok" for rows in described(ingested).values() for r in rows)
     assert len({r["id"] for r in journal_lines(ingested)}) == 48
     assert duplicates <= 4, f"{duplicates} images were asked twice; at most --concurrency may be"
+
+
+def test_batch_api_submits_once_and_a_rerun_collects(cli, ingested: Path) -> None:
+    with FakeOpenAI(key=KEY) as server:
+        server.batch_polls = 5
+        first = json.loads(describe(cli, server, "--batch", "--no-wait", "--json").stdout)
+        assert "submitted" in first["note"] and first["statuses"] == {"pending": 48}
+        state = json.loads((ingested / "journal" / "batch.json").read_text())
+        assert len(state["batches"]) == 1 and state["batches"][0]["requests"] == 48
+        done = json.loads(describe(cli, server, "--batch", "--poll-seconds", "0.01", "--json").stdout)
+        assert len(server.files) == 2, "one upload and one result file: the re-run did not submit again"
+        assert len(server.batches) == 1
+    assert done["statuses"] == {"ok": 48} and "merged" in done["note"]
+    assert not (ingested / "journal" / "batch.json").exists()
+    assert done["dollars"] == pytest.approx(48 * (100 * 0.15 + 50 * 0.60) / 1e6 / 2), "the Batch API costs half"
+    rows = journal_lines(ingested)
+    assert all(r["batch"] and r["status"] == "ok" for r in rows)

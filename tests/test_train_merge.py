@@ -8,31 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from skinvlm.demo import tiny_train_flags
 from skinvlm.rules import default_rules_path, load_rules
 from skinvlm.synthetic import write_tree
 from skinvlm.tiny import build
 from skinvlm.workspace import Workspace
 
-FAST = [
-    "--backend",
-    "hf",
-    "--lora-r",
-    "32",
-    "--lora-alpha",
-    "64",
-    "--batch-size",
-    "8",
-    "--grad-accum",
-    "1",
-    "--learning-rate",
-    "5e-3",
-    "--max-pixels",
-    "12544",
-    "--eval-rows",
-    "0",
-    "--save-steps",
-    "1000",
-]
+FAST = tiny_train_flags()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,192 @@
+"""`skinvlm describe --batch`: the same requests through the OpenAI Batch API (half price, 24 h window).
+
+Requests are written as JSONL files of at most ~190 MB (the API takes 200 MB per file), uploaded
+and submitted; the batch ids go to `journal/batch.json` before any waiting, so a crash, Ctrl-C or
+`--no-wait` never leads to paying twice: a re-run resumes polling the submitted batches. Results
+are merged into the describe journal like any other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from skinvlm import openai_api
+from skinvlm.describe import Journal, Progress, RunContext, Task, record
+from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import parse_answer
+
+MAX_FILE_BYTES = 190 * 2**20
+DONE = {"completed", "failed", "expired", "cancelled"}
+
+
+def state_path(journal: Journal) -> Path:
+    return journal.path.with_name("batch.json")
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+async def request_lines(tasks: list[Task], ingested: Any, ctx: RunContext) -> list[tuple[str, bytes]]:
+    s = ctx.settings
+    side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
+    lines = []
+    for task in tasks:
+        url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, side)
+        messages = openai_api.chat_messages(
+            ctx.prompt.system, ctx.prompt.user_text(ctx.rules, task.label, task.view), url, s.detail
+        )
+        body = {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
+        line = {"custom_id": task.id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        lines.append((task.id, json.dumps(line, ensure_ascii=False).encode() + b"\n"))
+    return lines
+
+
+def chunks(lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    out: list[list[tuple[str, bytes]]] = [[]]
+    size = 0
+    for line in lines:
+        if out[-1] and size + len(line[1]) > MAX_FILE_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(line)
+        size += len(line[1])
+    return [c for c in out if c]
+
+
+async def submit(tasks: list[Task], ingested: Any, ctx: RunContext, path: Path) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": ctx.settings.model, "prompt_hash": ctx.prompt.hash, "batches": []}
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, chunk in enumerate(chunks(await request_lines(tasks, ingested, ctx))):
+        upload = folder / f"batch-input-{number}.jsonl"
+        upload.write_bytes(b"".join(line for _, line in chunk))
+        with upload.open("rb") as handle:
+            sent = await ctx.client.files.create(file=handle, purpose="batch")
+        batch = await ctx.client.batches.create(
+            input_file_id=sent.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        upload.unlink()
+        state["batches"].append({"id": batch.id, "input_file_id": sent.id, "requests": len(chunk), "merged": False})
+        write_state(path, state)  # before waiting: a crash now must not lead to paying twice
+    return state
+
+
+def merge_output(
+    text: str,
+    tasks: dict[str, Task],
+    ctx: RunContext,
+    handle: Any,
+    stats: Progress,
+    progress: Callable[[Progress], None] | None,
+) -> None:
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        task = tasks.get(item.get("custom_id", ""))
+        if task is None:
+            continue
+        response = item.get("response") or {}
+        body = response.get("body") or {}
+        usage = body.get("usage") or {}
+        choices = body.get("choices") or []
+        text_out = (choices[0].get("message") or {}).get("content") if choices else None
+        if response.get("status_code") == 200 and text_out is not None:
+            status = "ok" if parse_answer(text_out).well_formed else "invalid"
+            error = None if status == "ok" else "answer lacks <label> or <summary>"
+        else:
+            status, text_out = "failed", ""
+            error = json.dumps(item.get("error") or body.get("error") or response, ensure_ascii=False)[:500]
+        done = record(
+            task,
+            status,
+            text_out or "",
+            ctx.settings.model,
+            1,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            error,
+            ctx.prompt.hash,
+        )
+        done["batch"] = True
+        Journal.append(handle, done)
+        stats.add(done, ctx.settings.model, batch=True)
+        if progress:
+            progress(stats)
+
+
+async def run_batch(
+    tasks: list[Task],
+    ingested: Any,
+    ctx: RunContext,
+    journal: Journal,
+    stats: Progress,
+    progress: Callable[[Progress], None] | None,
+    wait: bool,
+    poll_seconds: float,
+) -> str:
+    """Submit (or resume) and, when waiting, merge every finished batch; returns a one-line status."""
+    path = state_path(journal)
+    state = read_state(path)
+    try:
+        if state is None:
+            if not tasks:
+                return "nothing to describe"
+            state = await submit(tasks, ingested, ctx, path)
+        by_id = {task.id: task for task in tasks_for(state, ingested, tasks)}
+        handle = journal.open()
+        try:
+            while True:
+                pending = [b for b in state["batches"] if not b["merged"]]
+                for entry in pending:
+                    batch = await ctx.client.batches.retrieve(entry["id"])
+                    if batch.status not in DONE:
+                        continue
+                    for file_id in (batch.output_file_id, batch.error_file_id):
+                        if file_id:
+                            content = await ctx.client.files.content(file_id)
+                            merge_output(content.text, by_id, ctx, handle, stats, progress)
+                    entry["merged"], entry["status"] = True, batch.status
+                    write_state(path, state)
+                if all(b["merged"] for b in state["batches"]):
+                    path.unlink()
+                    return f"{len(state['batches'])} batch(es) merged"
+                if not wait:
+                    ids = ", ".join(b["id"] for b in state["batches"] if not b["merged"])
+                    return f"submitted and waiting at OpenAI: {ids}; run `skinvlm describe --batch` again to collect"
+                await asyncio.sleep(poll_seconds)
+        finally:
+            handle.close()
+    finally:
+        await ctx.client.close()
+
+
+def tasks_for(state: dict[str, Any], ingested: Any, tasks: list[Task]) -> list[Task]:
+    """Resuming: the ids of a submitted batch may no longer be pending in this run's view; find them all."""
+    known = {t.id for t in tasks}
+    extra = []
+    for split, ds in ingested.items():
+        for index, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True)):
+            if rid not in known:
+                extra.append(Task(split, index, rid, label, view))
+    return [*tasks, *extra]
+
+
+def check_resume(state: dict[str, Any] | None, model: str) -> None:
+    if state and state.get("model") != model:
+        raise SkinvlmError(
+            f"a batch for model {state.get('model')!r} is still open (journal/batch.json); "
+            "collect it with the same --model, or delete that file to abandon it"
+        )
