@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import openai_api
-from skinvlm.describe import Journal, Progress, RunContext, Task, record
+from skinvlm.describe import Journal, Progress, RunContext, Task, finish, record
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 
@@ -121,10 +121,7 @@ def merge_output(
             ctx.prompt.hash,
         )
         done["batch"] = True
-        Journal.append(handle, done)
-        stats.add(done, ctx.settings.model, batch=True)
-        if progress:
-            progress(stats)
+        finish(handle, done, stats, progress)
 
 
 async def run_batch(

@@ -156,6 +156,14 @@ class Journal:
         os.fsync(handle.fileno())
 
 
+def finish(handle: Any, done: dict[str, Any], stats: Progress, progress: Callable[[Progress], None] | None) -> None:
+    """A record is counted only once its journal line is on disk."""
+    Journal.append(handle, done)
+    stats.add(done, done["model"], batch=bool(done.get("batch")))
+    if progress:
+        progress(stats)
+
+
 # -- choosing the work -----------------------------------------------------------------------
 def pending_tasks(ingested: Any, journal: dict[str, dict[str, Any]], settings: DescribeSettings) -> list[Task]:
     redo = set(STATUSES) if "all" in settings.redo else set(settings.redo)
@@ -266,11 +274,7 @@ async def run_requests(
     async def worker() -> None:
         while not queue.empty():
             task = queue.get_nowait()
-            done = await describe_one(task, ingested, ctx)
-            Journal.append(handle, done)
-            stats.add(done, ctx.settings.model)
-            if progress:
-                progress(stats)
+            finish(handle, await describe_one(task, ingested, ctx), stats, progress)
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -356,10 +360,7 @@ def write_templates(
                 None,
                 prompt_hash,
             )
-            Journal.append(handle, done)
-            stats.add(done, TEMPLATE_MODEL)
-            if progress:
-                progress(stats)
+            finish(handle, done, stats, progress)
     finally:
         handle.close()
 

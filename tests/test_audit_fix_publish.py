@@ -183,7 +183,7 @@ def test_publish_uploads_through_the_hub_api(
     calls: list[tuple[str, dict]] = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append((repo, kw)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
-    token = "hf_secretsecretsecretsecret"
+    token = "hf_fake-token-for-this-test"
     refused = cli("publish", "me/skin-vlm-ko", ok=False, env={"HF_TOKEN": token})
     assert refused.exit_code == 1 and "--yes" in refused.stderr and not calls
     done = cli("publish", "me/skin-vlm-ko", "--yes", "--json", env={"HF_TOKEN": token})
