@@ -154,7 +154,8 @@ def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(column)
     for s in stages:
         rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
-        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, s.finished, s.inputs)
+        when = s.finished[:16].replace("T", " ")
+        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, s.inputs)
     out.print(table)
 
 
