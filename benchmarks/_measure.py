@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -45,3 +48,15 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
 
 def line(name: str, n: int, seconds: float, peak_mb: float, unit: str = "images/s") -> str:
     return f"{name:<34} {n / seconds:8.1f} {unit}  {seconds:7.1f}s  peak RSS {peak_mb:6.0f} MiB"
+
+
+def ingested_workspace(prefix: str, per_folder: dict[str, int], size: int) -> tuple[Path, dict[str, str]]:
+    """A synthetic AI-Hub tree ingested into a fresh workspace; (workspace, env for skinvlm runs)."""
+    from skinvlm.synthetic import write_tree
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    write_tree(tmp / "src", per_folder, size=size)
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    command = [sys.executable, "-m", "skinvlm", "ingest", str(tmp / "src"), "-w", str(tmp / "ws")]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return tmp / "ws", env

@@ -13,15 +13,15 @@ import argparse
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _measure import ingested_workspace  # noqa: E402
 from openai_server import FakeOpenAI  # noqa: E402
 
 
@@ -54,20 +54,13 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5, help="seconds the server takes per answer")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    from skinvlm.synthetic import write_tree
-
-    tmp = Path(tempfile.mkdtemp(prefix="skinvlm-bench-describe-"))
     per_folder = max(1, args.n // 12)
     n = per_folder * 12
-    write_tree(tmp / "src", {"train": per_folder}, size=256)
-    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    skinvlm = [sys.executable, "-m", "skinvlm"]
-    ingest = [*skinvlm, "ingest", str(tmp / "src"), "-w", str(tmp / "ws")]
-    subprocess.run(ingest, env=env, check=True, capture_output=True)
+    ws, env = ingested_workspace("skinvlm-bench-describe-", {"train": per_folder}, size=256)
     with FakeOpenAI(latency=args.latency) as server:
-        sequential = seeds_loop(server.url, tmp / "ws")
+        sequential = seeds_loop(server.url, ws)
     with FakeOpenAI(latency=args.latency) as server:
-        describe = [*skinvlm, "describe", "-w", str(tmp / "ws"), "--base-url", server.url]
+        describe = [sys.executable, "-m", "skinvlm", "describe", "-w", str(ws), "--base-url", server.url]
         describe += ["--concurrency", str(args.concurrency), "--json"]
         run = subprocess.run(describe, env=env, check=True, capture_output=True, text=True)
         peak = server.max_in_flight

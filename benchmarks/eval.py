@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _measure import ingested_workspace  # noqa: E402
 from openai_server import FakeOpenAI  # noqa: E402
 
 
@@ -46,22 +46,12 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.25, help="seconds the server takes per answer")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    from skinvlm.synthetic import write_tree
-
-    tmp = Path(tempfile.mkdtemp(prefix="skinvlm-bench-eval-"))
     per_folder = max(1, args.n // 12)
-    write_tree(tmp / "src", {"train": 1, "test": per_folder}, size=128)
-    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "skinvlm", "ingest", str(tmp / "src"), "-w", str(tmp / "ws")],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    ws, env = ingested_workspace("skinvlm-bench-eval-", {"train": 1, "test": per_folder}, size=128)
     with FakeOpenAI(latency=args.latency) as server:
-        one = run_eval(tmp / "ws", server.url, "one-at-a-time", 1, env)
+        one = run_eval(ws, server.url, "one-at-a-time", 1, env)
     with FakeOpenAI(latency=args.latency) as server:
-        many = run_eval(tmp / "ws", server.url, "concurrent", args.concurrency, env)
+        many = run_eval(ws, server.url, "concurrent", args.concurrency, env)
     n = one["n"]
     print(f"images: {n}, server latency {args.latency}s")
     print(f"one at a time (seeds' loop): {one['throughput']:7.2f} images/s")

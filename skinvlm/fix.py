@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skinvlm.audit import AuditReport, audit_rows
-from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG
+from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG, parse_answer
 from skinvlm.rules import Rules, nfc
 from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint
 
@@ -145,6 +145,4 @@ def fix(
 
 
 def _usable(row: dict[str, Any]) -> bool:
-    from skinvlm.prompts import parse_answer
-
     return row["status"] in (None, "ok") and parse_answer(row["output"]).well_formed
