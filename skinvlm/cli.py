@@ -354,21 +354,36 @@ def train(
             help="Image resolution cap in pixels (max_pixels/784 vision tokens); recorded for merge, serve and eval."
         ),
     ] = DEFAULT_MAX_PIXELS,
+    max_length: Annotated[
+        int, typer.Option(help="Tokens per sample at most (image included); longer ones are cut.")
+    ] = 4096,
     seed: Annotated[int, typer.Option()] = 1234,
     eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = 50,
     eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = 64,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (3 kept).")] = 200,
+    load_in_4bit: Annotated[
+        bool, typer.Option("--load-in-4bit/--no-load-in-4bit", help="QLoRA: the base in 4 bits on CUDA.")
+    ] = True,
     gpu: GpuOpt = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(help="DDP processes under torchrun (default: one per --gpu id; on a CPU they use gloo)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
     report_to: Annotated[str, typer.Option(help="none, wandb or tensorboard.")] = "none",
     output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Collate one batch with the real collator and show what training would see."),
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune with LoRA on datasets/fixed: Unsloth QLoRA on a GPU, transformers + PEFT anywhere."""
-    from skinvlm.train import TrainSettings
-    from skinvlm.train import train as run_train
+    from skinvlm import devices
+    from skinvlm import train as stage
 
     ws, loaded = open_workspace(workspace, rules)
-    settings = TrainSettings(
+    settings = stage.TrainSettings(
         model=model,
         backend=backend,
         max_steps=max_steps,
@@ -380,22 +395,31 @@ def train(
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_pixels=max_pixels,
+        max_length=max_length,
+        load_in_4bit=load_in_4bit,
         seed=seed,
         eval_steps=eval_steps,
         eval_rows=eval_rows,
         save_steps=save_steps,
         gpu=gpu,
+        processes=processes,
         resume=resume,
         report_to=report_to,
         output=str(output) if output else None,
     )
-    err.print(f"training {model} with backend {backend} ...")
-    result = run_train(ws, loaded, settings)
-    out.print(
-        f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable rows left out) with "
-        f"{result.backend} in {result.seconds:.0f}s; final loss {result.final_loss}; peak RSS "
-        f"{result.peak_rss_mb:.0f} MiB -> {result.output}"
-    )
+    if dry_run:
+        summary = stage.dry_run(ws, loaded, settings)
+        print_json(summary.as_json()) if as_json else render.train_summary(out, summary)
+        if problem := summary.problem():
+            raise SkinvlmError(problem)
+        return
+    wanted = devices.processes_wanted(processes, gpu)
+    if wanted > 1 and not devices.launched():
+        stage.preflight(ws, settings, dry_run=False)  # one clear line here rather than one per process
+        raise typer.Exit(devices.relaunch(wanted, sys.argv[1:]))
+    result = stage.train(ws, loaded, settings, on_summary=lambda summary: render.train_summary(err, summary))
+    if devices.is_main_process():
+        print_json(result.as_json()) if as_json else render.train_result(out, result)
 
 
 @app.command()
@@ -403,22 +427,28 @@ def train(
 def merge(
     workspace: WorkspaceOpt = None,
     base: Annotated[
-        str | None, typer.Option(help="16-bit base model (default: the one recorded in the adapter).")
+        str | None,
+        typer.Option(help="16-bit base model (default: the one recorded in the adapter, or its 16-bit twin)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
     adapter: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
     output: Annotated[Path | None, typer.Option(help="Merged folder (default: models/merged).")] = None,
     gpu: GpuOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Merge the LoRA adapter into a 16-bit model folder that transformers and vLLM load, and verify it."""
     from skinvlm.merge import merge as run_merge
 
     ws = Workspace.open(workspace)
     result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype, gpu=gpu)
+    if as_json:
+        return print_json(result.as_json())
     out.print(
         f"merged {result.backend} adapter into {result.base} ({result.dtype}) -> {result.output}\n"
-        f"verified: max logit difference vs base + adapter {result.max_logit_diff}; "
-        f"{result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed"
+        f"verified against base + adapter: logit RMS error {result.merge_error:.3g} (the adapter moves them "
+        f"{result.adapter_effect:.3g}), max |difference| {result.max_logit_diff:.3g}, {result.agreement:.1%} same "
+        f"next token; {result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed",
+        highlight=False,
     )
 
 
@@ -433,7 +463,9 @@ def serve(
     dtype: Annotated[str, typer.Option()] = "auto",
     max_model_len: Annotated[int, typer.Option()] = 4096,
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
-    tensor_parallel_size: Annotated[int, typer.Option()] = 1,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option(help="GPUs to shard the model over (default: one per --gpu id).")
+    ] = None,
     served_model_name: Annotated[str, typer.Option()] = "skinvlm",
     limit_mm_per_prompt: Annotated[str, typer.Option(help="JSON, e.g. '{\"image\":1}'.")] = '{"image":1}',
     generation_config_vllm: Annotated[
@@ -545,6 +577,21 @@ def eval_(
             ws, loaded, settings, api_key, progress=lambda done, total: bar.update(task, completed=done, total=total)
         )
     return print_json(result) if as_json else render.eval_report(out, result, loaded)
+
+
+@app.command()
+@user_errors
+def doctor(workspace: WorkspaceOpt = None, gpu: GpuOpt = None, as_json: JsonOpt = False) -> None:
+    """Check this machine: Python, torch and CUDA, GPUs, package versions against the GPU pins, backends, disk, keys.
+
+    Exits 1 when something needed is missing: the train extra always, the GPU stack when --gpu is given.
+    """
+    from skinvlm.doctor import doctor as run_doctor
+
+    report = run_doctor(Workspace.open(workspace), gpu)
+    print_json(report.as_json()) if as_json else render.doctor_report(out, report)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

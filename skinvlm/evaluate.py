@@ -21,9 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import openai_api
+from skinvlm import devices, openai_api
 from skinvlm.errors import SkinvlmError
-from skinvlm.prompts import instruction, parse_answer
+from skinvlm.prompts import conversation, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.vlm import read_settings
 from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest
@@ -178,22 +178,21 @@ def ask_local(
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from skinvlm.train import check_gpus, select_gpus
-    from skinvlm.vlm import load_processor, set_image_resolution
+    from skinvlm.vlm import IMAGE_TOKEN, load_processor, set_image_resolution
 
-    select_gpus(settings.gpu)
-    cuda = check_gpus(settings.gpu)
+    devices.select_gpus(settings.gpu)
+    cuda = devices.check_gpus(settings.gpu)
     folder = Path(settings.model_dir or "")
     if not (folder / "config.json").exists():
         raise SkinvlmError(f"--model-dir {folder} holds no model (config.json missing)")
     processor = load_processor(folder)
     set_image_resolution(processor, read_settings(folder).get("max_pixels"))
     processor.tokenizer.padding_side = "left"
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     model = AutoModelForImageTextToText.from_pretrained(
         str(folder), dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
     ).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
     for start in range(0, len(items), settings.batch_size):
         batch = items[start : start + settings.batch_size]
         images = [ds[item.index]["image"] for item in batch]
@@ -203,8 +202,9 @@ def ask_local(
             out = model.generate(**inputs, max_new_tokens=settings.max_tokens, do_sample=False)
         answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         per_image = (time.perf_counter() - clock) / len(batch)
-        for item, answer in zip(batch, answers, strict=True):
-            sink(prediction(item, answer, per_image, rules))
+        vision = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
+        for item, answer, tokens in zip(batch, answers, vision, strict=True):
+            sink(prediction(item, answer, per_image, rules) | {"image_tokens": tokens})
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -223,6 +223,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
     for record in records:
         views[record["view"]].append(record["predicted"] == record["label"])
     latencies = sorted(rec["latency"] for rec in records)
+    vision = [rec["image_tokens"] for rec in records if rec.get("image_tokens") is not None]  # in-process runs
     labels = [*classes, UNPARSED]
     return {
         "n": len(records),
@@ -248,6 +249,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
         "latency_p50": round(percentile(latencies, 0.50), 4),
         "latency_p95": round(percentile(latencies, 0.95), 4),
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
+        "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
     }
 
 

@@ -1,26 +1,34 @@
 """`skinvlm merge`: models/adapter -> models/merged, a 16-bit folder that transformers and vLLM load.
 
-Unsloth adapters go through `save_pretrained_merged(..., "merged_16bit")`; hf adapters through
-PEFT `merge_and_unload` on a 16-bit base (never on 4-bit weights). The folder gets the
-processor, tokenizer, chat template, skinvlm.json (image resolution, instruction) and a
-generation config that stops at <|im_end|>. Then it is verified: reloaded, its logits compared
-with base + adapter on one sample, and LoRA-targeted weights checked to differ from the base.
+One path for both backends: the LoRA adapter (Unsloth saves a standard PEFT adapter) is merged
+with PEFT `merge_and_unload` into the 16-bit base in `--dtype`, never into 4-bit weights; an
+Unsloth 4-bit training base is replaced by its 16-bit twin (`unsloth/X-unsloth-bnb-4bit` ->
+`unsloth/X`). The folder gets the processor, tokenizer, chat template, skinvlm.json (image
+resolution, instruction) and a generation config that stops at <|im_end|>. Then it is verified
+the same way on CPU and GPU: on one training-shaped sample, the merged model's logits must stay
+close to base + adapter compared with how far the adapter moves the base (16-bit rounding moves
+them a little; a lost or mis-scaled adapter as much as the adapter itself), and every
+LoRA-targeted weight must differ from the base. One model is in memory at a time.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from skinvlm import devices
 from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import conversation, format_answer
 from skinvlm.vlm import load_processor, read_settings, set_image_resolution, write_settings
 from skinvlm.workspace import Workspace, manifest, now_iso, replace_dir, stage_fingerprint, write_manifest
 
 DTYPES = ("bfloat16", "float16")
+UNSLOTH_4BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
 
 @dataclass
@@ -28,17 +36,38 @@ class MergeResult:
     output: Path
     backend: str
     base: str
+    trained_on: str
     dtype: str
+    merge_error: float  # RMS of merged - (base + adapter) logits
+    adapter_effect: float  # RMS of (base + adapter) - base logits
     max_logit_diff: float
+    agreement: float  # share of positions where both pick the same next token
     changed_weights: int
     lora_targets: int
     seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self) | {"output": str(self.output)}
 
 
 def adapter_settings(adapter: Path) -> dict[str, Any]:
     if not (adapter / "adapter_config.json").exists():
         raise SkinvlmError(f"{adapter} holds no adapter: run `skinvlm train` first")
     return read_settings(adapter)
+
+
+def sixteen_bit_twin(name: str) -> str:
+    """Unsloth publishes each 4-bit model beside its 16-bit original under the name without the suffix."""
+    for suffix in UNSLOTH_4BIT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_quantized(base: str) -> bool:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
 
 
 def merge(
@@ -50,63 +79,134 @@ def merge(
     dtype: str = "bfloat16",
     gpu: str | None = None,
 ) -> MergeResult:
-    from skinvlm.train import check_gpus, select_gpus
-
     if dtype not in DTYPES:
         raise SkinvlmError(f"--dtype must be bfloat16 or float16, not {dtype!r}")
-    select_gpus(gpu)
-    cuda = check_gpus(gpu)
+    devices.select_gpus(gpu)
+    cuda = devices.check_gpus(gpu)
     adapter, output = adapter or ws.adapter, output or ws.merged
     recorded = adapter_settings(adapter)
-    base = base or recorded.get("base_model")
-    if not base:
+    trained_on = recorded.get("base_model") or base
+    if not trained_on:
         raise SkinvlmError(f"{adapter}/skinvlm.json names no base model; pass --base")
-    started, clock = now_iso(), time.perf_counter()
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    backend = recorded.get("backend", "hf")
-    if backend == "unsloth":
-        merge_unsloth(adapter, tmp, dtype)
-    else:
-        merge_hf(base, adapter, tmp, dtype, cuda)
-    finish_folder(adapter, tmp, recorded)
-    diff, changed, targets = verify(base, adapter, tmp, cuda)
-    result = MergeResult(output, backend, base, dtype, diff, changed, targets, round(time.perf_counter() - clock, 1))
-    counts = {"max_logit_diff": diff, "changed_weights": changed, "lora_targets": targets}
-    inputs = {"adapter": str(adapter), "fingerprint": stage_fingerprint(adapter), "model": base}
-    write_manifest(tmp, manifest("merge", {"dtype": dtype, "backend": backend, "base": base}, inputs, counts, started))
-    replace_dir(tmp, output)
-    return result
-
-
-def is_quantized(base: str) -> bool:
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
-
-
-def merge_hf(base: str, adapter: Path, out: Path, dtype: str, cuda: bool) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
+    base = base or sixteen_bit_twin(trained_on)
     if is_quantized(base):
         raise SkinvlmError(
             f"base {base} is 4-bit: merging into quantized weights loses the adapter; "
             "pass --base with the 16-bit model (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        base, dtype=getattr(torch, dtype), device_map="auto" if cuda else None
+    started, clock = now_iso(), time.perf_counter()
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sample = sample_inputs(adapter, recorded)
+    before = merge_into(base, adapter, tmp, dtype, cuda, sample)
+    finish_folder(adapter, tmp, recorded)
+    check = verify(tmp, dtype, cuda, sample, before)
+    backend = recorded.get("backend", "hf")
+    seconds = round(time.perf_counter() - clock, 1)
+    result = MergeResult(
+        output, backend, base, trained_on, dtype, **check, lora_targets=len(before.weights), seconds=seconds
     )
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    counts = check | {"lora_targets": len(before.weights)}
+    inputs = {"adapter": str(adapter), "fingerprint": stage_fingerprint(adapter), "model": base}
+    settings = {"dtype": dtype, "backend": result.backend, "base": base, "trained_on": trained_on}
+    write_manifest(tmp, manifest("merge", settings, inputs, counts, started))
+    replace_dir(tmp, output)
+    return result
+
+
+def load_model(folder: str | Path, dtype: str, cuda: bool) -> Any:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        str(folder), dtype=getattr(torch, dtype), device_map="auto" if cuda else None
+    ).eval()
+
+
+def logits(model: Any, sample: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: v.to(model.device) for k, v in sample.items()}).logits.float().cpu()
+
+
+def checksum(weight: Any) -> tuple[float, float]:
+    values = weight.detach().float()
+    return values.sum().item(), values.square().sum().item()
+
+
+@dataclass
+class BeforeMerge:
+    """What the merged model is checked against: logits with and without the adapter, base weight checksums."""
+
+    with_adapter: Any
+    without_adapter: Any
+    weights: dict[str, tuple[float, float]]
+
+
+def merge_into(base: str, adapter: Path, out: Path, dtype: str, cuda: bool, sample: dict[str, Any]) -> BeforeMerge:
+    """Base + adapter measured on the sample (with and without the adapter), then merged and saved."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base, dtype, cuda), str(adapter)).eval()
+    with_adapter = logits(model, sample)
+    with model.disable_adapter():
+        without_adapter = logits(model, sample)
+    weights = {
+        name.replace("base_model.model.", "", 1): checksum(module.base_layer.weight)
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    }
+    merged = model.merge_and_unload()
     merged.save_pretrained(str(out))
+    del model, merged
+    release_memory()
+    return BeforeMerge(with_adapter, without_adapter, weights)
 
 
-def merge_unsloth(adapter: Path, out: Path, dtype: str) -> None:
-    from unsloth import FastVisionModel
+def release_memory() -> None:
+    import torch
 
-    model, processor = FastVisionModel.from_pretrained(str(adapter), load_in_4bit=True)
-    model.save_pretrained_merged(str(out), processor, save_method="merged_16bit")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rms(values: Any) -> float:
+    return float(values.pow(2).mean().sqrt().item())
+
+
+def verify(merged: Path, dtype: str, cuda: bool, sample: dict[str, Any], before: BeforeMerge) -> dict[str, Any]:
+    """The merged folder reloaded and compared with base + adapter; raises when the merge lost the adapter."""
+    model = load_model(merged, dtype, cuda)
+    got = logits(model, sample)
+    modules = dict(model.named_modules())
+    changed = sum(
+        1 for name, weights in before.weights.items() if name in modules and checksum(modules[name].weight) != weights
+    )
+    del model
+    release_memory()
+    reference = before.with_adapter
+    error, effect = rms(got - reference), rms(reference - before.without_adapter)
+    diff = (got - reference).abs().max().item()
+    agreement = (reference.argmax(-1) == got.argmax(-1)).float().mean().item()
+    if not math.isfinite(diff) or error > 0.5 * effect:
+        raise SkinvlmError(
+            f"the merged model does not reproduce base + adapter (logit RMS error {error:.4g} against an adapter "
+            f"effect of {effect:.4g}): merge failed"
+        )
+    if before.weights and changed == 0:
+        raise SkinvlmError(
+            "the merged weights equal the base everywhere LoRA was applied: the adapter is empty "
+            "or was lost in the merge"
+        )
+    return {
+        "merge_error": round(error, 6),
+        "adapter_effect": round(effect, 6),
+        "max_logit_diff": round(diff, 6),
+        "agreement": round(agreement, 4),
+        "changed_weights": changed,
+    }
 
 
 def finish_folder(adapter: Path, out: Path, recorded: dict[str, Any]) -> None:
@@ -129,73 +229,13 @@ def finish_folder(adapter: Path, out: Path, recorded: dict[str, Any]) -> None:
     write_settings(out, recorded)
 
 
-def verify(base: str, adapter: Path, merged: Path, cuda: bool) -> tuple[float, int, int]:
-    """(max |logit difference| merged vs base+adapter, LoRA-targeted weights changed, targets)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    if cuda or is_quantized(base):
-        return verify_light(merged)
-    sample = sample_inputs(merged)
-    reference = PeftModel.from_pretrained(
-        AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), str(adapter)
-    ).eval()
-    loaded = AutoModelForImageTextToText.from_pretrained(str(merged), dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected, got = reference(**sample).logits, loaded(**sample).logits
-    diff = (expected - got).abs().max().item()
-    # 16-bit rounding moves logits a little; a failed merge moves them like noise and flips the choices.
-    agree = (expected.argmax(-1) == got.argmax(-1)).float().mean().item()
-    if not math.isfinite(diff) or diff > 2.5 * expected.std().item() or agree < 0.95:
-        raise SkinvlmError(
-            f"the merged model disagrees with base + adapter (max logit difference {diff:.4f}, "
-            f"{agree:.0%} of next-token choices equal): merge failed"
-        )
-    base_weights = reference.get_base_model().state_dict()
-    targets = changed = 0
-    merged_weights = loaded.state_dict()
-    for name, module in reference.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            key = name.replace("base_model.model.", "", 1) + ".weight"
-            original = base_weights.get(name.replace("base_model.model.", "", 1) + ".base_layer.weight")
-            if original is None or key not in merged_weights:
-                continue
-            targets += 1
-            changed += bool((merged_weights[key].float() - original.float()).abs().max().item() > 0)
-    if targets and changed == 0:
-        raise SkinvlmError(
-            "the merged weights equal the base everywhere LoRA was applied: the adapter is empty "
-            "or was lost in the merge"
-        )
-    return round(diff, 6), changed, targets
-
-
-def verify_light(merged: Path) -> tuple[float, int, int]:
-    """On a GPU or a 4-bit base the full comparison would double memory: reload and run once."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(merged), dtype="auto", device_map="auto")
-    sample = {k: v.to(model.device) for k, v in sample_inputs(merged).items()}
-    with torch.no_grad():
-        logits = model(**sample).logits
-    if not torch.isfinite(logits).all():
-        raise SkinvlmError(f"{merged} produces non-finite logits after merging")
-    return float("nan"), -1, -1
-
-
-def sample_inputs(folder: Path) -> dict[str, Any]:
+def sample_inputs(adapter: Path, recorded: dict[str, Any]) -> dict[str, Any]:
+    """One training-shaped chat (image, instruction, answer) at the recorded resolution."""
     from PIL import Image
 
-    from skinvlm.prompts import format_answer
-
-    processor = load_processor(folder)
-    settings = read_settings(folder)
-    image = Image.new("RGB", (64, 64), (200, 60, 60))
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": settings.get("instruction", "")}]},
-        {"role": "assistant", "content": [{"type": "text", "text": format_answer("건선", "붉은 판")}]},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False)
+    processor = load_processor(adapter)
+    set_image_resolution(processor, recorded.get("max_pixels"))
+    image = Image.new("RGB", (224, 224), (200, 60, 60))
+    chat = conversation(recorded.get("instruction", ""), format_answer("건선", "붉은 판"))
+    text = processor.apply_chat_template(chat, tokenize=False)
     return dict(processor(text=[text], images=[image], return_tensors="pt"))

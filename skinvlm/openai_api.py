@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import conversation
 from skinvlm.workspace import Workspace
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -90,17 +91,10 @@ async def row_image_url(ds: Any, index: int, max_side: int) -> tuple[str, int, i
 
 
 def chat_messages(system: str | None, user_text: str, data_url: str, detail: str) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": user_text},
-                {"type": "image_url", "image_url": {"url": data_url, "detail": detail}},
-            ],
-        }
-    )
-    return messages
+    """An OpenAI chat request in skinvlm's one layout (see `prompts.conversation`), optionally with a system turn."""
+    image = {"type": "image_url", "image_url": {"url": data_url, "detail": detail}}
+    system_turn: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    return system_turn + conversation(user_text, image=image)
 
 
 class RateLimiter:

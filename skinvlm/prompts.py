@@ -1,7 +1,8 @@
-"""Prompt texts and the answer format, shared by describe, train and eval.
+"""Prompt texts, the chat layout and the answer format, shared by describe, train, merge, eval and serve.
 
 Answers look like ``<label>질병명</label>\n<summary>...</summary>``; parsing is lenient about
-whitespace and strict about the two tags.
+whitespace and strict about the two tags. Every chat sent to a model, in training or at inference,
+is built by `conversation`: the image first, then the instruction, so parity holds by construction.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
@@ -46,6 +48,26 @@ def parse_answer(text: str | None) -> Answer:
 
 def format_answer(label: str, summary: str) -> str:
     return f"<label>{label}</label>\n<summary>{summary}</summary>"
+
+
+IMAGE_ITEM: dict[str, Any] = {"type": "image"}  # the placeholder a processor's chat template expands
+
+
+def user_turn(text: str, image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The user turn of every chat: the image item first, then the text, as content items.
+
+    `image` is the item the receiver understands: `{"type": "image"}` for a local processor (the
+    default), `{"type": "image_url", ...}` for an OpenAI-compatible server.
+    """
+    return {"role": "user", "content": [image or IMAGE_ITEM, {"type": "text", "text": text}]}
+
+
+def conversation(text: str, answer: str | None = None, image: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One image, one instruction and, for training, the answer: the layout train, eval, merge and serve share."""
+    messages = [user_turn(text, image)]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
 
 
 def class_guide(rules: Rules) -> str:

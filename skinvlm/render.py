@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from skinvlm.ingest import IngestResult
@@ -237,9 +238,12 @@ def demo_step(out: Console, err: Console, kind: str, result: Any, rules: Any) ->
             f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.3f}, "
             f"peak RSS {result.peak_rss_mb:.0f} MiB -> {result.output}"
         )
+    elif kind == "batch":
+        train_summary(out, result)
     elif kind == "merge":
         out.print(
-            f"merged -> {result.output}; verified: max logit difference {result.max_logit_diff}, "
+            f"merged -> {result.output}; verified: logit RMS error {result.merge_error:.3g} against an adapter "
+            f"effect of {result.adapter_effect:.3g}; "
             f"{result.changed_weights}/{result.lora_targets} LoRA weights changed"
         )
 
@@ -274,3 +278,52 @@ def demo_closing(out: Console, result: Any, rules: Any) -> None:
             expand=False,
         )
     )
+
+
+def train_summary(console: Console, summary: Any) -> None:
+    """What training sees: one collated batch and the whole training set, with the supervised span in green."""
+    from rich.text import Text
+
+    expected = summary.expected_image_tokens_per_row
+    table = Table(title=f"training batch ({summary.backend} collator)", show_header=False)
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("rows", f"{summary.rows:,} ({summary.skipped} unusable left out)")
+    table.add_row("pixel_values in the batch", "yes" if summary.pixel_values else "[bold red]NO[/]")
+    implied = f"(--max-pixels {summary.max_pixels:,} implies {expected})"
+    table.add_row("image tokens per row", f"{summary.image_tokens_per_row} {implied}")
+    table.add_row("supervised tokens per row", str(summary.supervised_tokens_per_row))
+    lengths = f"max {summary.sequence_length_max:,}, p95 {summary.sequence_length_p95:,}"
+    table.add_row("sequence length", f"{lengths} (--max-length {summary.max_length:,})")
+    cut = f"[bold yellow]{summary.truncated_rows:,}[/]" if summary.truncated_rows else "0"
+    table.add_row("rows --max-length cuts", cut)
+    table.add_row("processes", str(summary.world_size))
+    table.add_row("effective batch size", f"{summary.effective_batch_size} (per device x grad accum x processes)")
+    console.print(table)
+    example = Text("first row (supervised in green): ", style="bold")
+    for text, supervised in summary.segments:
+        example.append(text, style="bold green" if supervised else "dim")
+    console.print(example)
+
+
+def train_result(out: Console, result: Any) -> None:
+    vram = f", peak VRAM {result.peak_vram_mb:,.0f} MiB" if result.peak_vram_mb is not None else ""
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "none logged"
+    out.print(
+        f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable rows left out) with "
+        f"{result.backend} x {result.world_size} process(es), effective batch {result.effective_batch_size}, in "
+        f"{result.seconds:.0f}s; final loss {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
+        highlight=False,
+    )
+
+
+def doctor_report(out: Console, report: Any) -> None:
+    table = Table(title="skinvlm doctor")
+    for column in ("check", "", "detail"):
+        table.add_column(column)
+    marks = {True: "[green]✓[/]", False: "[bold red]✗[/]", None: "[dim]·[/]"}
+    for check in report.checks:
+        mark = marks[check.ok] if check.ok is not False or check.needed else "[yellow]✗[/]"
+        table.add_row(check.name, mark, escape(check.detail))
+    out.print(table)
+    out.print("[green]ready[/]" if report.ok else "[bold red]something needed is missing[/] (red ✗ above)")

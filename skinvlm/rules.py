@@ -83,12 +83,17 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def default_rules_path() -> Path:
-    shipped = resources.files("skinvlm") / RULES_FILENAME
+def shipped_file(name: str) -> Path:
+    """A top-level repository file that the wheel carries inside the package (see pyproject's force-include)."""
+    shipped = resources.files("skinvlm") / name
     if shipped.is_file():
         return Path(str(shipped))
     # An editable install runs from the source tree, where the file sits beside the package.
-    return Path(__file__).resolve().parent.parent / RULES_FILENAME
+    return Path(__file__).resolve().parent.parent / name
+
+
+def default_rules_path() -> Path:
+    return shipped_file(RULES_FILENAME)
 
 
 def resolve_rules_path(explicit: Path | None, workspace_root: Path) -> Path:

@@ -1,9 +1,11 @@
 """`skinvlm serve`: vLLM's OpenAI-compatible server on models/merged, on the GPU.
 
 The command always carries --max-model-len and --limit-mm-per-prompt, and passes the image
-resolution recorded at training time as --mm-processor-kwargs, so serving sees images as training
-did. `--print-command` prints it and exits (no GPU needed). SKINVLM_VLLM_BIN replaces the `vllm`
-executable (a stand-in server in tests, or a vllm in another virtual environment).
+resolution recorded at training time as --mm-processor-kwargs (from `vlm.pixel_bounds`, as the
+processors of train and eval), so serving sees images as training did. `--gpu 0,1` serves with
+tensor parallelism over both unless --tensor-parallel-size says otherwise. `--print-command`
+prints the command and exits (no GPU needed). SKINVLM_VLLM_BIN replaces the `vllm` executable (a
+stand-in server in tests, or a vllm in another virtual environment).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from skinvlm import devices
 from skinvlm.errors import SkinvlmError
-from skinvlm.vlm import read_settings
+from skinvlm.vlm import pixel_bounds, read_settings
 
 
 @dataclass
@@ -33,7 +36,7 @@ class ServeSettings:
     dtype: str = "auto"
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int | None = None  # default: one per --gpu id
     served_model_name: str = "skinvlm"
     limit_mm_per_prompt: str = '{"image":1}'
     generation_config_vllm: bool = False
@@ -68,14 +71,13 @@ def build_command(model: Path, s: ServeSettings) -> list[str]:
         "--gpu-memory-utilization",
         str(s.gpu_memory_utilization),
         "--tensor-parallel-size",
-        str(s.tensor_parallel_size),
+        str(s.tensor_parallel_size or max(1, len(devices.gpu_ids(s.gpu)))),
         "--limit-mm-per-prompt",
         json.dumps(limits, separators=(",", ":")),
     ]
     max_pixels = read_settings(model).get("max_pixels")
     if max_pixels:
-        kwargs = {"max_pixels": max_pixels, "min_pixels": min(3136, max_pixels)}
-        command += ["--mm-processor-kwargs", json.dumps(kwargs, separators=(",", ":"))]
+        command += ["--mm-processor-kwargs", json.dumps(pixel_bounds(max_pixels), separators=(",", ":"))]
     if s.generation_config_vllm:
         command += ["--generation-config", "vllm"]
     return command
@@ -134,7 +136,7 @@ def start(model: Path, s: ServeSettings) -> tuple[subprocess.Popen[bytes], str]:
     command = build_command(model, s)
     env = dict(os.environ)
     if s.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = s.gpu
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.gpu_ids(s.gpu))
     process = subprocess.Popen(command, env=env)
     base = f"http://{s.host}:{s.port}"
     try:

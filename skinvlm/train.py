@@ -1,27 +1,34 @@
 """`skinvlm train`: QLoRA with Unsloth on a GPU, or transformers + PEFT anywhere (CPU included).
 
-Rows become chat samples (user: the instruction + the image; assistant: the cleaned answer) and
-the loss covers only the assistant answer. Two backends behind one `if`: `unsloth`
-(FastVisionModel, 4-bit, UnslothVisionDataCollator with responses-only training) and `hf`
-(AutoModelForImageTextToText + PEFT LoRA, 4-bit via bitsandbytes only on CUDA, TRL's
-assistant-only loss). Both hand a TRL SFTTrainer the same dataset and settings.
+Rows become chat samples (`samples.chat_rows`: the image, then the instruction; the answer) and
+the loss covers only the answer and its end-of-turn token. Two backends behind one `if`:
+`unsloth` (FastVisionModel, 4-bit, Unsloth's vision collator with responses-only training) and
+`hf` (AutoModelForImageTextToText + PEFT LoRA, 4-bit via bitsandbytes on CUDA, our answer-only
+collator). Both hand a TRL SFTTrainer the same samples and settings. Before step 1 one real
+batch is collated and checked (`samples.summarize`); `--dry-run` stops there. `--gpu 0,1` or
+`--processes N` relaunch the command under torchrun, one DDP process each.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skinvlm import devices
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import instruction, parse_answer
 from skinvlm.rules import Rules
-from skinvlm.vlm import load_processor, set_image_resolution, write_settings
-from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint
+from skinvlm.samples import AnswerOnlyCollator, Summary, chat_rows, summarize, unsloth_collator
+from skinvlm.vlm import check_chat_template, load_processor, set_image_resolution, write_settings
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest
 
 DEFAULT_BASE = "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit"
 # At most 1,024 vision tokens per image (28x28 pixels each after 2x2 merging): a 1024x1024 photo
@@ -30,6 +37,7 @@ DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # Vision blocks, and the merger MLP that projects image features into the language model.
 VISION_TARGETS = r".*visual\.(blocks.*\.(qkv|attn\.proj|gate_proj|up_proj|down_proj)|merger\.mlp\.[02])"
+UNSLOTH_ZOO_PIN = "unsloth_zoo==2026.10.9"
 
 
 @dataclass
@@ -61,6 +69,7 @@ class TrainSettings:
     report_to: str = "none"
     load_in_4bit: bool = True
     gpu: str | None = None
+    processes: int | None = None
     output: str | None = None
 
     def check(self) -> None:
@@ -70,6 +79,10 @@ class TrainSettings:
             raise SkinvlmError(f"--report-to must be none, wandb or tensorboard, not {self.report_to!r}")
         if self.max_pixels < 28 * 28 * 4:
             raise SkinvlmError("--max-pixels must be at least 3136 (56x56)")
+        if self.max_length < 64:
+            raise SkinvlmError("--max-length must be at least 64 tokens")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise SkinvlmError("--batch-size and --grad-accum must be at least 1")
         if not (self.finetune_vision or self.finetune_language):
             raise SkinvlmError("LoRA needs the vision layers, the language layers or both")
 
@@ -84,58 +97,73 @@ class TrainResult:
     final_loss: float | None
     seconds: float
     peak_rss_mb: float
+    peak_vram_mb: float | None
+    world_size: int
+    effective_batch_size: int
+    summary: Summary
     log: list[dict[str, Any]] = field(default_factory=list)
 
-
-def select_gpus(gpu: str | None) -> None:
-    """Must run before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once."""
-    if gpu is None:
-        return
-    ids = [g.strip() for g in gpu.split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
-        raise SkinvlmError(f"--gpu takes GPU numbers like 0 or 0,1; got {gpu!r}")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    def as_json(self) -> dict[str, Any]:
+        fields = {k: v for k, v in asdict(self).items() if k not in ("summary", "log")}
+        return fields | {"output": str(self.output), "summary": self.summary.as_json()}
 
 
-def check_gpus(gpu: str | None) -> bool:
-    import torch
+@dataclass
+class Plan:
+    """What preflight settled before anything heavy loads."""
 
-    if gpu is None:
-        return torch.cuda.is_available()
-    wanted = len(gpu.split(","))
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found < wanted:
-        raise SkinvlmError(
-            f"--gpu {gpu} asks for {wanted} GPU(s) but CUDA sees {found} here "
-            "(run without --gpu to train on the CPU with --backend hf)"
-        )
-    return True
+    backend: str
+    cuda: bool
+    output: Path
+    resume_from: str | None
 
 
-def pick_backend(requested: str, cuda: bool) -> str:
+# -- before anything heavy -------------------------------------------------------------------
+def preflight(ws: Workspace, settings: TrainSettings, dry_run: bool) -> Plan:
+    settings.check()
+    devices.select_gpus(settings.gpu)
+    cuda = devices.check_gpus(settings.gpu)
+    backend = pick_backend(settings.backend, cuda, dry_run)
+    output = Path(settings.output).resolve() if settings.output else ws.adapter
+    resume_from = newest_checkpoint(output) if settings.resume else None
+    if settings.resume and resume_from is None:
+        raise SkinvlmError(f"--resume: no checkpoint in {output / 'checkpoints'}")
+    if not (settings.resume or dry_run) and (output / "adapter_config.json").exists():
+        raise SkinvlmError(f"{output} already holds an adapter; pass --resume to continue it or --output elsewhere")
+    return Plan(backend, cuda, output, resume_from)
+
+
+def pick_backend(requested: str, cuda: bool, dry_run: bool = False) -> str:
     has_unsloth = importlib.util.find_spec("unsloth") is not None
-    if requested == "unsloth" and not (cuda and has_unsloth):
-        raise SkinvlmError(
-            "--backend unsloth needs CUDA and `pip install -e .[gpu]`: Unsloth cannot load "
-            "vision models on the CPU; use --backend hf there"
-        )
-    backend = ("unsloth" if cuda and has_unsloth else "hf") if requested == "auto" else requested
-    if backend == "hf":
-        check_assistant_masking()
-    return backend
+    if requested == "auto":
+        return "unsloth" if cuda and has_unsloth else "hf"
+    if requested == "unsloth" and cuda and not has_unsloth:
+        raise SkinvlmError("--backend unsloth needs `pip install -c constraints-gpu.txt -e .[train,gpu]`")
+    if requested == "unsloth" and not cuda:
+        if not dry_run:
+            raise SkinvlmError(
+                "--backend unsloth needs CUDA: Unsloth cannot load vision models on the CPU; use --backend hf "
+                "here, or --dry-run to check Unsloth's batches on the CPU"
+            )
+        if importlib.util.find_spec("unsloth_zoo") is None:
+            raise SkinvlmError(
+                "--backend unsloth --dry-run on a CPU needs Unsloth's collator: "
+                f"`pip install --no-deps {UNSLOTH_ZOO_PIN}`"
+            )
+    return requested
 
 
-def check_assistant_masking() -> None:
-    """TRL masks all but the answer of vision samples only with transformers>=5.18 (the unsloth pins exclude it)."""
-    from importlib.metadata import version
+def import_unsloth(cuda: bool) -> None:
+    """Unsloth patches transformers, trl and peft as it is imported: imported after them, its patches miss.
 
-    from packaging.version import Version
-
-    if Version(version("transformers")) < Version("5.18.0.dev0"):
-        raise SkinvlmError(
-            f"--backend hf needs transformers>=5.18 for answer-only loss on images (found "
-            f"{version('transformers')}); use --backend unsloth on that stack"
-        )
+    On a CPU (dry runs) only unsloth_zoo loads, with its GPU set-up switched off.
+    """
+    early = [name for name in ("transformers", "trl", "peft") if name in sys.modules]
+    if early:
+        raise SkinvlmError(f"internal error: {', '.join(early)} imported before Unsloth, which must come first")
+    if not cuda:
+        os.environ.setdefault("UNSLOTH_ZOO_DISABLE_GPU_INIT", "1")
+    importlib.import_module("unsloth" if cuda else "unsloth_zoo")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -164,46 +192,48 @@ def training_rows(ws: Workspace) -> tuple[Any, str, int]:
     return data, stage, skipped
 
 
-def chat_dataset(ds: Any, rules: Rules) -> Any:
-    """`messages` (text, built without touching images) joined with the `image` column, no copy."""
-    from datasets import Dataset, concatenate_datasets
-
-    prompt = instruction(rules)
-    messages = Dataset.from_dict(
-        {
-            "messages": [
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-                for answer in ds["output"]
-            ]
-        }
-    )
-    return concatenate_datasets([ds.select_columns(["image"]), messages], axis=1)
+def eval_rows(data: Any, settings: TrainSettings) -> Any | None:
+    if not settings.eval_rows or "test" not in data or not data["test"].num_rows:
+        return None
+    test = data["test"].shuffle(seed=settings.seed)
+    return test.select(range(min(settings.eval_rows, test.num_rows)))
 
 
 # -- the two backends ------------------------------------------------------------------------
+def lora_targets(settings: TrainSettings) -> str:
+    chosen = [
+        pattern
+        for pattern, on in ((LANGUAGE_TARGETS, settings.finetune_language), (VISION_TARGETS, settings.finetune_vision))
+        if on
+    ]
+    return f"({'|'.join(chosen)})"
+
+
 def load_hf(settings: TrainSettings, cuda: bool) -> tuple[Any, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if cuda and settings.load_in_4bit and importlib.util.find_spec("bitsandbytes"):
+    quantized = cuda and settings.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None
+    if cuda:
+        kwargs["device_map"] = {"": devices.local_rank()}
+    if quantized:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
     model = AutoModelForImageTextToText.from_pretrained(settings.model, **kwargs)
-    targets = "|".join(
-        t
-        for t, on in ((LANGUAGE_TARGETS, settings.finetune_language), (VISION_TARGETS, settings.finetune_vision))
-        if on
-    )
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=f"({targets})",
+        target_modules=lora_targets(settings),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -214,7 +244,11 @@ def load_unsloth(settings: TrainSettings) -> tuple[Any, Any]:
     from unsloth import FastVisionModel
 
     model, processor = FastVisionModel.from_pretrained(
-        settings.model, load_in_4bit=settings.load_in_4bit, use_gradient_checkpointing="unsloth"
+        settings.model,
+        load_in_4bit=settings.load_in_4bit,
+        max_seq_length=settings.max_length,
+        use_gradient_checkpointing="unsloth",
+        device_map={"": devices.local_rank()},
     )
     model = FastVisionModel.get_peft_model(
         model,
@@ -230,6 +264,72 @@ def load_unsloth(settings: TrainSettings) -> tuple[Any, Any]:
     )
     FastVisionModel.for_training(model)
     return model, processor
+
+
+def shape_only_model(name: str) -> Any:
+    """The model's structure and config on the meta device: all Unsloth's collator reads, no weights loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def load(settings: TrainSettings, backend: str, cuda: bool, dry_run: bool) -> tuple[Any, Any]:
+    if dry_run:
+        return (shape_only_model(settings.model) if backend == "unsloth" else None), load_processor(settings.model)
+    return load_unsloth(settings) if backend == "unsloth" else load_hf(settings, cuda)
+
+
+def collator_for(backend: str, model: Any, processor: Any, settings: TrainSettings) -> Any:
+    if backend == "unsloth":
+        return unsloth_collator(model, processor, settings.max_length)
+    return AnswerOnlyCollator(processor, settings.max_length)
+
+
+@dataclass
+class Setup:
+    """Everything that training and its dry run share."""
+
+    plan: Plan
+    data: Any
+    stage: str
+    skipped: int
+    model: Any
+    processor: Any
+    collator: Any
+    summary: Summary
+
+
+def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry_run: bool) -> Setup:
+    """Rows, model (shape only in a dry run), processor at --max-pixels, collator, and the first batch checked."""
+    if plan.backend == "unsloth":
+        import_unsloth(plan.cuda)
+    data, stage, skipped = training_rows(ws)
+    model, processor = load(settings, plan.backend, plan.cuda, dry_run)
+    set_image_resolution(processor, settings.max_pixels)
+    check_chat_template(processor)
+    collator = collator_for(plan.backend, model, processor, settings)
+    prompt = instruction(rules)
+    summary = summarize(
+        collator,
+        chat_rows(data["train"], prompt),
+        data["train"],
+        prompt,
+        processor,
+        settings,
+        backend=plan.backend,
+        skipped=skipped,
+        # A dry run reports the world that `train` would launch; a worker, the one it is in.
+        world_size=devices.processes_wanted(settings.processes, settings.gpu) if dry_run else devices.world_size(),
+    )
+    return Setup(plan, data, stage, skipped, model, processor, collator, summary)
+
+
+def dry_run(ws: Workspace, rules: Rules, settings: TrainSettings) -> Summary:
+    """Build the rows and the backend's real collator, collate one batch, measure; no model weights, no step."""
+    return set_up(ws, rules, settings, preflight(ws, settings, dry_run=True), dry_run=True).summary
 
 
 def sft_config(settings: TrainSettings, output: Path, backend: str, cuda: bool, has_eval: bool) -> Any:
@@ -256,47 +356,46 @@ def sft_config(settings: TrainSettings, output: Path, backend: str, cuda: bool, 
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
-        max_length=settings.max_length,
+        max_length=settings.max_length,  # applied by both collators, which truncate
         report_to=[] if settings.report_to == "none" else [settings.report_to],
         bf16=cuda,
         use_cpu=not cuda,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=cuda,
-        assistant_only_loss=backend == "hf",
-        dataset_kwargs={"skip_prepare_dataset": True} if backend == "unsloth" else None,
+        # Unsloth sets up its own gradient checkpointing; the trainer's would replace it.
+        **checkpointing_args(cuda and backend == "hf"),
+        ddp_find_unused_parameters=False,
+        dataset_kwargs={"skip_prepare_dataset": True},  # the collators render and tokenize
         disable_tqdm=True,
     )
 
 
-def build_trainer(settings: TrainSettings, rules: Rules, data: Any, backend: str, cuda: bool, output: Path) -> Any:
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing on or off, under the name the installed transformers reads: it became
+    `activation_checkpointing` after 5.17 and the old name warns there (TRL's default sets it)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    prefix = "activation" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)} else "gradient"
+    args: dict[str, Any] = {f"{prefix}_checkpointing": enabled}
+    if enabled:
+        args[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
+    return args
+
+
+def build_trainer(setup: Setup, rules: Rules, settings: TrainSettings) -> Any:
     from trl import SFTTrainer
 
-    model, processor = load_unsloth(settings) if backend == "unsloth" else load_hf(settings, cuda)
-    set_image_resolution(processor, settings.max_pixels)
-    train_set = chat_dataset(data["train"], rules)
-    eval_set = None
-    if settings.eval_rows and "test" in data and data["test"].num_rows:
-        test = data["test"].shuffle(seed=settings.seed).select(range(min(settings.eval_rows, data["test"].num_rows)))
-        eval_set = chat_dataset(test, rules)
-    collator = None
-    if backend == "unsloth":
-        from unsloth.trainer import UnslothVisionDataCollator
-
-        collator = UnslothVisionDataCollator(
-            model,
-            processor,
-            train_on_responses_only=True,
-            instruction_part="<|im_start|>user\n",
-            response_part="<|im_start|>assistant\n",
-        )
+    prompt = instruction(rules)
+    evaluation = eval_rows(setup.data, settings)
     return SFTTrainer(
-        model=model,
-        args=sft_config(settings, output, backend, cuda, eval_set is not None),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=processor,
-        data_collator=collator,
+        model=setup.model,
+        args=sft_config(settings, setup.plan.output, setup.plan.backend, setup.plan.cuda, evaluation is not None),
+        train_dataset=chat_rows(setup.data["train"], prompt),
+        eval_dataset=chat_rows(evaluation, prompt) if evaluation is not None else None,
+        processing_class=setup.processor,
+        data_collator=setup.collator,
     )
 
 
@@ -305,11 +404,12 @@ def log_callback(path: Path) -> Any:
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Every logged step as one flushed JSON line, so a crash keeps the curve so far."""
+        """Every logged step as one flushed JSON line (rank 0 only), so a crash keeps the curve so far."""
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+            if state.is_world_process_zero:
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
 
     return JsonlLog()
 
@@ -319,40 +419,75 @@ def newest_checkpoint(output: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def train(ws: Workspace, rules: Rules, settings: TrainSettings) -> TrainResult:
-    settings.check()
-    select_gpus(settings.gpu)
-    cuda = check_gpus(settings.gpu)
-    backend = pick_backend(settings.backend, cuda)
+def train(
+    ws: Workspace, rules: Rules, settings: TrainSettings, on_summary: Callable[[Summary], None] | None = None
+) -> TrainResult:
+    plan = preflight(ws, settings, dry_run=False)
     started, clock = now_iso(), time.perf_counter()
-    output = Path(settings.output) if settings.output else ws.adapter
-    resume_from = newest_checkpoint(output) if settings.resume else None
-    if settings.resume and resume_from is None:
-        raise SkinvlmError(f"--resume: no checkpoint in {output / 'checkpoints'}")
-    if not settings.resume and (output / "adapter_config.json").exists():
-        raise SkinvlmError(f"{output} already holds an adapter; pass --resume to continue it or --output elsewhere")
-    data, stage, skipped = training_rows(ws)
-    output.mkdir(parents=True, exist_ok=True)
-    log_path = output / "train_log.jsonl"
-    if not settings.resume:
-        log_path.unlink(missing_ok=True)
-    trainer = build_trainer(settings, rules, data, backend, cuda, output)
+    setup = set_up(ws, rules, settings, plan, dry_run=False)
+    main = devices.is_main_process()
+    if on_summary and main:
+        on_summary(setup.summary)
+    if problem := setup.summary.problem():
+        raise SkinvlmError(f"refusing to train: {problem}")
+    log_path = plan.output / "train_log.jsonl"
+    if main:
+        plan.output.mkdir(parents=True, exist_ok=True)
+        if not settings.resume:
+            log_path.unlink(missing_ok=True)
+    trainer = build_trainer(setup, rules, settings)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
     trainer.add_callback(log_callback(log_path))
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.train(resume_from_checkpoint=plan.resume_from)
     except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)  # so --resume continues from here
+        if devices.world_size() == 1:  # one process: save so --resume continues from here
+            trainer._save_checkpoint(trainer.model, trial=None)
         raise
-    trainer.save_model(str(output))
-    trainer.processing_class.save_pretrained(str(output))
+    trainer.save_model(str(plan.output))  # the trainer writes on rank 0 only
+    log = read_log(log_path) if main else []  # rank 0 writes the log; the others return without it
+    if main:
+        save_outputs(ws, rules, settings, setup, log, started)
+    losses = [e["loss"] for e in log if "loss" in e]
+    return TrainResult(
+        plan.output,
+        plan.backend,
+        trainer.state.global_step,
+        setup.data["train"].num_rows,
+        setup.skipped,
+        round(losses[-1], 4) if losses else None,
+        round(time.perf_counter() - clock, 1),
+        peak_rss_mb(),
+        peak_vram_mb() if plan.cuda else None,
+        setup.summary.world_size,
+        setup.summary.effective_batch_size,
+        setup.summary,
+        log,
+    )
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def save_outputs(
+    ws: Workspace, rules: Rules, settings: TrainSettings, setup: Setup, log: list[dict[str, Any]], started: str
+) -> None:
+    output = setup.plan.output
+    # A fresh processor, not the trainer's: the collators switch truncation on in the tokenizer they call,
+    # and a saved tokenizer would keep cutting prompts at --max-length when serving.
+    processor = load_processor(settings.model)
+    set_image_resolution(processor, settings.max_pixels)
+    processor.save_pretrained(str(output))
     write_settings(
         output,
         {
             "base_model": settings.model,
-            "backend": backend,
+            "backend": setup.plan.backend,
             "max_pixels": settings.max_pixels,
             "instruction": instruction(rules),
             "classes": rules.class_names,
@@ -360,38 +495,32 @@ def train(ws: Workspace, rules: Rules, settings: TrainSettings) -> TrainResult:
             "lora_alpha": settings.lora_alpha,
         },
     )
-    log = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
     plot_loss(log, output / "loss.png")
     losses = [e["loss"] for e in log if "loss" in e]
-    result = TrainResult(
-        output,
-        backend,
-        trainer.state.global_step,
-        data["train"].num_rows,
-        skipped,
-        losses[-1] if losses else None,
-        round(time.perf_counter() - clock, 1),
-        peak_rss_mb(),
-        log,
-    )
     counts = {
-        "splits": {s: d.num_rows for s, d in data.items()},
-        "skipped_rows": skipped,
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "seconds": result.seconds,
+        "splits": {s: d.num_rows for s, d in setup.data.items()},
+        "skipped_rows": setup.skipped,
+        "steps": max((e["step"] for e in log), default=0),
+        "final_loss": losses[-1] if losses else None,
+        "world_size": setup.summary.world_size,
+        "effective_batch_size": setup.summary.effective_batch_size,
+        "truncated_rows": setup.summary.truncated_rows,
     }
-    inputs = {"stage": stage, "fingerprint": stage_fingerprint(ws.dataset(stage)), "model": settings.model}
-    from skinvlm.workspace import write_manifest
-
-    write_manifest(output, manifest("train", asdict(settings) | {"backend": backend}, inputs, counts, started))
-    return result
+    inputs = {"stage": setup.stage, "fingerprint": stage_fingerprint(ws.dataset(setup.stage)), "model": settings.model}
+    settings_used = asdict(settings) | {"backend": setup.plan.backend}
+    write_manifest(output, manifest("train", settings_used, inputs, counts, started))
 
 
 def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_vram_mb() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def plot_loss(log: list[dict[str, Any]], path: Path) -> None:

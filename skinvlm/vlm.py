@@ -1,8 +1,11 @@
-"""Loading Qwen2.5-VL-family models and processors, also where torchvision is missing (CPU laptops).
+"""Qwen2.5-VL-family processors: loading (also without torchvision), image resolution, chat markers.
 
 The stock Qwen2.5-VL processor needs a video processor, which needs torchvision; skinvlm only
 uses images, so `ImageOnlyProcessor` drops the video part and is registered with AutoProcessor
 for the folders that name it.
+
+The image resolution and the turn markers must agree between training, evaluation and serving;
+they come from the functions here and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import conversation
 
 SETTINGS_FILE = "skinvlm.json"  # image resolution and instruction, beside the weights
+MIN_PIXELS = 56 * 56  # Qwen2-VL's own lower bound: tiny images are scaled up to 4 vision tokens
+# Chat-template markers of Qwen-style (ChatML) templates. Answer-only training supervises what
+# follows RESPONSE_MARKER; `check_chat_template` proves the processor's real template agrees.
+INSTRUCTION_MARKER = "<|im_start|>user\n"
+RESPONSE_MARKER = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+IMAGE_TOKEN = "<|image_pad|>"  # one per vision token after the processor expands it
 
 
 def quiet_transformers() -> None:
@@ -46,19 +57,20 @@ def image_only_processor_class() -> Any:
     return ImageOnlyProcessor
 
 
-def load_processor(path: Path | str) -> Any:
+def load_processor(path: Path | str, **overrides: Any) -> Any:
+    """The folder's processor; `overrides` go to from_pretrained as vLLM's --mm-processor-kwargs do."""
     from transformers import AutoProcessor
 
     quiet_transformers()
     try:
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path), **overrides)
         if hasattr(processor, "image_processor"):
             return processor
     except (ImportError, ValueError, OSError, TypeError):
         pass
     # No torchvision, or a folder saved by ImageOnlyProcessor (AutoProcessor then returns a bare
     # tokenizer): load the image-only variant.
-    return image_only_processor_class().from_pretrained(str(path))
+    return image_only_processor_class().from_pretrained(str(path), **overrides)
 
 
 def read_settings(folder: Path) -> dict[str, Any]:
@@ -76,14 +88,45 @@ def write_settings(folder: Path, settings: dict[str, Any]) -> None:
     (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def pixel_bounds(max_pixels: int) -> dict[str, int]:
+    """The one image-resolution setting as min/max pixels: for our processors and for vLLM's processor kwargs."""
+    return {"min_pixels": min(MIN_PIXELS, max_pixels), "max_pixels": max_pixels}
+
+
 def set_image_resolution(processor: Any, max_pixels: int | None) -> None:
-    """Cap the vision tokens per image: max_pixels / (28*28) tokens after 2x2 merging."""
+    """Cap the vision tokens per image at max_pixels / (28*28), through the image processor's `size`.
+
+    `size` (a SizeDict in transformers 5) is what the processor reads; the old `min_pixels` /
+    `max_pixels` attributes are cleared, since newer transformers passes them on every call (with a
+    deprecation warning) and lets them override `size`.
+    """
+    from transformers.image_utils import SizeDict
+
     if not max_pixels:
         return
+    bounds = pixel_bounds(max_pixels)
     image_processor = processor.image_processor
-    image_processor.max_pixels = max_pixels
-    image_processor.min_pixels = min(getattr(image_processor, "min_pixels", 3136) or 3136, max_pixels)
-    size = getattr(image_processor, "size", None)
-    if isinstance(size, dict):
-        size["longest_edge"] = max_pixels
-        size["shortest_edge"] = image_processor.min_pixels
+    image_processor.size = SizeDict(shortest_edge=bounds["min_pixels"], longest_edge=bounds["max_pixels"])
+    for legacy in ("min_pixels", "max_pixels"):
+        if getattr(image_processor, legacy, None) is not None:
+            setattr(image_processor, legacy, None)
+
+
+def vision_tokens(processor: Any, width: int, height: int) -> int:
+    """Vision tokens the processor makes of one width x height image (transformers' own count, as vLLM's)."""
+    image_processor = processor.image_processor
+    patches = image_processor.get_number_of_image_patches(height, width, {})
+    return int(patches // image_processor.merge_size**2)
+
+
+def check_chat_template(processor: Any) -> None:
+    """Answer-only training relies on this: the prompt the model sees at inference is exactly the training
+    text up to the answer, and it ends with RESPONSE_MARKER after an INSTRUCTION_MARKER turn."""
+    probe = conversation("?", "!")
+    full = processor.apply_chat_template(probe, tokenize=False)
+    prompt = processor.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+    if not (INSTRUCTION_MARKER in prompt and prompt.endswith(RESPONSE_MARKER) and full.startswith(prompt + "!")):
+        raise SkinvlmError(
+            f"the model's chat template does not render turns as {INSTRUCTION_MARKER!r} ... {RESPONSE_MARKER!r} + "
+            "answer, so answer-only training cannot find the answer; skinvlm supports Qwen2-VL-style templates"
+        )

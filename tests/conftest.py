@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -86,3 +88,8 @@ def ugly_tree(clean_tree: Path) -> Path:
     (train / "TS_지루_측면" / "leaked.png").write_bytes(leaked)
     (clean_tree / "__MACOSX").mkdir()
     return clean_tree
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real `skinvlm` in a fresh Python process: for what must not share this one (import order, torchrun)."""
+    return subprocess.run([sys.executable, "-m", "skinvlm", *map(str, args)], capture_output=True, text=True)

@@ -8,7 +8,9 @@ import pytest
 
 from skinvlm.cli import app
 
-COMMANDS = ["ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "demo"]
+COMMANDS = [
+    "ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "doctor", "demo"
+]  # fmt: skip
 
 
 def test_top_level_help_lists_exactly_the_working_commands(cli) -> None:

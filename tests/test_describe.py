@@ -46,7 +46,8 @@ def test_all_records_end_ok_and_concurrency_is_respected(cli, ingested: Path) ->
     assert all(r["status"] == "ok" and r["output"].startswith("<label>") for s in rows.values() for r in s)
     first = server.bodies[0]
     assert first["model"] == "gpt-4o-mini" and first["messages"][0]["role"] == "system"
-    assert first["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert first["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert first["messages"][1]["content"][1]["type"] == "text", "image first, then the instruction"
     manifest = json.loads((ingested / "datasets" / "described" / "manifest.json").read_text())
     assert manifest["counts"]["statuses"] == {"ok": 48} and manifest["prompt_hash"]
     assert KEY not in json.dumps(manifest)

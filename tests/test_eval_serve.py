@@ -80,6 +80,18 @@ def test_metrics_equal_hand_computed_values(cli, ingested: Path) -> None:
     assert set(lines[0]) >= {"id", "label", "view", "predicted", "raw", "latency"}
 
 
+def test_the_server_gets_the_chat_layout_of_training(cli, ingested: Path) -> None:
+    from skinvlm.prompts import conversation, instruction
+    from skinvlm.rules import default_rules_path, load_rules
+
+    with FakeOpenAI() as server:
+        run_eval(cli, server, "--name", "layout", "--limit", "1")
+    sent = server.bodies[0]["messages"]
+    image = sent[0]["content"][0]
+    assert sent == conversation(instruction(load_rules(default_rules_path())), image=image)
+    assert image["type"] == "image_url", "the image first, then the instruction, as in training"
+
+
 def test_rerun_asks_only_what_failed(cli, ingested: Path) -> None:
     with FakeOpenAI(answer=scripted_answers()) as server:
         run_eval(cli, server, "--name", "again", "--concurrency", "1")
@@ -126,11 +138,18 @@ def test_print_command_carries_resolution_and_limits(cli, merged_folder: Path) -
         "--served-model-name skinvlm",
         "--host 127.0.0.1",
         "--limit-mm-per-prompt '{\"image\":1}'",
-        '--mm-processor-kwargs \'{"max_pixels":802816,"min_pixels":3136}\'',
+        '--mm-processor-kwargs \'{"min_pixels":3136,"max_pixels":802816}\'',
+        "--tensor-parallel-size 1",
     ):
         assert part in line
     assert "--generation-config" not in line
     assert "--generation-config vllm" in cli("serve", "--print-command", "--generation-config-vllm").stdout
+    two = cli("serve", "--print-command", "--gpu", "0,1").stdout
+    assert "--tensor-parallel-size 2" in two, "two GPUs serve one model with tensor parallelism"
+    assert (
+        "--tensor-parallel-size 1"
+        in cli("serve", "--print-command", "--gpu", "0,1", "--tensor-parallel-size", "1").stdout
+    )
 
 
 def test_serve_without_vllm_or_model_says_what_to_do(cli, merged_folder: Path, workspace: Path) -> None:
