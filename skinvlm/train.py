@@ -272,6 +272,8 @@ def shape_only_model(name: str) -> Any:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a 4-bit base's shapes are its 16-bit shapes; nothing is loaded
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config)
 

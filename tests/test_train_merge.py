@@ -129,6 +129,11 @@ def test_dry_run_unsloth_runs_unsloths_own_collator_over_our_rows(photos: Path, 
     smaller = run_cli("train", "-w", photos, "--dry-run", "--model", tiny, "--backend", "unsloth", "--json",
                       "--max-pixels", "200704")  # fmt: skip
     check_batch(json.loads(smaller.stdout), "unsloth", photos, tiny, 256)
+    cut = run_cli("train", "-w", photos, "--dry-run", "--model", tiny, "--backend", "unsloth", "--json",
+                  "--max-length", "1340")  # fmt: skip
+    truncated = json.loads(cut.stdout)
+    assert truncated["truncated_rows"] == 12, "Unsloth's collator cuts at --max-length, not at its own 2048"
+    assert 0 < truncated["supervised_tokens_per_row"][0] < answer_tokens(tiny, answers(photos)[0]) + 1
 
 
 def test_the_cli_loads_no_training_library_before_the_backend_is_chosen() -> None:
