@@ -24,7 +24,7 @@ from typing import Any
 from skinvlm import devices
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation, format_answer
-from skinvlm.vlm import load_processor, read_settings, set_image_resolution, write_settings
+from skinvlm.vlm import END_OF_TURN, load_processor, read_settings, set_image_resolution, write_settings
 from skinvlm.workspace import Workspace, manifest, now_iso, replace_dir, stage_fingerprint, write_manifest
 
 DTYPES = ("bfloat16", "float16")
@@ -216,7 +216,7 @@ def finish_folder(adapter: Path, out: Path, recorded: dict[str, Any]) -> None:
     processor = load_processor(adapter)
     set_image_resolution(processor, recorded.get("max_pixels"))
     processor.save_pretrained(str(out))
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
     try:
         generation = GenerationConfig.from_pretrained(str(out))
     except OSError:

@@ -50,16 +50,14 @@ def format_answer(label: str, summary: str) -> str:
     return f"<label>{label}</label>\n<summary>{summary}</summary>"
 
 
-IMAGE_ITEM: dict[str, Any] = {"type": "image"}  # the placeholder a processor's chat template expands
-
-
 def user_turn(text: str, image: dict[str, Any] | None = None) -> dict[str, Any]:
     """The user turn of every chat: the image item first, then the text, as content items.
 
     `image` is the item the receiver understands: `{"type": "image"}` for a local processor (the
     default), `{"type": "image_url", ...}` for an OpenAI-compatible server.
     """
-    return {"role": "user", "content": [image or IMAGE_ITEM, {"type": "text", "text": text}]}
+    # A fresh placeholder each time: collators may edit the messages they are given.
+    return {"role": "user", "content": [image or {"type": "image"}, {"type": "text", "text": text}]}
 
 
 def conversation(text: str, answer: str | None = None, image: dict[str, Any] | None = None) -> list[dict[str, Any]]:
