@@ -8,6 +8,7 @@ themselves (template answers repeat on purpose).
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -19,15 +20,15 @@ from skinvlm.rules import Rules, nfc
 
 ENGLISH_WORD = re.compile(r"[A-Za-z]{3,}")
 TAGS = re.compile(r"</?(?:label|summary)>")
-SCRIPTS = {
-    "Han": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
-    "Hiragana": re.compile(r"[\u3040-\u309f]"),
-    "Katakana": re.compile(r"[\u30a0-\u30ff]"),
-    "Cyrillic": re.compile(r"[\u0400-\u04ff]"),
-    "Greek": re.compile(r"[\u0370-\u03ff]"),
-    "Arabic": re.compile(r"[\u0600-\u06ff]"),
-    "Thai": re.compile(r"[\u0e00-\u0e7f]"),
-    "Devanagari": re.compile(r"[\u0900-\u097f]"),
+SCRIPTS = {  # runs of each script, so --suggest can propose a rule per word
+    "Han": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"),
+    "Hiragana": re.compile(r"[\u3040-\u309f]+"),
+    "Katakana": re.compile(r"[\u30a0-\u30ff]+"),
+    "Cyrillic": re.compile(r"[\u0400-\u04ff]+"),
+    "Greek": re.compile(r"[\u0370-\u03ff]+"),
+    "Arabic": re.compile(r"[\u0600-\u06ff]+"),
+    "Thai": re.compile(r"[\u0e00-\u0e7f]+"),
+    "Devanagari": re.compile(r"[\u0900-\u097f]+"),
 }
 EXAMPLES = 2
 
@@ -42,6 +43,7 @@ class AuditReport:
     tag_classes: Counter[str] = field(default_factory=Counter)
     not_class_tags: Counter[str] = field(default_factory=Counter)
     mismatch_pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    script_runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (script, characters): for --suggest
     statuses: Counter[str] = field(default_factory=Counter)
     missing_label: int = 0
     missing_summary: int = 0
@@ -56,6 +58,14 @@ class AuditReport:
     @property
     def mismatches(self) -> int:
         return sum(self.mismatch_pairs.values())
+
+    @property
+    def disagreements(self) -> dict[str, int]:
+        """Per folder class: records whose <label> names another class (or none)."""
+        found: Counter[str] = Counter()
+        for (label, _), n in self.mismatch_pairs.items():
+            found[label] += n
+        return dict(found)
 
     def example(self, key: str, text: str) -> None:
         if len(self.examples[key]) < EXAMPLES:
@@ -81,6 +91,7 @@ class AuditReport:
             "tag_classes": dict(self.tag_classes),
             "not_class_tags": dict(self.not_class_tags),
             "mismatches": self.mismatches,
+            "disagreements": self.disagreements,
             "mismatch_pairs": [
                 {"label": label, "tag": tag, "count": n} for (label, tag), n in self.mismatch_pairs.most_common()
             ],
@@ -135,10 +146,11 @@ def check_record(
             report.example(f"en:{word}", snippet(text, match.start()))
             flagged = True
     for script, pattern in SCRIPTS.items():
-        found = pattern.search(text)
-        if found:
+        runs = list(pattern.finditer(text))
+        if runs:
             report.foreign_scripts[script] += 1
-            report.example(f"script:{script}", snippet(text, found.start()))
+            report.example(f"script:{script}", snippet(text, runs[0].start()))
+            report.script_runs.update((script, run.group()) for run in runs)
             flagged = True
     return check_tags(report, row, output, rules, summaries) or flagged
 
@@ -191,8 +203,12 @@ def audit(ws: Any, rules: Rules, stage: str | None = None) -> AuditReport:
     return audit_rows(stage, rows, rules)
 
 
+def toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
 def suggest(report: AuditReport, rules: Rules) -> str:
-    """TOML stanzas for what the rules miss, most frequent first, for a person to fill in."""
+    """TOML stanzas (and commands) for every kind of problem the audit found, most frequent first."""
     lines = [
         "# Suggestions from `skinvlm audit --suggest`: fill in the empty values, then merge into",
         "# postprocess.toml. Adjectives and adverbs (severe, mild, diffuse, ...) need a [[rewrite]]",
@@ -203,12 +219,47 @@ def suggest(report: AuditReport, rules: Rules) -> str:
         lines += ["", "[terms]"]
         for word, n in missing:
             example = report.examples.get(f"en:{word}", [""])[0]
-            lines.append(f'{word} = ""  # {n}x  e.g. "{example}"')
-    if report.not_class_tags:
+            lines.append(f'{toml_string(word)} = ""  # {n}x  e.g. {toml_string(example)}')
+    tags = [(tag, n) for tag, n in report.not_class_tags.most_common() if tag != rules.unreadable]
+    if tags:
         lines += ["", "[labels.aliases]", f"# map each to one of: {', '.join(rules.class_names)}"]
-        for tag, n in report.not_class_tags.most_common():
-            if tag != rules.unreadable:
-                lines.append(f'"{tag}" = ""  # {n}x')
-    if not missing and not report.not_class_tags:
-        lines.append("# nothing to suggest: the rules cover every English word and tag found")
+        lines += [f'{toml_string(tag)} = ""  # {n}x' for tag, n in tags]
+    for (script, run), n in report.script_runs.most_common():
+        lines += [
+            "",
+            f"# {script}, {n}x: write the Korean it stands for in replace",
+            "[[rewrite]]",
+            f"pattern = {toml_string(re.escape(run))}",
+            'replace = ""',
+            f"note = {toml_string(f'{script} {run}')}",
+        ]
+    lines += command_hints(report, rules)
+    if len(lines) == 3:
+        lines.append("# nothing to suggest: the audit found no problem")
     return "\n".join(lines) + "\n"
+
+
+def command_hints(report: AuditReport, rules: Rules) -> list[str]:
+    """What no rule can mend, as the commands that do."""
+    hints = []
+    if report.mismatches:
+        pairs = ", ".join(f"{label} -> {tag}: {n}" for (label, tag), n in report.mismatch_pairs.most_common(5))
+        hints += [
+            f"# {report.mismatches} answers name another class than their folder ({pairs}):",
+            "#   re-ask them with the folder label restated: skinvlm describe --redo mismatch",
+            "#   or leave them out: skinvlm fix --drop-mismatches (train leaves them out by default)",
+        ]
+    broken = report.statuses.get("failed", 0) + report.invalid + report.empty
+    if broken:
+        failed = report.statuses.get("failed", 0)
+        hints.append(
+            f"# {report.invalid} malformed, {report.empty} empty and {failed} failed records: "
+            "skinvlm describe --redo failed,invalid (or fix --drop-invalid)"
+        )
+    if report.too_short:
+        hints += [
+            f"# {report.too_short} summaries are shorter than [audit] min_summary_chars = "
+            f"{rules.audit.min_summary_chars}: ask again, or lower it:",
+            f"# [audit]\n# min_summary_chars = {rules.audit.min_summary_chars}",
+        ]
+    return [""] + hints if hints else []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import openai_api
-from skinvlm.describe import Journal, Progress, RunContext, Task, finish, record
+from skinvlm.describe import Journal, Progress, RunContext, Task, finish, record, rows_of
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 
@@ -45,7 +45,7 @@ async def request_lines(tasks: list[Task], ingested: Any, ctx: RunContext) -> li
     for task in tasks:
         url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, side)
         messages = openai_api.chat_messages(
-            ctx.prompt.system, ctx.prompt.user_text(ctx.rules, task.label, task.view), url, s.detail
+            ctx.prompt.system, ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate), url, s.detail
         )
         body = {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
         line = {"custom_id": task.id, "method": "POST", "url": "/v1/chat/completions", "body": body}
@@ -138,6 +138,7 @@ async def run_batch(
     path = state_path(journal)
     state = read_state(path)
     try:
+        await openai_api.check_server(ctx.client, ctx.endpoint)
         if state is None:
             if not tasks:
                 return "nothing to describe"
@@ -173,12 +174,7 @@ async def run_batch(
 def tasks_for(state: dict[str, Any], ingested: Any, tasks: list[Task]) -> list[Task]:
     """Resuming: the ids of a submitted batch may no longer be pending in this run's view; find them all."""
     known = {t.id for t in tasks}
-    extra = []
-    for split, ds in ingested.items():
-        for index, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True)):
-            if rid not in known:
-                extra.append(Task(split, index, rid, label, view))
-    return [*tasks, *extra]
+    return [*tasks, *(task for task in rows_of(ingested, ingested) if task.id not in known)]
 
 
 def check_resume(state: dict[str, Any] | None, model: str) -> None:

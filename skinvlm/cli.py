@@ -8,16 +8,19 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from skinvlm import render
 from skinvlm.errors import SkinvlmError
+from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
 from skinvlm.train import DEFAULT_BASE, DEFAULT_MAX_PIXELS
 from skinvlm.workspace import Workspace
@@ -62,7 +65,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SkinvlmError as problem:
-            err.print(f"[bold red]error:[/] {problem}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(redact_text(str(problem)))}", highlight=False, markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to go on")
@@ -143,19 +146,28 @@ def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
             {
                 "workspace": str(ws.root),
                 "stages": [
-                    {"name": s.name, "present": s.present, "rows": s.rows, "finished": s.finished, "inputs": s.inputs}
+                    {
+                        "name": s.name,
+                        "present": s.present,
+                        "rows": s.rows,
+                        "finished": s.finished,
+                        "inputs": s.inputs,
+                        "stale": bool(s.rerun),
+                        "rerun": s.rerun,
+                    }
                     for s in stages
                 ],
             }
         )
         return
     table = Table(title=f"workspace {ws.root}")
-    for column in ("stage", "present", "rows", "finished", "from"):
+    for column in ("stage", "present", "rows", "finished", "from", "current"):
         table.add_column(column)
     for s in stages:
         rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
         when = s.finished[:16].replace("T", " ")
-        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, s.inputs)
+        current = f"[yellow]stale[/]: run {' then '.join(s.rerun)}" if s.rerun else ("yes" if s.present else "")
+        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, s.inputs, current)
     out.print(table)
 
 
@@ -182,8 +194,18 @@ def describe(
     format_retries: Annotated[int, typer.Option(help="Re-asks when an answer lacks <label>/<summary>.")] = 1,
     max_attempts: Annotated[int, typer.Option(help="Tries per request on 429/5xx/timeouts.")] = 6,
     backoff: Annotated[float, typer.Option(help="Base seconds of the exponential backoff (with jitter).")] = 1.0,
-    limit: Annotated[int | None, typer.Option(help="Describe at most N pending records.")] = None,
-    redo: Annotated[str, typer.Option(help="Ask again for records that ended: failed,invalid,ok or all.")] = "",
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Describe a seeded sample of N pending records, stratified by label and view."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 42,
+    redo: Annotated[
+        str,
+        typer.Option(
+            help="Ask again (comma-separated): failed, invalid, ok, all; changed (made by another model or prompt); "
+            "mismatch (the <label> named another class: asked again with the folder label restated)."
+        ),
+    ] = "",
     split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="System prompt: TOML (system, user) or text.")] = None,
     template: Annotated[
@@ -222,6 +244,7 @@ def describe(
         format_retries=format_retries,
         max_attempts=max_attempts,
         limit=limit,
+        seed=seed,
         redo=tuple(x.strip() for x in redo.split(",") if x.strip()),
         splits=tuple(split or ("train", "test")),
         template=template,
@@ -247,7 +270,14 @@ def describe(
     return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
 
-StageOpt = Annotated[str | None, typer.Option(help="described or fixed (default: the newest).")]
+class TextStage(StrEnum):
+    """The stages that hold generated text (audit and publish work on these)."""
+
+    described = "described"
+    fixed = "fixed"
+
+
+StageOpt = Annotated[TextStage | None, typer.Option(help="Which text stage (default: the newest).")]
 
 
 @app.command()
@@ -265,7 +295,7 @@ def audit(
     from skinvlm.audit import suggest as suggestions
 
     ws, loaded = open_workspace(workspace, rules)
-    report = run_audit(ws, loaded, stage)
+    report = run_audit(ws, loaded, stage.value if stage else None)
     if suggest:
         sys.stdout.write(suggestions(report, loaded))
     elif as_json:
@@ -285,13 +315,17 @@ def fix(
     drop_invalid: Annotated[
         bool, typer.Option("--drop-invalid", help="Leave out records still malformed, empty or failed.")
     ] = False,
+    drop_mismatches: Annotated[
+        bool,
+        typer.Option("--drop-mismatches", help="Leave out answers whose <label> names another class than the folder."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply the rule file (rewrites, terms, label aliases): datasets/described -> datasets/fixed."""
     from skinvlm.fix import fix as run_fix
 
     ws, loaded = open_workspace(workspace, rules)
-    result = run_fix(ws, loaded, dry_run=dry_run, drop_invalid=drop_invalid)
+    result = run_fix(ws, loaded, dry_run=dry_run, drop_invalid=drop_invalid, drop_mismatches=drop_mismatches)
     return print_json(result.as_json()) if as_json else render.fix_report(out, result, ws)
 
 
@@ -301,7 +335,7 @@ def publish(
     repo: Annotated[str | None, typer.Argument(help="OWNER/NAME on the Hub (default: $HF_REPO_NAME).")] = None,
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    stage: Annotated[str, typer.Option(help="Which text stage to publish.")] = "fixed",
+    stage: Annotated[TextStage, typer.Option(help="Which text stage to publish.")] = TextStage.fixed,
     public: Annotated[bool, typer.Option("--public", help="Make the dataset public (default: private).")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Write shards and card to <workspace>/publish/; upload nothing.")
@@ -318,7 +352,7 @@ def publish(
         ws,
         loaded,
         repo,
-        stage=stage,
+        stage=stage.value,
         public=public,
         dry_run=dry_run,
         yes=yes,
@@ -370,6 +404,12 @@ def train(
         typer.Option(help="DDP processes under torchrun (default: one per --gpu id; on a CPU they use gloo)."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    keep_mismatches: Annotated[
+        bool,
+        typer.Option(
+            "--keep-mismatches", help="Also train on answers whose <label> names another class than the folder."
+        ),
+    ] = False,
     report_to: Annotated[str, typer.Option(help="none, wandb or tensorboard.")] = "none",
     output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
     dry_run: Annotated[
@@ -404,6 +444,7 @@ def train(
         gpu=gpu,
         processes=processes,
         resume=resume,
+        keep_mismatches=keep_mismatches,
         report_to=report_to,
         output=str(output) if output else None,
     )
@@ -519,7 +560,9 @@ def eval_(
     rules: RulesOpt = None,
     name: Annotated[str | None, typer.Option(help="Run name: eval/<name>/ (default: a timestamp).")] = None,
     split: Annotated[str, typer.Option(help="Split of datasets/ingested.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="A seeded stratified sample of N images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="A seeded sample of N images, stratified by label and view.")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 42,
     base_url: Annotated[
         str | None,
@@ -536,6 +579,10 @@ def eval_(
     timeout: Annotated[float, typer.Option()] = 120.0,
     max_tokens: Annotated[int, typer.Option()] = 256,
     backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = 1.0,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")] = 6,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for the server to answer /v1/models before the first image.")
+    ] = 0.0,
     model_dir: Annotated[
         Path | None,
         typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),
@@ -566,6 +613,8 @@ def eval_(
         timeout=timeout,
         max_tokens=max_tokens,
         backoff=backoff,
+        max_attempts=max_attempts,
+        wait=wait,
         model_dir=str(model_dir) if model_dir else None,
         batch_size=batch_size,
         gpu=gpu,

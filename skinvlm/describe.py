@@ -21,11 +21,14 @@ from typing import Any
 
 from skinvlm import openai_api, pricing
 from skinvlm.errors import SkinvlmError
-from skinvlm.prompts import DescribePrompt, format_answer, parse_answer
+from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
 from skinvlm.rules import Rules
+from skinvlm.sampling import stratified_sample
 from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint
 
 STATUSES = ("ok", "invalid", "failed")
+# --redo also takes: all; changed (made by another model or prompt); mismatch (<label> is not the folder's class)
+REDO_CHOICES = (*STATUSES, "all", "changed", "mismatch")
 TEMPLATE_MODEL = "template"
 DEFAULT_COMPLETION_TOKENS = 300
 
@@ -45,6 +48,7 @@ class DescribeSettings:
     format_retries: int = 1
     max_attempts: int = 6
     limit: int | None = None
+    seed: int = 42
     redo: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("train", "test")
     template: bool = False
@@ -58,9 +62,11 @@ class DescribeSettings:
             raise SkinvlmError("--concurrency must be at least 1")
         if self.detail not in ("low", "high", "auto"):
             raise SkinvlmError(f"--detail must be low, high or auto, not {self.detail!r}")
-        bad = set(self.redo) - {*STATUSES, "all"}
+        bad = set(self.redo) - set(REDO_CHOICES)
         if bad:
-            raise SkinvlmError(f"--redo takes failed, invalid, ok or all; not {', '.join(sorted(bad))}")
+            raise SkinvlmError(f"--redo takes {', '.join(REDO_CHOICES)}; not {', '.join(sorted(bad))}")
+        if self.limit is not None and self.limit < 1:
+            raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
         if self.image_max_side < 64:
             raise SkinvlmError("--image-max-side must be at least 64")
 
@@ -74,10 +80,14 @@ class Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     dollars: float | None = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)  # why requests failed, for a loud last line
 
     def add(self, record: dict[str, Any], model: str, batch: bool = False) -> None:
         self.done += 1
         self.failed += record["status"] == "failed"
+        if record["status"] == "failed":
+            reason = (record.get("error") or "no reason given").splitlines()[0][:120]
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
         self.invalid += record["status"] == "invalid"
         self.prompt_tokens += record["prompt_tokens"]
         self.completion_tokens += record["completion_tokens"]
@@ -117,6 +127,8 @@ class Task:
     id: str
     label: str
     view: str
+    sha256: str = ""
+    restate: bool = False  # re-asked because the earlier <label> named another class
 
 
 # -- the journal -----------------------------------------------------------------------------
@@ -165,19 +177,69 @@ def finish(handle: Any, done: dict[str, Any], stats: Progress, progress: Callabl
 
 
 # -- choosing the work -----------------------------------------------------------------------
-def pending_tasks(ingested: Any, journal: dict[str, dict[str, Any]], settings: DescribeSettings) -> list[Task]:
+def rows_of(ingested: Any, splits: Iterable[str]) -> Iterable[Task]:
+    for split in splits:
+        if split in ingested:
+            ds = ingested[split]
+            columns = zip(ds["id"], ds["label"], ds["view"], ds["sha256"], strict=True)
+            for index, (rid, label, view, sha) in enumerate(columns):
+                yield Task(split, index, rid, label, view, sha)
+
+
+def answer_for(task: Task, journal: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The journal's answer for this image, unless it was given for another image or label under this id
+    (a re-ingest from another source): then the image has no answer yet."""
+    known = journal.get(task.id)
+    if known is None or known.get("sha256", task.sha256) != task.sha256 or known.get("label", task.label) != task.label:
+        return None
+    return known
+
+
+def made_otherwise(known: dict[str, Any], model: str, prompt_hash: str) -> bool:
+    return known["model"] != model or known.get("prompt_hash") != prompt_hash
+
+
+def pending_tasks(
+    ingested: Any,
+    journal: dict[str, dict[str, Any]],
+    settings: DescribeSettings,
+    rules: Rules,
+    prompt_hash: str,
+) -> list[Task]:
     redo = set(STATUSES) if "all" in settings.redo else set(settings.redo)
+    model = TEMPLATE_MODEL if settings.template else settings.model
     tasks = []
-    for split in settings.splits:
-        if split not in ingested:
-            continue
-        ds = ingested[split]
-        for index, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True)):
-            known = journal.get(rid)
-            stale_template = known and known["model"] == TEMPLATE_MODEL and not settings.template
-            if known is None or known["status"] in redo or stale_template:
-                tasks.append(Task(split, index, rid, label, view))
-    return tasks[: settings.limit] if settings.limit is not None else tasks
+    for task in rows_of(ingested, settings.splits):
+        known = answer_for(task, journal)
+        if known is None or known["status"] in redo:
+            tasks.append(task)
+        elif known["model"] == TEMPLATE_MODEL and not settings.template:
+            tasks.append(task)  # template answers are placeholders until a model describes the image
+        elif "changed" in redo and made_otherwise(known, model, prompt_hash):
+            tasks.append(task)
+        elif "mismatch" in redo and known["status"] == "ok" and not agrees(known["output"], task.label, rules):
+            task.restate = True
+            tasks.append(task)
+    return stratified_sample(tasks, settings.limit, settings.seed, lambda t: t.label, lambda t: t.view)
+
+
+def check_provenance(
+    ingested: Any, journal: dict[str, dict[str, Any]], settings: DescribeSettings, prompt_hash: str
+) -> None:
+    """A re-run with another model or prompt must not claim answers it did not make."""
+    if settings.template or {"all", "changed"} & set(settings.redo):
+        return
+    others: Counter[str] = Counter()
+    for task in rows_of(ingested, settings.splits):
+        known = answer_for(task, journal)
+        if known and known["model"] != TEMPLATE_MODEL and made_otherwise(known, settings.model, prompt_hash):
+            others[f"{known['model']} with prompt {known.get('prompt_hash') or '?'}"] += 1
+    if others:
+        listed = ", ".join(f"{n} by {who}" for who, n in others.most_common(3))
+        raise SkinvlmError(
+            f"{sum(others.values())} records were described otherwise ({listed}); pass --redo changed to describe "
+            f"them again with {settings.model} and prompt {prompt_hash}, or use the model and prompt that made them"
+        )
 
 
 def record(
@@ -194,6 +256,9 @@ def record(
     return {
         "id": task.id,
         "split": task.split,
+        "sha256": task.sha256,
+        "label": task.label,
+        "restated": task.restate,
         "status": status,
         "output": output,
         "model": model,
@@ -211,7 +276,7 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
     s = ctx.settings
     side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
     url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, side)
-    user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view)
+    user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate)
     messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
     estimate = estimate_prompt_tokens(ctx.prompt, user_text, s.model, width, height, s.detail) + s.max_tokens
     attempts = prompt_tokens = completion_tokens = 0
@@ -266,6 +331,7 @@ async def run_requests(
     stats: Progress,
     progress: Callable[[Progress], None] | None,
 ) -> None:
+    await openai_api.check_server(ctx.client, ctx.endpoint)
     queue: asyncio.Queue[Task] = asyncio.Queue()
     for task in tasks:
         queue.put_nowait(task)
@@ -302,7 +368,9 @@ def describe(
     started, clock = now_iso(), time.perf_counter()
     ingested = load_from_disk(str(ws.require("ingested")))
     journal = Journal(ws.describe_journal)
-    tasks = pending_tasks(ingested, journal.read(), settings)
+    known = journal.read()
+    check_provenance(ingested, known, settings, prompt.hash)
+    tasks = pending_tasks(ingested, known, settings, rules, prompt.hash)
     stats = Progress(total=len(tasks))
     model = TEMPLATE_MODEL if settings.template else settings.model
     note = ""
@@ -322,6 +390,11 @@ def describe(
             asyncio.run(run_requests(tasks, ingested, ctx, journal, stats, progress))
     finally:
         statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
+    if stats.done and stats.failed == stats.done:
+        reasons = "; ".join(f"{reason} ({n}x)" for reason, n in Counter(stats.reasons).most_common(3))
+        raise SkinvlmError(
+            f"every one of the {stats.done} requests failed: {reasons} (each is in journal/describe.jsonl)"
+        )
     seconds = round(time.perf_counter() - clock, 2)
     return DescribeResult(ws.described, statuses, stats, seconds, prompt.hash, model, note)
 
@@ -365,7 +438,27 @@ def write_templates(
         handle.close()
 
 
-TEXT_COLUMNS = ("id", "output", "status", "model", "attempts", "prompt_tokens", "completion_tokens", "error")
+TEXT_COLUMNS = (
+    "id",
+    "output",
+    "status",
+    "model",
+    "prompt_hash",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+)
+PENDING: dict[str, Any] = {
+    "status": "pending",
+    "output": "",
+    "model": "",
+    "prompt_hash": "",
+    "attempts": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "error": None,
+}
 
 
 def materialise(
@@ -383,31 +476,24 @@ def materialise(
     kinds = {"attempts": "int32", "prompt_tokens": "int32", "completion_tokens": "int32"}
     feats = Features({c: Value(kinds.get(c, "string")) for c in TEXT_COLUMNS})
     statuses: Counter[str] = Counter()
+    made_by: Counter[tuple[str, str]] = Counter()
     splits = {}
-    for split, ds in ingested.items():
-        rows: dict[str, list[Any]] = {c: [] for c in TEXT_COLUMNS}
-        for rid in ds["id"]:
-            found = journal.get(
-                rid,
-                {
-                    "status": "pending",
-                    "output": "",
-                    "model": "",
-                    "attempts": 0,
-                    "prompt_tokens": 0,
-                    "completion_tokens": 0,
-                    "error": None,
-                },
-            )
-            statuses[found["status"]] += 1
-            for column in TEXT_COLUMNS:
-                rows[column].append(rid if column == "id" else found.get(column))
-        splits[split] = Dataset.from_dict(rows, features=feats)
-    template_made = sum(1 for r in journal.values() if r["model"] == TEMPLATE_MODEL)
+    rows: dict[str, dict[str, list[Any]]] = {split: {c: [] for c in TEXT_COLUMNS} for split in ingested}
+    for task in rows_of(ingested, ingested):
+        found = answer_for(task, journal) or PENDING
+        statuses[found["status"]] += 1
+        if found["model"]:
+            made_by[(found["model"], found.get("prompt_hash") or "")] += 1
+        for column in TEXT_COLUMNS:
+            rows[task.split][column].append(task.id if column == "id" else found.get(column))
+    for split, columns in rows.items():
+        splits[split] = Dataset.from_dict(columns, features=feats)
+    template_made = sum(n for (model, _), n in made_by.items() if model == TEMPLATE_MODEL)
     used = {k: v for k, v in asdict(settings).items() if k != "limit"} | {"prompt_source": prompt.source}
     counts = {
         "splits": {s: d.num_rows for s, d in splits.items()},
         "statuses": dict(statuses),
+        "made_by": [{"model": m, "prompt_hash": h, "records": n} for (m, h), n in made_by.most_common()],
         "template_made": template_made,
         "this_run": asdict(stats),
     }
@@ -447,7 +533,8 @@ def dry_run(ws: Workspace, rules: Rules, settings: DescribeSettings, prompt: Des
     settings.check()
     ingested = load_from_disk(str(ws.require("ingested")))
     journal = Journal(ws.describe_journal).read()
-    tasks = pending_tasks(ingested, journal, settings)
+    check_provenance(ingested, journal, settings, prompt.hash)
+    tasks = pending_tasks(ingested, journal, settings, rules, prompt.hash)
     seen = [r["completion_tokens"] for r in journal.values() if r["status"] == "ok" and r["completion_tokens"]]
     per_answer = min(
         settings.max_tokens, round(sum(seen) / len(seen)) if len(seen) >= 10 else DEFAULT_COMPLETION_TOKENS
@@ -457,7 +544,7 @@ def dry_run(ws: Workspace, rules: Rules, settings: DescribeSettings, prompt: Des
     sizes = {split: list(zip(ds["width"], ds["height"], strict=True)) for split, ds in ingested.items()}
     for task in tasks:
         width, height = fit(*sizes[task.split][task.index], settings.image_max_side)
-        user_text = prompt.user_text(rules, task.label, task.view)
+        user_text = prompt.user_text(rules, task.label, task.view, task.restate)
         prompt_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, settings.detail)
         low_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, "low")
         if not example:

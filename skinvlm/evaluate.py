@@ -4,17 +4,18 @@ Images and true labels come from datasets/ingested (eval works right after inges
 from any OpenAI-compatible server (async, concurrent, retried as in describe) or from a model
 folder run in-process with transformers (CPU or GPU, batched). The `<label>` of each answer is
 mapped through the rule file's aliases; anything else is `unparsed` and counts as wrong.
-Predictions are appended to predictions.jsonl as they arrive, so a re-run of the same --name
-skips what is answered.
+Predictions are appended to predictions.jsonl as they arrive, each with the key of what made it
+(endpoint or model folder, model, prompt, generation settings, image resolution, image bytes): a
+re-run of the same --name reuses exactly the answers whose key still matches and asks the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
+import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -24,9 +25,11 @@ from typing import Any
 from skinvlm import devices, openai_api
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation, instruction, parse_answer
+from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
+from skinvlm.sampling import stratified_sample
 from skinvlm.vlm import read_settings
-from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest
+from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest
 
 UNPARSED = "unparsed"
 
@@ -51,6 +54,14 @@ class EvalSettings:
     batch_size: int = 8
     gpu: str | None = None
     confusion_matrix: bool = False
+    wait: float = 0.0  # seconds to wait for the server to come up before the first request
+
+    def check(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
+
+
+LOCAL_SERVER = "http://127.0.0.1:8000/v1"  # `skinvlm serve`'s default
 
 
 @dataclass
@@ -59,27 +70,10 @@ class Item:
     id: str
     label: str
     view: str
+    sha256: str
 
 
 # -- choosing images -------------------------------------------------------------------------
-def stratified_sample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
-    """A seeded sample with each class in proportion; the whole split without --limit."""
-    if limit is None or limit >= len(items):
-        return items
-    groups: dict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        groups[item.label].append(item)
-    rng = random.Random(seed)
-    picked: list[Item] = []
-    quotas = {label: int(limit * len(members) / len(items)) for label, members in groups.items()}
-    spare = limit - sum(quotas.values())
-    for label in sorted(groups, key=lambda c: -len(groups[c]))[:spare]:
-        quotas[label] += 1
-    for label, members in groups.items():
-        picked += rng.sample(members, quotas[label])
-    return sorted(picked, key=lambda i: i.index)
-
-
 def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     from datasets import load_from_disk
 
@@ -87,13 +81,28 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     if settings.split not in data:
         raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
     ds = data[settings.split]
-    items = [
-        Item(i, rid, label, view)
-        for i, (rid, label, view) in enumerate(zip(ds["id"], ds["label"], ds["view"], strict=True))
-    ]
+    columns = zip(ds["id"], ds["label"], ds["view"], ds["sha256"], strict=True)
+    items = [Item(i, rid, label, view, sha) for i, (rid, label, view, sha) in enumerate(columns)]
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
-    return ds, stratified_sample(items, settings.limit, settings.seed)
+    return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
+
+
+def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
+    """Who answers, as precisely as we can name it: the model folder's content, or the endpoint and model."""
+    if settings.model_dir:
+        folder = Path(settings.model_dir).resolve()
+        weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
+        made = stage_fingerprint(folder) or fingerprint(weights)
+        return {"model_dir": str(folder), "made": made, "max_pixels": read_settings(folder).get("max_pixels")}
+    url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
+    return {"endpoint": redact_text(url), "model": settings.model, "image_max_side": settings.image_max_side}
+
+
+def ask_key(who: dict[str, Any], prompt: str, settings: EvalSettings) -> str:
+    """The key of an answer, less the image: what must match for a stored answer to count again."""
+    generation = {k: getattr(settings, k) for k in ("max_tokens", "temperature", "detail")}
+    return fingerprint(who, prompt, generation)
 
 
 # -- predictions -----------------------------------------------------------------------------
@@ -114,6 +123,7 @@ def prediction(item: Item, raw: str | None, latency: float, rules: Rules, error:
     predicted = rules.canonical(parse_answer(raw).tag) or UNPARSED
     return {
         "id": item.id,
+        "sha256": item.sha256,
         "label": item.label,
         "view": item.view,
         "predicted": predicted,
@@ -133,9 +143,8 @@ async def ask_server(
     rules: Rules,
     sink: Callable[[dict[str, Any]], None],
 ) -> None:
-    ep = openai_api.endpoint(
-        ws, settings.base_url or "http://127.0.0.1:8000/v1", api_key, settings.model, settings.timeout
-    )
+    url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
+    ep = openai_api.endpoint(ws, url, api_key, settings.model, settings.timeout)
     client = ep.client()
     queue = list(reversed(items))
 
@@ -157,6 +166,7 @@ async def ask_server(
             sink(prediction(item, reply.text, time.perf_counter() - start, rules, reply.error))
 
     try:
+        await openai_api.check_server(client, ep, settings.wait)
         async with asyncio.TaskGroup() as group:
             for _ in range(min(settings.concurrency, len(items))):
                 group.create_task(worker())
@@ -205,6 +215,20 @@ def ask_local(
         vision = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
         for item, answer, tokens in zip(batch, answers, vision, strict=True):
             sink(prediction(item, answer, per_image, rules) | {"image_tokens": tokens})
+
+
+def reusable(record: dict[str, Any] | None, key: str, item: Item) -> bool:
+    """A stored answer counts again only if the same model, prompt and settings gave it for these image bytes."""
+    if record is None:
+        return False
+    return record.get("key") == key and record.get("sha256") == item.sha256 and not record["error"]
+
+
+def require_an_answer(records: list[dict[str, Any]]) -> None:
+    failed = Counter((r["error"] or "").splitlines()[0][:120] for r in records if r["error"])
+    if records and sum(failed.values()) == len(records):
+        reasons = "; ".join(f"{reason} ({n}x)" for reason, n in failed.most_common(3))
+        raise SkinvlmError(f"no image got an answer, all {len(records)} requests failed: {reasons}")
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -341,41 +365,54 @@ def evaluate(
     api_key: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    settings.check()
     name = settings.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run = ws.eval_run(name)
     ds, items = eval_items(ws, settings)
     folder = Path(settings.model_dir) if settings.model_dir else ws.merged
     prompt = read_settings(folder).get("instruction") or instruction(rules)
+    key = ask_key(answerer(ws, settings), prompt, settings)
+    fresh = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / "predictions.jsonl"
     done = read_predictions(path)
-    todo = [item for item in items if item.id not in done or done[item.id]["error"]]
+    cached = [i for i in items if reusable(done.get(i.id), key, i)]
+    todo = [i for i in items if not reusable(done.get(i.id), key, i)]
     started, clock = now_iso(), time.perf_counter()
-    with path.open("a", encoding="utf-8") as handle:
+    answered: set[str] = set()
+    try:
+        with path.open("a", encoding="utf-8") as handle:
 
-        def sink(record: dict[str, Any]) -> None:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            done[record["id"]] = record
-            if progress:
-                progress(len(done), len(items))
+            def sink(record: dict[str, Any]) -> None:
+                record["key"] = key
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                done[record["id"]] = record
+                answered.add(record["id"])
+                if progress:
+                    progress(len(cached) + len(answered), len(items))
 
-        if settings.model_dir:
-            ask_local(ds, todo, prompt, settings, rules, sink)
-        elif todo:
-            asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink))
+            if settings.model_dir:
+                ask_local(ds, todo, prompt, settings, rules, sink)
+            elif todo:
+                asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink))
+        # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
+        records = [done[i.id] for i in items if i.id in done and done[i.id].get("key") == key]
+        require_an_answer(records)
+    except BaseException:
+        if fresh:  # a run that got no answer leaves no folder behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     wall = time.perf_counter() - clock
-    # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
-    records = [done[item.id] for item in items if item.id in done]
-    failed = sum(1 for record in records if record["error"])
-    if failed == len(records):
-        raise SkinvlmError(f"no image got an answer; see {path} for the errors")
-    backend = f"model dir {settings.model_dir}" if settings.model_dir else f"{settings.base_url} ({settings.model})"
+    who = answerer(ws, settings)
+    backend = f"model dir {settings.model_dir}" if settings.model_dir else f"{who['endpoint']} ({settings.model})"
     result = {
         "name": name,
         "backend": backend,
         **metrics(records, rules, wall),
-        "failed": failed,
+        "failed": sum(1 for record in records if record["error"]),
+        "from_cache": len(cached),
+        "asked": len(todo),
         "output_dir": str(run),
     }
     (run / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")

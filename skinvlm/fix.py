@@ -1,9 +1,10 @@
 """`skinvlm fix`: apply the rule file to the generated text: datasets/described -> datasets/fixed.
 
 Order: [[rewrite]] phrase rules, then [terms] longest first (whole English words, any case; a
-Hangul particle right after the word still counts as a boundary), then the `<label>` tag mapped
-through the aliases. The folder label is ground truth and never changes. Fixing twice changes
-nothing the second time. Only text columns are written; images stay in datasets/ingested.
+Hangul particle right after the word still counts as a boundary, and is made to agree with the
+Korean word that replaces it: "erythema가" -> "홍반이"), then the `<label>` tag mapped through the
+aliases. The folder label is ground truth and never changes. Fixing twice changes nothing the
+second time. Only text columns are written; images stay in datasets/ingested.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skinvlm.audit import AuditReport, audit_rows
-from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG, parse_answer
+from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG, agrees, parse_answer
 from skinvlm.rules import Rules, nfc
 from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint
 
@@ -43,12 +44,33 @@ class FixResult:
         }
 
 
+# Particle pairs: (after a final consonant, after a vowel); 으로/로 takes 로 after ㄹ too.
+PARTICLES = (("은", "는"), ("이", "가"), ("을", "를"), ("과", "와"), ("으로", "로"))
+# A particle attached to the replaced word (or one space away, as mixed-script text often has it;
+# not a lone 이, which is also "this"), ending where the Hangul ends: 과는, 으로도 are left alone.
+PARTICLE = r"(?P<particle>(?:으로|로|은|는|이|가|을|를|과|와)(?![가-힣])| (?:으로|로|은|는|가|을|를|과|와)(?![가-힣]))?"
+
+
+def particle_after(word: str, particle: str) -> str:
+    """The form of `particle` that agrees with the last syllable of `word` (unchanged after a non-Hangul end)."""
+    last = word[-1:]
+    if not "가" <= last <= "힣":
+        return particle
+    final = (ord(last) - ord("가")) % 28  # 0: no final consonant; 8: ㄹ
+    for consonant, vowel in PARTICLES:
+        if particle in (consonant, vowel):
+            if consonant == "으로":
+                return vowel if final in (0, 8) else consonant
+            return consonant if final else vowel
+    return particle
+
+
 def term_pattern(rules: Rules) -> re.Pattern[str] | None:
     if not rules.terms:
         return None
     words = sorted(rules.terms, key=len, reverse=True)
     alternatives = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words)
-    return re.compile(rf"(?<![A-Za-z])(?:{alternatives})(?![A-Za-z])", re.IGNORECASE)
+    return re.compile(rf"(?<![A-Za-z])(?P<term>{alternatives})(?![A-Za-z]){PARTICLE}", re.IGNORECASE)
 
 
 def fix_text(text: str, rules: Rules, terms: re.Pattern[str] | None, hits: Counter[str]) -> str:
@@ -63,9 +85,11 @@ def fix_text(text: str, rules: Rules, terms: re.Pattern[str] | None, hits: Count
         if terms is not None:
 
             def swap(match: re.Match[str]) -> str:
-                key = " ".join(match.group().lower().split())
+                key = " ".join(match.group("term").lower().split())
                 hits[f"term: {key}"] += 1
-                return rules.terms[key]
+                korean = rules.terms[key]
+                particle = (match.group("particle") or "").strip()
+                return korean + particle_after(korean, particle) if particle else korean
 
             part = terms.sub(swap, part)
         return part
@@ -91,6 +115,7 @@ def fix(
     *,
     dry_run: bool = False,
     drop_invalid: bool = False,
+    drop_mismatches: bool = False,
 ) -> FixResult:
     from datasets import DatasetDict, load_from_disk
 
@@ -116,8 +141,8 @@ def fix(
             {"id": r, "label": label_of[r], "output": o, "status": s}
             for r, o, s in zip(table["id"], fixed, table["status"], strict=True)
         ]
-        if drop_invalid:
-            keep = [i for i, row in enumerate(rows) if _usable(row)]
+        if drop_invalid or drop_mismatches:
+            keep = [i for i, row in enumerate(rows) if kept(row, rules, drop_invalid, drop_mismatches)]
             dropped += len(rows) - len(keep)
             table, rows = table.select(keep), [rows[i] for i in keep]
         splits[split] = table
@@ -130,6 +155,7 @@ def fix(
             "rules": str(rules.path),
             "rules_fingerprint": fingerprint(rules.path.read_text("utf-8")),
             "drop_invalid": drop_invalid,
+            "drop_mismatches": drop_mismatches,
         }
         inputs = {"stage": "described", "fingerprint": stage_fingerprint(ws.described)}
         counts = {
@@ -144,5 +170,9 @@ def fix(
     return result
 
 
-def _usable(row: dict[str, Any]) -> bool:
-    return row["status"] in (None, "ok") and parse_answer(row["output"]).well_formed
+def kept(row: dict[str, Any], rules: Rules, drop_invalid: bool, drop_mismatches: bool) -> bool:
+    usable = row["status"] in (None, "ok") and parse_answer(row["output"]).well_formed
+    if drop_invalid and not usable:
+        return False
+    # A malformed answer names no class: it is a mismatch only when it is a well-formed one.
+    return not (drop_mismatches and usable and not agrees(row["output"], row["label"], rules))

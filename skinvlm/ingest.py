@@ -26,7 +26,16 @@ from typing import Any
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules, nfc
-from skinvlm.workspace import SPLITS, Workspace, fingerprint, manifest, now_iso, replace_dir, write_manifest
+from skinvlm.workspace import (
+    SPLITS,
+    Workspace,
+    content_digest,
+    fingerprint,
+    manifest,
+    now_iso,
+    replace_dir,
+    write_manifest,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLIT_FOLDERS = {"training": "train", "validation": "test"}
@@ -377,6 +386,7 @@ def ingest(
                 started,
                 skipped=skipped,
                 cross_split=result.cross_split_duplicates,
+                content=content_digest(data, ("id", "sha256", "label", "view", "split")),
             ),
         )
         replace_dir(tmp, ws.ingested)

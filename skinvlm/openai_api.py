@@ -3,7 +3,7 @@
 Shared by describe and eval. Retries (tenacity) cover 429 (honouring Retry-After), 5xx, timeouts
 and dropped connections, with exponential backoff and jitter. A refused key, a forbidden request
 or an unknown model stops the whole run at once (`SkinvlmError`); a 400 for one image fails only
-that record. Error texts are scrubbed of the key before they are stored or shown.
+that record. Error texts are cleaned of the key and of URL passwords before they are stored or shown.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation
+from skinvlm.redaction import redact_text
 from skinvlm.workspace import Workspace
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -37,13 +38,6 @@ def setting(ws: Workspace, name: str, given: str | None = None) -> str | None:
     return None
 
 
-def scrub(text: str, *secrets: str | None) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str | None
@@ -58,7 +52,8 @@ class Endpoint:
 
     @property
     def where(self) -> str:
-        return self.base_url or "https://api.openai.com/v1"
+        """The endpoint as it may be shown: without a password in its URL."""
+        return redact_text(self.base_url or "https://api.openai.com/v1")
 
 
 def endpoint(ws: Workspace, base_url: str | None, api_key: str | None, model: str, timeout: float) -> Endpoint:
@@ -173,6 +168,33 @@ def fatal_message(exc: BaseException, ep: Endpoint) -> str | None:
     return None
 
 
+async def check_server(client: Any, ep: Endpoint, wait: float = 0.0) -> None:
+    """Fail in seconds, not after every retry of every request, when nothing answers at the endpoint.
+
+    Asks GET /models, polling for up to `wait` seconds (a server still starting); a refused key stops
+    here too. An endpoint that answers anything else is up: some servers do not list models.
+    """
+    import openai
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await client.with_options(timeout=10.0).models.list()
+            return
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                waited = f" within {wait:.0f}s" if wait else ""
+                raise SkinvlmError(
+                    f"nothing answers at {ep.where}{waited} ({type(exc).__name__}): start the server, check "
+                    "--base-url, or give it time with --wait SECONDS"
+                ) from None
+            await asyncio.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+        except openai.APIStatusError as exc:
+            if exc.status_code == 401:
+                raise SkinvlmError(fatal_message(exc, ep) or "the API key was refused") from None
+            return
+
+
 async def complete(
     client: Any,
     ep: Endpoint,
@@ -207,7 +229,7 @@ async def complete(
         fatal = fatal_message(exc, ep)
         if fatal:
             raise SkinvlmError(fatal) from None
-        return Reply(None, 0, 0, attempts, scrub(f"{type(exc).__name__}: {exc}", ep.api_key)[:500])
+        return Reply(None, 0, 0, attempts, redact_text(f"{type(exc).__name__}: {exc}", ep.api_key)[:500])
     usage = getattr(response, "usage", None)
     choices = getattr(response, "choices", None) or []
     text = choices[0].message.content if choices and choices[0].message else None

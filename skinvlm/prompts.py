@@ -46,6 +46,11 @@ def parse_answer(text: str | None) -> Answer:
     return Answer(label.group(1) if label else None, summary.group(1) if summary else None)
 
 
+def agrees(output: str | None, label: str, rules: Rules) -> bool:
+    """Whether an answer's `<label>`, through the aliases, names the folder's class (the ground truth)."""
+    return rules.canonical(parse_answer(output).tag) == label
+
+
 def format_answer(label: str, summary: str) -> str:
     return f"<label>{label}</label>\n<summary>{summary}</summary>"
 
@@ -96,10 +101,17 @@ class DescribePrompt:
     def hash(self) -> str:
         return hashlib.sha256(f"{self.system}\x00{self.user}".encode()).hexdigest()[:12]
 
-    def user_text(self, rules: Rules, label: str, view: str) -> str:
-        return self.user.format(
+    def user_text(self, rules: Rules, label: str, view: str, restate: bool = False) -> str:
+        """The user turn for one image; `restate` adds a reminder when an earlier answer named another class."""
+        text = self.user.format(
             label=label, english=rules.english(label), view_hint=VIEW_HINTS.get(view, DEFAULT_VIEW_HINT)
         )
+        if restate:
+            text += (
+                f"\n\n이전 답의 <label>이 이 사진의 진단과 달랐습니다. 이 사진의 진단은 '{label}'입니다. "
+                f"소견은 사진에서 보이는 대로 쓰되 <label>{label}</label>로 답하세요."
+            )
+        return text
 
 
 def default_describe_prompt(rules: Rules) -> DescribePrompt:

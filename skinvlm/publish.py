@@ -2,7 +2,8 @@
 
 Always builds `<workspace>/publish/` first: parquet shards (about 500 MB each, images embedded)
 and README.md with YAML metadata. `--dry-run` stops there; otherwise that very folder is
-uploaded with `HfApi.upload_folder`, to a private repo unless `--public`.
+uploaded with `HfApi.upload_folder`, to a private repo unless `--public`, in one commit that also
+deletes the repo's earlier data files, so the Hub holds what this publish made and nothing more.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import openai_api
+from skinvlm.audit import AuditReport, audit
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
 from skinvlm.workspace import Workspace, now_iso, read_manifest
 
 SHARD_BYTES = 500 * 2**20
+REPLACED_ON_UPLOAD = ["data/*", "README.md"]  # what an earlier publish left that this one replaces
 AIHUB_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71863"
 
 
@@ -62,7 +65,45 @@ def write_shards(data: Any, folder: Path) -> list[Path]:
     return written
 
 
-def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, Any] | None) -> str:
+def made_by(described: dict[str, Any] | None) -> str:
+    """Who wrote the text, from the describe manifest's per-record provenance."""
+    described = described or {}
+    made = described.get("counts", {}).get("made_by")
+    if made:
+        return "; ".join(
+            f"offline class templates (`describe --template`) for {m['records']:,} records"
+            if m["model"] == "template"
+            else f"`{m['model']}` (prompt `{m['prompt_hash']}`) for {m['records']:,} records"
+            for m in made
+        )
+    if described.get("template_made"):
+        return "offline class templates (`describe --template`)"
+    settings = described.get("settings", {})
+    return f"`{settings.get('model', 'unknown')}` at detail `{settings.get('detail', '?')}`"
+
+
+def audit_lines(report: AuditReport) -> list[str]:
+    """The card's honest account of the audit: passed, or what failed and in how many records."""
+    if not report.problems:
+        return ["- Checked with `skinvlm audit --strict`: no record has a problem."]
+    failed = {
+        "English words (occurrences)": sum(report.english_words.values()),
+        "other scripts (records)": sum(report.foreign_scripts.values()),
+        "<label> naming another class than the folder": report.mismatches,
+        "<label> that is no class": sum(report.not_class_tags.values()),
+        "missing <label> or <summary>": report.invalid,
+        "empty answers": report.empty,
+        "summaries too short": report.too_short,
+    }
+    listed = [f"  - {check}: {n:,}" for check, n in failed.items() if n]
+    return [
+        f"- **Published with `--force` although `skinvlm audit` finds {report.problems:,} of {report.records:,} "
+        "records with problems:**",
+        *listed,
+    ]
+
+
+def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, Any] | None, report: AuditReport) -> str:
     total = sum(ds.num_rows for ds in data.values())
     splits = list(data)
     views = list(rules.views)
@@ -96,18 +137,12 @@ def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, An
             table.append(
                 f"| {split} | {c.name} | {c.english} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |"
             )
-    settings = (described or {}).get("settings", {})
-    made_by = (
-        "offline class templates (`describe --template`)"
-        if (described or {}).get("template_made")
-        else (f"`{settings.get('model', 'unknown')}` at detail `{settings.get('detail', '?')}`")
-    )
     body = [
         f"# {repo}",
         "",
         "Facial skin photos with a Korean description of what is visible, for instruction-tuning "
-        "vision-language models to name the condition and explain it. Built with "
-        "[skinvlm](https://github.com/) from the AI Hub set 안면부 피부질환 이미지.",
+        "vision-language models to name the condition and explain it. Built with skinvlm from the "
+        "AI Hub set 안면부 피부질환 이미지.",
         "",
         "## Contents",
         "",
@@ -121,11 +156,13 @@ def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, An
         "",
         "## How the text was made",
         "",
-        f"- Descriptions: {made_by}, conditioned on the known diagnosis of each photo.",
+        f"- Descriptions: {made_by(described)}, conditioned on the known diagnosis of each photo.",
         f"- Prompt hash: `{(described or {}).get('prompt_hash', 'unknown')}`; described "
         f"{(described or {}).get('finished', 'unknown')}; published stage `{stage}` on {now_iso()[:10]}.",
-        "- Cleaned with the rule file (label aliases, English term translations, phrase rewrites) and "
-        "checked with `skinvlm audit --strict`.",
+        "- Cleaned with the rule file (label aliases, English term translations, phrase rewrites)."
+        if stage == "fixed"
+        else "- Not cleaned: the text is as `skinvlm describe` wrote it.",
+        *audit_lines(report),
         "",
         "## Source and terms",
         "",
@@ -137,13 +174,16 @@ def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, An
     return "\n".join(yaml + [""] + body)
 
 
-def build(ws: Workspace, rules: Rules, repo: str, stage: str) -> tuple[Path, list[tuple[str, int]]]:
+def build(
+    ws: Workspace, rules: Rules, repo: str, stage: str, report: AuditReport
+) -> tuple[Path, list[tuple[str, int]]]:
     data = ws.load(stage)
     folder = ws.publish_dir
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     write_shards(data, folder)
-    (folder / "README.md").write_text(card(repo, data, rules, stage, read_manifest(ws.described)), encoding="utf-8")
+    text = card(repo, data, rules, stage, read_manifest(ws.described), report)
+    (folder / "README.md").write_text(text, encoding="utf-8")
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
     return folder, files
 
@@ -161,8 +201,6 @@ def publish(
     token: str | None = None,
     confirm: Any = None,
 ) -> PublishResult:
-    from skinvlm.audit import audit
-
     repo = repo or openai_api.setting(ws, "HF_REPO_NAME")
     if not repo or repo.count("/") != 1:
         raise SkinvlmError("name the Hub repo as OWNER/NAME (argument or HF_REPO_NAME)")
@@ -172,7 +210,7 @@ def publish(
             f"audit of {stage} finds {report.problems} records with problems "
             f"(skinvlm audit --stage {stage}); fix them or pass --force"
         )
-    folder, files = build(ws, rules, repo, stage)
+    folder, files = build(ws, rules, repo, stage, report)
     result = PublishResult(repo, not public, folder, files)
     if dry_run:
         return result
@@ -197,7 +235,11 @@ def upload(folder: Path, repo: str, token: str, private: bool) -> str:
     try:
         api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
         api.upload_folder(
-            folder_path=str(folder), repo_id=repo, repo_type="dataset", commit_message="Upload with skinvlm publish"
+            folder_path=str(folder),
+            repo_id=repo,
+            repo_type="dataset",
+            commit_message="Upload with skinvlm publish",
+            delete_patterns=REPLACED_ON_UPLOAD,
         )
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")

@@ -115,6 +115,12 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
         for (label, tag), n in report.mismatch_pairs.most_common(15):
             table.add_row(f"{label} -> {tag}", str(n), (ex.get(f"mismatch:{label}:{tag}") or [""])[0])
         out.print(table)
+        per_class = ", ".join(f"{label} {n}" for label, n in report.disagreements.items())
+        out.print(
+            f"disagreements by folder class: {per_class}; `describe --redo mismatch` re-asks them, "
+            "`fix --drop-mismatches` drops them, `train` leaves them out unless --keep-mismatches",
+            highlight=False,
+        )
     if report.reused and not brief:
         table = _table("summaries reused across images", "summary", "images")
         for text, n in report.reused[:5]:
@@ -288,7 +294,8 @@ def train_summary(console: Console, summary: Any) -> None:
     table = Table(title=f"training batch ({summary.backend} collator)", show_header=False)
     table.add_column("")
     table.add_column("value")
-    table.add_row("rows", f"{summary.rows:,} ({summary.skipped} unusable left out)")
+    left_out = f"{summary.skipped} unusable and {summary.mismatched} with another class's <label> left out"
+    table.add_row("rows", f"{summary.rows:,} ({left_out})")
     table.add_row("pixel_values in the batch", "yes" if summary.pixel_values else "[bold red]NO[/]")
     implied = f"(--max-pixels {summary.max_pixels:,} implies {expected})"
     table.add_row("image tokens per row", f"{summary.image_tokens_per_row} {implied}")
@@ -310,7 +317,8 @@ def train_result(out: Console, result: Any) -> None:
     vram = f", peak VRAM {result.peak_vram_mb:,.0f} MiB" if result.peak_vram_mb is not None else ""
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "none logged"
     out.print(
-        f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable rows left out) with "
+        f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable and {result.mismatched} "
+        f"mismatched rows left out) with "
         f"{result.backend} x {result.world_size} process(es), effective batch {result.effective_batch_size}, in "
         f"{result.seconds:.0f}s; final loss {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
         highlight=False,

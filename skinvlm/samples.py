@@ -107,6 +107,7 @@ class Summary:
     backend: str
     rows: int
     skipped: int
+    mismatched: int
     pixel_values: bool
     image_tokens_per_row: list[int]
     expected_image_tokens_per_row: list[int]
@@ -201,6 +202,7 @@ def summarize(
     *,
     backend: str,
     skipped: int,
+    mismatched: int,
     world_size: int,
 ) -> Summary:
     """Collate the first batch with the real collator and measure the whole training set."""
@@ -222,6 +224,7 @@ def summarize(
         backend=backend,
         rows=len(samples),
         skipped=skipped,
+        mismatched=mismatched,
         pixel_values=batch.get("pixel_values") is not None,
         image_tokens_per_row=(ids == image_token).sum(dim=1).tolist(),
         expected_image_tokens_per_row=[vision_tokens(processor, *row["images"][0].size) for row in first],

@@ -24,7 +24,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.errors import SkinvlmError
-from skinvlm.prompts import instruction, parse_answer
+from skinvlm.prompts import agrees, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.samples import AnswerOnlyCollator, Summary, chat_rows, summarize, unsloth_collator
 from skinvlm.vlm import check_chat_template, load_processor, set_image_resolution, write_settings
@@ -66,6 +66,7 @@ class TrainSettings:
     save_steps: int = 200
     save_total_limit: int = 3
     resume: bool = False
+    keep_mismatches: bool = False
     report_to: str = "none"
     load_in_4bit: bool = True
     gpu: str | None = None
@@ -94,6 +95,7 @@ class TrainResult:
     steps: int
     rows: int
     skipped: int
+    mismatched: int
     final_loss: float | None
     seconds: float
     peak_rss_mb: float
@@ -167,29 +169,41 @@ def import_unsloth(cuda: bool) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------
-def training_rows(ws: Workspace) -> tuple[Any, str, int]:
-    """The text stage joined with images, only rows with a usable answer; (data, stage, skipped)."""
+@dataclass
+class Rows:
+    """The training data: the text stage joined with images, only rows worth learning from."""
+
+    data: Any
+    stage: str
+    unusable: int  # empty, failed or malformed answers
+    mismatched: int  # answers whose <label> names another class than the folder (kept with --keep-mismatches)
+
+
+def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False) -> Rows:
     import warnings
 
     stage = "fixed" if (ws.fixed / "dataset_dict.json").exists() else "described"
     if stage == "described":
         warnings.warn("datasets/fixed is missing: training on datasets/described (run `skinvlm fix`)", stacklevel=2)
     data = ws.load(stage)
-    skipped = 0
+    unusable = mismatched = 0
     for split in list(data):
         ds = data[split]
-        keep = [
-            i
-            for i, (out, status) in enumerate(zip(ds["output"], ds["status"], strict=True))
-            if status == "ok" and parse_answer(out).well_formed
-        ]
-        skipped += ds.num_rows - len(keep)
+        keep = []
+        for i, (out, status, label) in enumerate(zip(ds["output"], ds["status"], ds["label"], strict=True)):
+            if status != "ok" or not parse_answer(out).well_formed:
+                unusable += 1
+            elif not (keep_mismatches or agrees(out, label, rules)):
+                mismatched += 1  # the describer's mistake would be taught as the answer
+            else:
+                keep.append(i)
         data[split] = ds.select(keep) if len(keep) < ds.num_rows else ds
     if data["train"].num_rows == 0:
         raise SkinvlmError(
-            f"no usable rows in datasets/{stage}: every output is empty, failed or malformed (see `skinvlm audit`)"
+            f"no usable rows in datasets/{stage}: every output is empty, failed, malformed or names another class "
+            "than its folder (see `skinvlm audit`)"
         )
-    return data, stage, skipped
+    return Rows(data, stage, unusable, mismatched)
 
 
 def eval_rows(data: Any, settings: TrainSettings) -> Any | None:
@@ -295,9 +309,7 @@ class Setup:
     """Everything that training and its dry run share."""
 
     plan: Plan
-    data: Any
-    stage: str
-    skipped: int
+    rows: Rows
     model: Any
     processor: Any
     collator: Any
@@ -308,7 +320,7 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
     """Rows, model (shape only in a dry run), processor at --max-pixels, collator, and the first batch checked."""
     if plan.backend == "unsloth":
         import_unsloth(plan.cuda)
-    data, stage, skipped = training_rows(ws)
+    rows = training_rows(ws, rules, settings.keep_mismatches)
     model, processor = load(settings, plan.backend, plan.cuda, dry_run)
     set_image_resolution(processor, settings.max_pixels)
     check_chat_template(processor)
@@ -316,17 +328,18 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
     prompt = instruction(rules)
     summary = summarize(
         collator,
-        chat_rows(data["train"], prompt),
-        data["train"],
+        chat_rows(rows.data["train"], prompt),
+        rows.data["train"],
         prompt,
         processor,
         settings,
         backend=plan.backend,
-        skipped=skipped,
+        skipped=rows.unusable,
+        mismatched=rows.mismatched,
         # A dry run reports the world that `train` would launch; a worker, the one it is in.
         world_size=devices.processes_wanted(settings.processes, settings.gpu) if dry_run else devices.world_size(),
     )
-    return Setup(plan, data, stage, skipped, model, processor, collator, summary)
+    return Setup(plan, rows, model, processor, collator, summary)
 
 
 def dry_run(ws: Workspace, rules: Rules, settings: TrainSettings) -> Summary:
@@ -390,11 +403,11 @@ def build_trainer(setup: Setup, rules: Rules, settings: TrainSettings) -> Any:
     from trl import SFTTrainer
 
     prompt = instruction(rules)
-    evaluation = eval_rows(setup.data, settings)
+    evaluation = eval_rows(setup.rows.data, settings)
     return SFTTrainer(
         model=setup.model,
         args=sft_config(settings, setup.plan.output, setup.plan.backend, setup.plan.cuda, evaluation is not None),
-        train_dataset=chat_rows(setup.data["train"], prompt),
+        train_dataset=chat_rows(setup.rows.data["train"], prompt),
         eval_dataset=chat_rows(evaluation, prompt) if evaluation is not None else None,
         processing_class=setup.processor,
         data_collator=setup.collator,
@@ -457,8 +470,9 @@ def train(
         plan.output,
         plan.backend,
         trainer.state.global_step,
-        setup.data["train"].num_rows,
-        setup.skipped,
+        setup.rows.data["train"].num_rows,
+        setup.rows.unusable,
+        setup.rows.mismatched,
         round(losses[-1], 4) if losses else None,
         round(time.perf_counter() - clock, 1),
         peak_rss_mb(),
@@ -500,15 +514,17 @@ def save_outputs(
     plot_loss(log, output / "loss.png")
     losses = [e["loss"] for e in log if "loss" in e]
     counts = {
-        "splits": {s: d.num_rows for s, d in setup.data.items()},
-        "skipped_rows": setup.skipped,
+        "splits": {s: d.num_rows for s, d in setup.rows.data.items()},
+        "skipped_rows": setup.rows.unusable,
+        "mismatched_rows_left_out": setup.rows.mismatched,
         "steps": max((e["step"] for e in log), default=0),
         "final_loss": losses[-1] if losses else None,
         "world_size": setup.summary.world_size,
         "effective_batch_size": setup.summary.effective_batch_size,
         "truncated_rows": setup.summary.truncated_rows,
     }
-    inputs = {"stage": setup.stage, "fingerprint": stage_fingerprint(ws.dataset(setup.stage)), "model": settings.model}
+    stage = setup.rows.stage
+    inputs = {"stage": stage, "fingerprint": stage_fingerprint(ws.dataset(stage)), "model": settings.model}
     settings_used = asdict(settings) | {"backend": setup.plan.backend}
     write_manifest(output, manifest("train", settings_used, inputs, counts, started))
 

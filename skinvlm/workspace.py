@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from skinvlm.errors import SkinvlmError
+from skinvlm.redaction import redact
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
 DATASET_STAGES = ("ingested", "described", "fixed")
 MADE_BY = {"ingested": "skinvlm ingest SRC", "described": "skinvlm describe", "fixed": "skinvlm fix"}
+REMADE_BY = {"describe": "skinvlm describe", "fix": "skinvlm fix", "train": "skinvlm train", "merge": "skinvlm merge"}
 TEXT_STAGES = ("described", "fixed")
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
@@ -53,7 +55,6 @@ VERSIONED_PACKAGES = (
     "vllm",
     "scikit-learn",
 )
-_SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,14 @@ class Workspace:
         return self.root / ".env"
 
     def require(self, stage: str) -> Path:
+        """The stage's folder, which must exist and still match what it was made from."""
         path = self.dataset(stage)
         if not (path / "dataset_dict.json").exists():
             raise SkinvlmError(f"{path} does not exist yet: run `{MADE_BY[stage]}` first")
+        rerun = out_of_date(self, path)
+        if rerun:
+            steps = " then ".join(f"`{command}`" for command in rerun)
+            raise SkinvlmError(f"datasets/{stage} was made from data that has changed since: run {steps}")
         return path
 
     def newest_text_stage(self) -> str:
@@ -165,7 +171,7 @@ class Workspace:
         tmp = target.with_name(f".{stage}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         data.save_to_disk(str(tmp))
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest | {"content": content_digest(data)})
         replace_dir(tmp, target)
         return target
 
@@ -191,15 +197,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def redact(value: Any) -> Any:
-    """Drop anything that looks like a credential before it reaches a file."""
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    return value
 
 
 def manifest(
@@ -241,10 +238,39 @@ def fingerprint(*parts: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def content_digest(data: DatasetDict, columns: tuple[str, ...] | None = None) -> str:
+    """What a stage holds, for the stages made from it: by default every column (text stages); ingest
+    names its small columns, so no image byte is read."""
+    digest = hashlib.sha256()
+    for split in sorted(data):
+        for column in columns or tuple(data[split].column_names):
+            digest.update(json.dumps([split, column, data[split][column]], ensure_ascii=False, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def stage_fingerprint(folder: Path) -> str | None:
-    """A stage's identity for the manifests of the stages built from it."""
+    """A stage's identity for the manifests of the stages built from it: its content digest when it has one,
+    so a re-run that changes nothing leaves the stages after it current."""
     found = read_manifest(folder)
-    return fingerprint(found) if found else None
+    if not found:
+        return None
+    return found.get("content") or fingerprint(found)
+
+
+def out_of_date(ws: Workspace, folder: Path) -> list[str]:
+    """The commands to re-run, in order, because what `folder` was made from changed since; [] when current."""
+    found = read_manifest(folder) or {}
+    inputs = found.get("inputs", {})
+    if inputs.get("stage") in DATASET_STAGES:
+        source = ws.dataset(inputs["stage"])
+    elif inputs.get("adapter"):
+        source = Path(inputs["adapter"])
+    else:
+        return []  # made from a folder of images, or by hand
+    upstream = out_of_date(ws, source)
+    if upstream or inputs.get("fingerprint") != stage_fingerprint(source):
+        return [*upstream, REMADE_BY.get(found.get("stage", ""), f"skinvlm {found.get('stage')}")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -255,6 +281,7 @@ class StageStatus:
     rows: dict[str, int]
     finished: str
     inputs: str
+    rerun: list[str]  # what to re-run because its input changed since; [] when current
 
 
 def stage_status(ws: Workspace) -> list[StageStatus]:
@@ -269,9 +296,7 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
         rows = counts.get("splits") if isinstance(counts.get("splits"), dict) else {}
         inputs = (found or {}).get("inputs", {})
         source = inputs.get("src") or inputs.get("stage") or inputs.get("model") or ""
-        out.append(
-            StageStatus(
-                name, path, path.is_dir() and any(path.iterdir()), rows, (found or {}).get("finished", ""), str(source)
-            )
-        )
+        present = path.is_dir() and any(path.iterdir())
+        rerun = out_of_date(ws, path) if found else []
+        out.append(StageStatus(name, path, present, rows, (found or {}).get("finished", ""), str(source), rerun))
     return out

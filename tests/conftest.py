@@ -64,6 +64,13 @@ def clean_tree(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def ingested(cli, clean_tree: Path, workspace: Path) -> Path:
+    """The clean tree ingested: the workspace."""
+    cli("ingest", clean_tree)
+    return workspace
+
+
+@pytest.fixture
 def ugly_tree(clean_tree: Path) -> Path:
     """The clean tree plus every defect real downloads have."""
     train = clean_tree / "Training" / "images"

@@ -78,9 +78,11 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self.images: list[str] = []
         self.bodies: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() of each chat request
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_polls = 1  # retrieves that answer "in_progress" before a batch completes
+        self.batch_outcome = "completed"  # or "expired": then every request comes back in the error file
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -103,6 +105,7 @@ class FakeOpenAI:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.images.append(image_key(body))
             self.bodies.append(body)
+            self.times.append(time.monotonic())
             return self.plan.pop(0) if self.plan else self.default
 
     def done(self) -> None:
@@ -140,6 +143,8 @@ class FakeOpenAI:
         entry["polls"] += 1
         if entry["polls"] <= self.batch_polls:
             return self.batch_object(batch_id, "in_progress")
+        if self.batch_outcome == "expired":
+            return self.expire_batch(batch_id)
         if entry["output"] is None:
             lines = []
             for line in self.files[entry["input"]].decode().splitlines():
@@ -175,7 +180,28 @@ class FakeOpenAI:
             self.files[entry["output"]] = ("\n".join(lines) + "\n").encode()
         return self.batch_object(batch_id, "completed", entry["output"])
 
-    def batch_object(self, batch_id: str, status: str, output: str | None = None) -> dict[str, Any]:
+    def expire_batch(self, batch_id: str) -> dict[str, Any]:
+        """The 24 h window ran out: nothing answered, every request listed in the error file."""
+        entry = self.batches[batch_id]
+        lines = [
+            json.dumps(
+                {
+                    "id": "r",
+                    "custom_id": json.loads(line)["custom_id"],
+                    "response": None,
+                    "error": {"code": "batch_expired", "message": "This request could not be executed before the "
+                              "completion window expired."},
+                }
+            )
+            for line in self.files[entry["input"]].decode().splitlines()
+        ]  # fmt: skip
+        entry["errors"] = f"file-err-{batch_id}"
+        self.files[entry["errors"]] = ("\n".join(lines) + "\n").encode()
+        return self.batch_object(batch_id, "expired", None, entry["errors"])
+
+    def batch_object(
+        self, batch_id: str, status: str, output: str | None = None, errors: str | None = None
+    ) -> dict[str, Any]:
         return {
             "id": batch_id,
             "object": "batch",
@@ -185,7 +211,7 @@ class FakeOpenAI:
             "completion_window": "24h",
             "created_at": int(time.time()),
             "output_file_id": output,
-            "error_file_id": None,
+            "error_file_id": errors,
         }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

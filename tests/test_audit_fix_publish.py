@@ -85,7 +85,7 @@ def test_audit_counts_every_defect(cli, described: Path) -> None:
     assert report["foreign_scripts"] == {"Han": 2}
     assert report["tag_labels"]["지루성 피부염"] == 4 and report["tag_labels"]["아토피 피부염"] == 2
     assert pairs(report) == {("건선", "아토피", 2), ("주사", "주사성 피부염", 3), ("정상", "진단불가", 1)}
-    assert report["mismatches"] == 6
+    assert report["mismatches"] == 6 and report["disagreements"] == {"건선": 2, "주사": 3, "정상": 1}
     assert report["invalid"] == 1 and report["empty"] == 1 and report["too_short"] == 0
     assert report["problems"] == 5 + 3 + 2 + 2 + 2 + 3 + 1 + 1 + 1
     table = cli("audit").stdout
@@ -98,7 +98,15 @@ def test_suggest_is_valid_toml_for_what_the_rules_miss(cli, described: Path) -> 
     assert set(stanzas["terms"]) == {"severe", "cannot", "help", "with", "that"}, "erythema, papules: in [terms]"
     assert list(stanzas["terms"])[0] == "severe", "most frequent first"
     assert stanzas["labels"]["aliases"] == {"주사성 피부염": ""}
-    assert "rewrite" in text and "adverbs" in text
+    assert stanzas["rewrite"] == [{"pattern": "紅斑", "replace": "", "note": "Han 紅斑"}], "Han gets a rule too"
+    for command in ("describe --redo mismatch", "fix --drop-mismatches", "describe --redo failed,invalid"):
+        assert command in text, "what no rule mends is named as the command that does"
+
+
+def test_audit_of_a_stage_without_text_is_a_usage_error(cli, described: Path) -> None:
+    result = cli("audit", "--stage", "ingested", ok=False)
+    assert result.exit_code == 2 and "'ingested' is not one of" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_fix_with_matching_rules_leaves_only_true_disagreements(cli, described: Path, workspace: Path) -> None:
@@ -117,7 +125,8 @@ def test_fix_with_matching_rules_leaves_only_true_disagreements(cli, described: 
     assert set(after["tag_labels"]) <= {"건선", "아토피", "여드름", "주사", "지루", "정상", "진단불가"}
     fixed = load_from_disk(str(workspace / "datasets" / "fixed"))
     outputs = [o for split in fixed.values() for o in split["output"]]
-    assert any("홍반가 보이고" in o for o in outputs) and any("심한 염증" in o for o in outputs)
+    assert any("홍반이 보이고" in o for o in outputs), "the particle agrees with the Korean word: 가 -> 이"
+    assert any("심한 염증" in o for o in outputs)
     assert any("구진이 흩어져" in o for o in outputs), "a Hangul particle after the word must not block the term"
     cli("fix")
     again = load_from_disk(str(workspace / "datasets" / "fixed"))
@@ -128,7 +137,8 @@ def test_fix_with_matching_rules_leaves_only_true_disagreements(cli, described: 
 def test_fix_dry_run_writes_nothing_and_drop_invalid_drops(cli, described: Path, workspace: Path) -> None:
     preview = cli.json("fix", "--dry-run")
     assert preview["written"] is False and not (workspace / "datasets" / "fixed").exists()
-    assert preview["examples"] and "erythema" in preview["examples"][0]["before"].lower() + " erythema"
+    assert preview["examples"] and "erythema" in preview["examples"][0]["before"].lower()
+    assert "erythema" not in preview["examples"][0]["after"].lower()
     dropped = cli.json("fix", "--drop-invalid")
     assert dropped["dropped"] == 2
     from skinvlm.workspace import Workspace
@@ -199,3 +209,83 @@ def test_publish_refuses_a_dataset_that_fails_audit(cli, described: Path) -> Non
     assert cli("publish", "me/x", "--dry-run", "--force", "--stage", "described").exit_code == 0
     bad = cli("publish", "no-slash", "--dry-run", ok=False)
     assert "OWNER/NAME" in bad.stderr
+
+
+class HubDouble:
+    """Stands in for the Hugging Face Hub, which cannot be reached here: each repo a {path: bytes}, and
+    `upload_folder` as documented: remote files matching `delete_patterns` go, then the folder's files land."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+
+    def create_repo(self, repo: str, **kw: object) -> None:
+        self.repos.setdefault(repo, {})
+
+    def upload_folder(self, *, folder_path: str, repo_id: str, delete_patterns=None, **kw: object) -> None:
+        import fnmatch
+
+        files = self.repos[repo_id]
+        for path in [p for p in files if any(fnmatch.fnmatch(p, pattern) for pattern in delete_patterns or [])]:
+            del files[path]
+        for path in Path(folder_path).rglob("*"):
+            if path.is_file():
+                files[path.relative_to(folder_path).as_posix()] = path.read_bytes()
+
+
+def test_a_republish_leaves_exactly_what_it_made(
+    cli, described: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    hub = HubDouble()
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: hub.create_repo(repo, **kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: hub.upload_folder(**kw))
+    env = {"HF_TOKEN": "hf_fake-token-for-this-test"}
+    cli("fix")
+    cli("publish", "me/exact", "--yes", "--force", env=env)
+    hub.repos["me/exact"]["data/train-00001-of-00002.parquet"] = b"a shard of an earlier, larger publish"
+    cli("fix", "--drop-invalid", "--drop-mismatches")
+    cli("publish", "me/exact", "--yes", "--force", env=env)
+    local = {p.relative_to(workspace / "publish").as_posix() for p in (workspace / "publish").rglob("*") if p.is_file()}
+    assert set(hub.repos["me/exact"]) == local, "no stale shard stays on the Hub"
+    rows = Dataset.from_parquet(str(workspace / "publish" / "data" / "train-00000-of-00001.parquet")).num_rows
+    assert rows < 36
+
+
+def test_a_forced_card_says_what_failed_and_links_nothing_fake(cli, described: Path, workspace: Path) -> None:
+    cli("publish", "me/forced", "--dry-run", "--force", "--stage", "described")
+    card = (workspace / "publish" / "README.md").read_text(encoding="utf-8")
+    assert "Published with `--force` although `skinvlm audit` finds 20 of 48 records with problems" in card
+    for line in ("English words (occurrences): 14", "other scripts (records): 2", "another class than the folder: 6"):
+        assert line in card
+    assert "no record has a problem" not in card and "github.com/)" not in card
+
+
+def test_particles_agree_with_the_korean_word_after_a_term_swap() -> None:
+    from collections import Counter
+
+    from skinvlm.fix import fix_text, term_pattern
+    from skinvlm.rules import load_rules
+
+    rules = load_rules(default_rules_path())
+    terms = term_pattern(rules)
+    cases = {
+        # 홍반 ends in a consonant, 면포 in a vowel, 인설 in ㄹ (which takes 로, not 으로)
+        "erythema가 보임": "홍반이 보임",
+        "erythema는 없음": "홍반은 없음",
+        "erythema를 보임": "홍반을 보임",
+        "erythema와 구진": "홍반과 구진",
+        "erythema로 덮임": "홍반으로 덮임",
+        "comedone이 많음": "면포가 많음",
+        "comedone은 없음": "면포는 없음",
+        "comedone을 짬": "면포를 짬",
+        "comedone과 구진": "면포와 구진",
+        "comedone으로 막힘": "면포로 막힘",
+        "scale으로 덮임": "인설로 덮임",
+        "scale과 홍반": "인설과 홍반",
+        "erythema 와 구진": "홍반과 구진",  # one space away, as mixed-script text often has it
+        "erythema 이 부위": "홍반 이 부위",  # a lone 이 after a space is "this", not a particle
+        "erythema, 구진": "홍반, 구진",
+    }
+    for before, after in cases.items():
+        assert fix_text(before, rules, terms, Counter()) == after, before

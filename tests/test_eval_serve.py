@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI, image_of
+from openai_server import FakeOpenAI, image_of, label_conditioned
 
 from skinvlm.synthetic import colour_label
 
@@ -38,12 +38,6 @@ def scripted_answers():
         return text + "\n<summary>테스트 소견입니다.</summary>" if text.startswith("<label>") else text
 
     return answer
-
-
-@pytest.fixture
-def ingested(cli, clean_tree: Path, workspace: Path) -> Path:
-    cli("ingest", clean_tree)
-    return workspace
 
 
 def run_eval(cli, server: FakeOpenAI, *args: str) -> dict:
@@ -95,10 +89,29 @@ def test_the_server_gets_the_chat_layout_of_training(cli, ingested: Path) -> Non
 def test_rerun_asks_only_what_failed(cli, ingested: Path) -> None:
     with FakeOpenAI(answer=scripted_answers()) as server:
         run_eval(cli, server, "--name", "again", "--concurrency", "1")
-    with FakeOpenAI() as server:  # now everything answers "<label>정상</label>"-less: label-conditioned default
+        asked = server.requests
+        server.answer = label_conditioned  # the failing image gets an answer now
         result = run_eval(cli, server, "--name", "again")
-        assert server.requests == 1, "only the failed image is asked again"
-    assert result["failed"] == 0 and result["n"] == 12
+        assert server.requests == asked + 1, "only the failed image is asked again"
+    assert result["failed"] == 0 and result["n"] == 12 and result["from_cache"] == 11 and result["asked"] == 1
+
+
+def test_another_model_under_the_same_name_is_asked_everything(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=scripted_answers()) as server:
+
+        def images_asked(*args: str) -> tuple[dict, int]:
+            before = len(server.images)
+            result = run_eval(cli, server, "--name", "shared", *args)
+            return result, len(set(server.images[before:]))
+
+        first, asked = images_asked("--model", "model-a")
+        again, asked_again = images_asked("--model", "model-a")
+        other, asked_other = images_asked("--model", "model-b")
+        longer, asked_longer = images_asked("--model", "model-b", "--max-tokens", "64")
+    assert asked == 12 and first["from_cache"] == 0
+    assert asked_again == 1 and again["from_cache"] == 11, "the same model: only the failed image again"
+    assert asked_other == 12 and other["from_cache"] == 0 and "model-b" in other["backend"], "model B: every image"
+    assert asked_longer == 12 and longer["from_cache"] == 0, "other generation settings are other answers"
 
 
 def test_limit_takes_a_stratified_sample_and_compare(cli, ingested: Path) -> None:

@@ -168,7 +168,7 @@ def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(cli, descri
     assert losses[-1] < losses[0] / 2
     merged = cli.json("merge", "--dtype", "float16")
     assert merged["dtype"] == "float16" and merged["changed_weights"] == merged["lora_targets"] == 26
-    assert merged["agreement"] >= 0.95 and merged["max_logit_diff"] >= 0
+    assert merged["merge_error"] < 0.1 * merged["adapter_effect"], "16-bit rounding only, the adapter is all there"
     folder = described / "models" / "merged"
     assert safetensors_dtypes(folder) == {"F16"}, "--dtype float16 is what the merged weights hold"
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -188,6 +188,19 @@ def safetensors_dtypes(folder: Path) -> set[str]:
             header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
         found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
     return found
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_newest_checkpoint(cli, described: Path, tiny: Path) -> None:
+    cli("train", "--model", tiny, *FAST, "--max-steps", "6", "--save-steps", "3")
+    adapter = described / "models" / "adapter"
+    assert {p.name for p in (adapter / "checkpoints").glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    again = cli("train", "--model", tiny, *FAST, "--max-steps", "10", ok=False)
+    assert again.exit_code == 1 and "--resume" in again.stderr, "a finished adapter is never overwritten"
+    resumed = cli.json("train", "--model", tiny, *FAST, "--max-steps", "10", "--save-steps", "3", "--resume")
+    assert resumed["steps"] == 10
+    log = [json.loads(line) for line in (adapter / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, 11)), "7-10 follow 1-6, none repeated"
 
 
 @pytest.mark.slow
@@ -267,6 +280,6 @@ def test_train_skips_unusable_rows_and_refuses_when_none_are_left(
 ) -> None:
     write_tree(tmp_path / "src", {"train": 1, "test": 1}, size=32)
     cli("ingest", tmp_path / "src")
-    cli("describe", "--template", "--limit", "0")  # everything pending: no usable answer
+    cli("describe", "--template", "--split", "test")  # the train split stays pending: no usable answer
     result = cli("train", "--model", str(tiny), *FAST, ok=False)
     assert result.exit_code == 1 and "no usable rows" in result.stderr
