@@ -331,7 +331,6 @@ async def run_requests(
     stats: Progress,
     progress: Callable[[Progress], None] | None,
 ) -> None:
-    await openai_api.check_server(ctx.client, ctx.endpoint)
     queue: asyncio.Queue[Task] = asyncio.Queue()
     for task in tasks:
         queue.put_nowait(task)
@@ -343,6 +342,7 @@ async def run_requests(
             finish(handle, await describe_one(task, ingested, ctx), stats, progress)
 
     try:
+        await openai_api.check_server(ctx.client, ctx.endpoint)
         async with asyncio.TaskGroup() as group:
             for _ in range(min(ctx.settings.concurrency, len(tasks))):
                 group.create_task(worker())
