@@ -1,9 +1,12 @@
 """`skinvlm describe --batch`: the same requests through the OpenAI Batch API (half price, 24 h window).
 
-Requests are written as JSONL files of at most ~190 MB (the API takes 200 MB per file), uploaded
-and submitted; the batch ids go to `journal/batch.json` before any waiting, so a crash, Ctrl-C or
-`--no-wait` never leads to paying twice: a re-run resumes polling the submitted batches. Results
-are merged into the describe journal like any other answer.
+Requests are streamed, one image at a time, into JSONL files of at most ~190 MB and 50,000 lines
+(the API's limits), uploaded and submitted. Paying twice is impossible by construction: each
+batch is written to `journal/batch.json` as an intent (its uploaded file) before it is created,
+and created with metadata naming this run and chunk; a re-run that finds an intent without a
+batch id looks the batch up by that metadata before it would create one. A crash, Ctrl-C or
+`--no-wait` then only means a re-run resumes polling. Results are merged into the describe
+journal like any other answer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,10 @@ from skinvlm import openai_api
 from skinvlm.describe import Journal, Progress, RunContext, Task, finish, record, rows_of
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
+from skinvlm.workspace import crash_point
 
 MAX_FILE_BYTES = 190 * 2**20
+MAX_FILE_LINES = 50_000
 DONE = {"completed", "failed", "expired", "cancelled"}
 
 
@@ -38,49 +44,79 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def request_lines(tasks: list[Task], ingested: Any, ctx: RunContext) -> list[tuple[str, bytes]]:
+def request_line(task: Task, url: str, ctx: RunContext) -> bytes:
     s = ctx.settings
-    side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
-    lines = []
-    for task in tasks:
-        url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, side)
-        messages = openai_api.chat_messages(
-            ctx.prompt.system, ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate), url, s.detail
-        )
-        body = {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
-        line = {"custom_id": task.id, "method": "POST", "url": "/v1/chat/completions", "body": body}
-        lines.append((task.id, json.dumps(line, ensure_ascii=False).encode() + b"\n"))
-    return lines
+    user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate)
+    messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
+    body = {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
+    line = {"custom_id": task.id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
-def chunks(lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
-    out: list[list[tuple[str, bytes]]] = [[]]
-    size = 0
-    for line in lines:
-        if out[-1] and size + len(line[1]) > MAX_FILE_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(line)
-        size += len(line[1])
-    return [c for c in out if c]
+async def request_files(
+    tasks: list[Task], ingested: Any, ctx: RunContext, folder: Path
+) -> AsyncIterator[tuple[Path, int]]:
+    """(JSONL file, lines) under the API's size limits, written one image at a time: memory stays flat."""
+    side = min(ctx.settings.image_max_side, 512) if ctx.settings.detail == "low" else ctx.settings.image_max_side
+    number, lines, size = 0, 0, 0
+    path = folder / "batch-input-0.jsonl"
+    handle = path.open("wb")
+    try:
+        for task in tasks:
+            url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, side)
+            line = request_line(task, url, ctx)
+            if lines and (size + len(line) > MAX_FILE_BYTES or lines == MAX_FILE_LINES):
+                handle.close()
+                yield path, lines
+                number, lines, size = number + 1, 0, 0
+                path = folder / f"batch-input-{number}.jsonl"
+                handle = path.open("wb")
+            handle.write(line)
+            lines, size = lines + 1, size + len(line)
+        handle.close()
+        if lines:
+            yield path, lines
+    finally:
+        handle.close()
 
 
 async def submit(tasks: list[Task], ingested: Any, ctx: RunContext, path: Path) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": ctx.settings.model, "prompt_hash": ctx.prompt.hash, "batches": []}
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    for number, chunk in enumerate(chunks(await request_lines(tasks, ingested, ctx))):
-        upload = folder / f"batch-input-{number}.jsonl"
-        upload.write_bytes(b"".join(line for _, line in chunk))
+    state: dict[str, Any] = {
+        "model": ctx.settings.model,
+        "prompt_hash": ctx.prompt.hash,
+        "run": uuid.uuid4().hex,
+        "batches": [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_state(path, state)
+    async for upload, lines in request_files(tasks, ingested, ctx, path.parent):
         with upload.open("rb") as handle:
             sent = await ctx.client.files.create(file=handle, purpose="batch")
-        batch = await ctx.client.batches.create(
-            input_file_id=sent.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
         upload.unlink()
-        state["batches"].append({"id": batch.id, "input_file_id": sent.id, "requests": len(chunk), "merged": False})
-        write_state(path, state)  # before waiting: a crash now must not lead to paying twice
+        entry = {"chunk": len(state["batches"]), "input_file_id": sent.id, "requests": lines, "id": None}
+        state["batches"].append(entry | {"merged": False})
+        write_state(path, state)  # the intent, before the batch exists: a crash now cannot lead to a second one
+        await create(state, state["batches"][-1], ctx, path)
     return state
+
+
+async def create(state: dict[str, Any], entry: dict[str, Any], ctx: RunContext, path: Path) -> None:
+    """Create the batch of an intent, unless a run that died already did: then adopt that one."""
+    metadata = {"skinvlm_run": state["run"], "skinvlm_chunk": str(entry["chunk"])}
+    async for batch in ctx.client.batches.list(limit=100):
+        if (batch.metadata or {}) == metadata:
+            entry["id"] = batch.id
+            break
+    else:
+        batch = await ctx.client.batches.create(
+            input_file_id=entry["input_file_id"],
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=metadata,
+        )
+        crash_point("batch-created")
+        entry["id"] = batch.id
+    write_state(path, state)
 
 
 def merge_output(
@@ -143,6 +179,9 @@ async def run_batch(
             if not tasks:
                 return "nothing to describe"
             state = await submit(tasks, ingested, ctx, path)
+        for entry in state["batches"]:
+            if entry["id"] is None:  # an intent whose run died around the create call
+                await create(state, entry, ctx, path)
         by_id = {task.id: task for task in tasks_for(state, ingested, tasks)}
         handle = journal.open()
         try:

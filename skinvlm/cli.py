@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skinvlm import render
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, machine_problem
+from skinvlm.ingest import DEFAULT_MAX_PIXELS_IN
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
 from skinvlm.train import DEFAULT_BASE, DEFAULT_MAX_PIXELS
@@ -70,6 +71,12 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to go on")
             raise typer.Exit(130) from None
+        except Exception as problem:
+            line = machine_problem(problem, Workspace.open(kwargs.get("workspace")).root)
+            if line is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(redact_text(line))}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -107,6 +114,10 @@ def ingest(
     test_size: Annotated[float, typer.Option(help="Test share for a tree without Training/Validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 42,
     max_side: Annotated[int | None, typer.Option(help="Downscale images whose longer side exceeds PX.")] = None,
+    max_pixels_in: Annotated[
+        int,
+        typer.Option(help="Skip images of more pixels than this (JPEGs are decoded smaller with --max-side)."),
+    ] = DEFAULT_MAX_PIXELS_IN,
     workers: Annotated[int | None, typer.Option(help="Decoding threads (default: all cores).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -124,6 +135,7 @@ def ingest(
             test_size=test_size,
             seed=seed,
             max_side=max_side,
+            max_pixels_in=max_pixels_in,
             workers=workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
@@ -457,7 +469,8 @@ def train(
     wanted = devices.processes_wanted(processes, gpu)
     if wanted > 1 and not devices.launched():
         stage.preflight(ws, settings, dry_run=False)  # one clear line here rather than one per process
-        raise typer.Exit(devices.relaunch(wanted, sys.argv[1:]))
+        with ws.writing("train"):  # held here for the workers, who inherit it
+            raise typer.Exit(devices.relaunch(wanted, sys.argv[1:]))
     result = stage.train(ws, loaded, settings, on_summary=lambda summary: render.train_summary(err, summary))
     if devices.is_main_process():
         print_json(result.as_json()) if as_json else render.train_result(out, result)

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skinvlm import openai_api, pricing
+from skinvlm import devices, openai_api, pricing
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
-from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, writes
 
 STATUSES = ("ok", "invalid", "failed")
 # --redo also takes: all; changed (made by another model or prompt); mismatch (<label> is not the folder's class)
@@ -77,6 +77,7 @@ class Progress:
     done: int = 0
     failed: int = 0
     invalid: int = 0
+    cut: int = 0  # answers longer than openai_api.MAX_ANSWER_CHARS, kept cut
     prompt_tokens: int = 0
     completion_tokens: int = 0
     dollars: float | None = 0.0
@@ -89,6 +90,7 @@ class Progress:
             reason = (record.get("error") or "no reason given").splitlines()[0][:120]
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
         self.invalid += record["status"] == "invalid"
+        self.cut += bool(record.get("cut"))
         self.prompt_tokens += record["prompt_tokens"]
         self.completion_tokens += record["completion_tokens"]
         spent = pricing.cost(model, record["prompt_tokens"], record["completion_tokens"], batch=batch)
@@ -116,6 +118,7 @@ class DescribeResult:
             "seconds": self.seconds,
             "prompt_hash": self.prompt_hash,
             "model": self.model,
+            "answers_cut": self.run.cut,
             "note": self.note,
         }
 
@@ -142,11 +145,11 @@ class Journal:
         records: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return records
-        with self.path.open(encoding="utf-8") as handle:
+        with self.path.open("rb") as handle:  # bytes: a torn last line may end inside a Hangul character
             for line in handle:
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:
                     continue  # the torn last line of a killed run
                 records[record["id"]] = record
         return records
@@ -305,7 +308,8 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
         status = "ok" if parse_answer(reply.text).well_formed else "invalid"
         output = reply.text or ""
     error = reply.error or (None if status == "ok" else "answer lacks <label> or <summary>")
-    return record(task, status, output, s.model, attempts, prompt_tokens, completion_tokens, error, ctx.prompt.hash)
+    done = record(task, status, output, s.model, attempts, prompt_tokens, completion_tokens, error, ctx.prompt.hash)
+    return done | {"cut": reply.cut}
 
 
 @dataclass
@@ -354,6 +358,7 @@ async def run_requests(
 
 
 # -- the stage -------------------------------------------------------------------------------
+@writes("describe")
 def describe(
     ws: Workspace,
     rules: Rules,
@@ -365,6 +370,7 @@ def describe(
     from datasets import load_from_disk
 
     settings.check()
+    devices.return_freed_memory()
     started, clock = now_iso(), time.perf_counter()
     ingested = load_from_disk(str(ws.require("ingested")))
     journal = Journal(ws.describe_journal)

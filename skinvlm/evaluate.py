@@ -29,7 +29,7 @@ from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
 from skinvlm.vlm import read_settings
-from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest
+from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest, writes
 
 UNPARSED = "unparsed"
 
@@ -110,16 +110,18 @@ def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """The last record per id; a failed request (error set) is asked again on the next run."""
     found: dict[str, dict[str, Any]] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():  # bytes: a torn line may end inside a Hangul character
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue  # the torn last line of a killed run
             found[record["id"]] = record
     return found
 
 
-def prediction(item: Item, raw: str | None, latency: float, rules: Rules, error: str | None = None) -> dict[str, Any]:
+def prediction(
+    item: Item, raw: str | None, latency: float, rules: Rules, error: str | None = None, cut: bool = False
+) -> dict[str, Any]:
     predicted = rules.canonical(parse_answer(raw).tag) or UNPARSED
     return {
         "id": item.id,
@@ -130,6 +132,7 @@ def prediction(item: Item, raw: str | None, latency: float, rules: Rules, error:
         "raw": raw or "",
         "latency": round(latency, 4),
         "error": error,
+        "cut": cut,
     }
 
 
@@ -163,7 +166,7 @@ async def ask_server(
                 max_attempts=settings.max_attempts,
                 backoff=settings.backoff,
             )
-            sink(prediction(item, reply.text, time.perf_counter() - start, rules, reply.error))
+            sink(prediction(item, reply.text, time.perf_counter() - start, rules, reply.error, reply.cut))
 
     try:
         await openai_api.check_server(client, ep, settings.wait)
@@ -274,6 +277,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
         "latency_p95": round(percentile(latencies, 0.95), 4),
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
         "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
+        "answers_cut": sum(1 for rec in records if rec.get("cut")),
     }
 
 
@@ -358,6 +362,7 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
 
 
 # -- the stage -------------------------------------------------------------------------------
+@writes("eval")
 def evaluate(
     ws: Workspace,
     rules: Rules,
@@ -366,6 +371,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     settings.check()
+    devices.return_freed_memory()
     name = settings.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run = ws.eval_run(name)
     ds, items = eval_items(ws, settings)

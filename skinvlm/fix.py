@@ -18,7 +18,7 @@ from typing import Any
 from skinvlm.audit import AuditReport, audit_rows
 from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG, agrees, parse_answer
 from skinvlm.rules import Rules, nfc
-from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint
+from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, writes
 
 EXAMPLES = 3
 
@@ -79,7 +79,7 @@ def fix_text(text: str, rules: Rules, terms: re.Pattern[str] | None, hits: Count
 
     def prose(part: str) -> str:
         for rule in rules.rewrites:
-            part, n = rule.regex.subn(rule.replace, part)
+            part, n = rule.apply(part)
             if n:
                 hits[f"rewrite: {rule.note or rule.pattern}"] += n
         if terms is not None:
@@ -109,6 +109,7 @@ def fix_text(text: str, rules: Rules, terms: re.Pattern[str] | None, hits: Count
     return text
 
 
+@writes("fix")
 def fix(
     ws: Workspace,
     rules: Rules,

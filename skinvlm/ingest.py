@@ -1,29 +1,37 @@
 """`skinvlm ingest SRC`: image folders -> a DatasetDict (train/test) in which every image decodes.
 
+Any tree is survived: the walk has no recursion limit and never enters folder links; only regular
+files are opened (a FIFO or a link to /dev/zero is named and skipped, never read), at most
+MAX_FILE_BYTES each; names that are not UTF-8 (a Korean zip unpacked as CP949 bytes) are read as
+CP949 or shown with \\xNN escapes. Every bad file is listed with its reason and the good ones go in.
+
 Images are decoded fully in worker threads (truncated, empty or fake files are listed, never
-stored). Verified bytes are stored as they are and the ``image`` feature decodes them as RGB:
-re-encoding a 1024x1024 PNG costs ~7x its decode, so pixels are re-encoded only when they must
-change (real transparency flattened onto white, or ``--max-side`` downscaling).
+stored), at most --max-pixels-in each, with a shared pixel budget so memory stays flat in the
+number of workers. Verified bytes are stored as they are and the ``image`` feature decodes them
+as RGB: re-encoding a 1024x1024 PNG costs ~7x its decode, so pixels are re-encoded only when they
+must change (real transparency flattened onto white, or ``--max-side`` downscaling).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import shutil
+import stat
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from skinvlm import devices
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules, nfc
 from skinvlm.workspace import (
@@ -33,11 +41,14 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
-    replace_dir,
+    staged,
     write_manifest,
+    writes,
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_FILE_BYTES = 256 * 2**20  # no photo is this big; larger files are named and skipped unread
+DEFAULT_MAX_PIXELS_IN = 64 * 2**20  # 64 MP: 64 of the AI Hub's 1024x1024 photos
 SPLIT_FOLDERS = {"training": "train", "validation": "test"}
 IGNORED_DIRS = {"__macosx"}
 FOLDER_PATTERN = re.compile(r"^(?:(?:TS|VS|TL|VL)_)?(?P<label>.+?)(?:_(?P<view>[^_]+))?$")
@@ -47,10 +58,11 @@ UNKNOWN_VIEW = "unknown"
 @dataclass(frozen=True)
 class ImageFile:
     path: Path
-    source: str  # relative to SRC, '/'-separated, NFC
+    source: str  # relative to SRC, '/'-separated, NFC, printable (see `shown`)
     split: str
     label: str
     view: str
+    size: int  # bytes at discovery: nothing later stats a file that may be gone by then
 
 
 @dataclass
@@ -102,52 +114,114 @@ def split_roots(src: Path) -> dict[str, Path] | None:
     return roots or None
 
 
-def walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in IGNORED_DIRS)
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
+def shown(name: str) -> str:
+    """A file or folder name as text that can be stored and printed: bytes that are not UTF-8 are read as
+    CP949 (how Korean zips often unpack) or else written as \\xNN; control characters are escaped, so a
+    newline in a name cannot split a report line."""
+    raw = os.fsencode(name)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("cp949")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in nfc(text))
+
+
+@dataclass(frozen=True)
+class Found:
+    """One entry of the walk: a regular file with its size, or a `problem` that names why it is skipped."""
+
+    path: Path
+    size: int = 0
+    problem: str | None = None
+
+
+def walk(root: Path) -> Iterator[Found]:
+    """Every file under root: an explicit stack, so no depth limit, and folder links are reported, not entered."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            yield Found(folder, problem=f"unreadable folder: {err.strerror or err}")
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if not entry.name.startswith(".") and entry.name.lower() not in IGNORED_DIRS:
+                    stack.append(Path(entry.path))
+            elif entry.name.startswith("."):
+                yield Found(Path(entry.path))  # .DS_Store and friends: counted as ignored
+            elif entry.is_symlink() and os.path.isdir(entry.path):
+                yield Found(Path(entry.path), problem="a link to a folder: not followed")
+            else:
+                yield regular_file(Path(entry.path))
+
+
+def regular_file(path: Path) -> Found:
+    """Only regular files are ever opened; a link is followed to see what it points at."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return Found(path)  # counted as ignored
+    try:
+        facts = os.stat(path)
+    except FileNotFoundError:
+        return Found(path, problem="a broken link (its target does not exist)")
+    except OSError as err:
+        reason = "a link loop" if err.errno == errno.ELOOP else f"cannot stat: {err.strerror or err}"
+        return Found(path, problem=reason)
+    if not stat.S_ISREG(facts.st_mode):
+        return Found(path, problem="not a regular file (a FIFO, device or socket): never read")
+    if facts.st_size > MAX_FILE_BYTES:
+        return Found(path, problem=f"{facts.st_size / 2**20:,.0f} MB: larger than {MAX_FILE_BYTES // 2**20} MB")
+    return Found(path, facts.st_size)
 
 
 def classify(path: Path, root: Path, rules: Rules) -> tuple[str, str] | str:
     """The (label, view) of the nearest class folder above `path`, or the folder that is unknown."""
     folders = path.relative_to(root).parts[:-1]
     for folder in reversed(folders):
-        parsed = parse_folder(folder, rules)
+        parsed = parse_folder(shown(folder), rules)
         if parsed:
             return parsed
-    return folders[0] if folders else "(top level)"
+    return shown(folders[0]) if folders else "(top level)"
 
 
-def discover(src: Path, rules: Rules, test_size: float, seed: int) -> tuple[list[ImageFile], int]:
+def discover(src: Path, rules: Rules, test_size: float, seed: int) -> tuple[list[ImageFile], int, list[dict[str, str]]]:
+    """(images to decode, files ignored, files skipped with their reasons)."""
     if not src.is_dir():
-        raise SkinvlmError(f"source folder {src} does not exist or is not a folder")
+        raise SkinvlmError(f"source folder {shown(str(src))} does not exist or is not a folder")
     roots = split_roots(src)
     found: list[ImageFile] = []
+    skipped: list[dict[str, str]] = []
     ignored = 0
     unknown: Counter[str] = Counter()
     for split, root in (roots or {"train": src}).items():
-        for path in walk(root):
-            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        for entry in walk(root):
+            source = "/".join(shown(part) for part in entry.path.relative_to(src).parts)
+            if entry.problem:
+                skipped.append({"path": source, "reason": entry.problem})
+                continue
+            if entry.path.suffix.lower() not in IMAGE_SUFFIXES or entry.path.name.startswith("."):
                 ignored += 1
                 continue
-            where = classify(path, root, rules)
+            where = classify(entry.path, root, rules)
             if isinstance(where, str):
-                unknown[nfc(where)] += 1
+                unknown[where] += 1
                 continue
-            source = nfc(path.relative_to(src).as_posix())
-            found.append(ImageFile(path, source, split, *where))
+            found.append(ImageFile(entry.path, source, split, *where, entry.size))
     if unknown:
         listed = ", ".join(f"{name} ({n} images)" for name, n in sorted(unknown.items()))
         raise SkinvlmError(
-            f"unknown class folder(s) in {src}: {listed}; known classes: {', '.join(rules.class_names)} "
+            f"unknown class folder(s) in {shown(str(src))}: {listed}; known classes: {', '.join(rules.class_names)} "
             "(add an alias under [labels.aliases] in the rule file)"
         )
     if not found:
-        raise SkinvlmError(f"no .png/.jpg/.jpeg images found under {src}")
+        raise SkinvlmError(f"no .png/.jpg/.jpeg images found under {shown(str(src))}")
     if roots is None:
         found = stratified_split(found, test_size, seed)
-    return sorted(found, key=lambda f: (f.split, f.source)), ignored
+    return sorted(found, key=lambda f: (f.split, f.source)), ignored, skipped
 
 
 def stratified_split(files: list[ImageFile], test_size: float, seed: int) -> list[ImageFile]:
@@ -161,42 +235,50 @@ def stratified_split(files: list[ImageFile], test_size: float, seed: int) -> lis
     for members in groups.values():
         rng.shuffle(members)
         n_test = round(len(members) * test_size)
-        out += [
-            ImageFile(f.path, f.source, "test" if i < n_test else "train", f.label, f.view)
-            for i, f in enumerate(members)
-        ]
+        out += [replace(f, split="test" if i < n_test else "train") for i, f in enumerate(members)]
     return out
 
 
-# -- checking images (runs in worker processes) ----------------------------------------------
-def inspect_image(path: Path, max_side: int | None) -> dict[str, Any]:
+# -- checking images (runs in worker threads) -----------------------------------------------
+def inspect_image(path: Path, max_side: int | None, max_pixels: int, budget: devices.PixelBudget) -> dict[str, Any]:
     """Decode fully; return the bytes to store and their facts, or {"error": reason}."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # a regular file: the walk checked, so this cannot block
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         return {"error": f"unreadable: {err.strerror or err}"}
     if not data:
         return {"error": "empty file"}
+    if len(data) > MAX_FILE_BYTES:
+        return {"error": f"grew past {MAX_FILE_BYTES // 2**20} MB while being read"}
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return _stored_form(image, data, max_side)
+            pixels = image.width * image.height
+            reduced = pixels > max_pixels and max_side is not None and image.format == "JPEG"
+            if reduced and max_side is not None:
+                image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale directly
+                pixels = image.width * image.height
+            if pixels > max_pixels:
+                return {"error": f"{image.width}x{image.height} = {pixels:,} pixels, over --max-pixels-in "
+                                 f"{max_pixels:,} (raise it to take this image)"}  # fmt: skip
+            with budget.hold(pixels):
+                image.load()
+                return _stored_form(image, data, max_side, reduced)
     except UnidentifiedImageError:
         return {"error": "not an image (unknown format)"}
-    except Image.DecompressionBombError as err:
-        return {"error": f"too large: {err}"}
     except (OSError, SyntaxError, ValueError) as err:
         return {"error": f"cannot decode: {err}"}
 
 
-def _stored_form(image: Any, data: bytes, max_side: int | None) -> dict[str, Any]:
+def _stored_form(image: Any, data: bytes, max_side: int | None, reduced: bool = False) -> dict[str, Any]:
+    """The original bytes when they decode to what we want; else the pixels re-encoded (flattened, smaller)."""
     from PIL import Image
 
     sha = hashlib.sha256(data).hexdigest()
     too_big = bool(max_side) and max(image.size) > (max_side or 0)
-    if not too_big and not _must_flatten(image):
+    if not (too_big or reduced or _must_flatten(image)):
         return {"bytes": data, "width": image.width, "height": image.height, "sha256": sha}
     rgb = _flatten(image)
     if too_big:
@@ -231,22 +313,24 @@ def _flatten(image: Any) -> Any:
 
 
 def inspect_all(
-    files: list[ImageFile], max_side: int | None, pool: ThreadPoolExecutor | None
+    files: list[ImageFile], max_side: int | None, max_pixels: int, pool: ThreadPoolExecutor | None
 ) -> Iterator[dict[str, Any]]:
-    """Results in input order, at most 4 per worker in flight so memory stays flat.
+    """Results in input order, a bounded window of them in flight so memory stays flat.
 
     Threads, not processes: Pillow's decoders and hashlib release the GIL, so threads use every
     core without pickling megabytes of image bytes between processes."""
+    budget = devices.PixelBudget(max_pixels)
     if pool is None:
-        yield from (inspect_image(f.path, max_side) for f in files)
+        yield from (inspect_image(f.path, max_side, max_pixels, budget) for f in files)
         return
     queue = iter(files)
-    pending = deque(pool.submit(inspect_image, f.path, max_side) for f in islice(queue, pool._max_workers * 4))
+    window = min(pool._max_workers * 2, 16)  # encoded bytes waiting to be written: bounded whatever the workers
+    pending = deque(pool.submit(inspect_image, f.path, max_side, max_pixels, budget) for f in islice(queue, window))
     while pending:
         result = pending.popleft().result()
         nxt = next(queue, None)
         if nxt is not None:
-            pending.append(pool.submit(inspect_image, nxt.path, max_side))
+            pending.append(pool.submit(inspect_image, nxt.path, max_side, max_pixels, budget))
         yield result
 
 
@@ -302,6 +386,7 @@ def record_id(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()[:16]
 
 
+@writes("ingest")
 def ingest(
     ws: Workspace,
     src: Path,
@@ -311,26 +396,31 @@ def ingest(
     test_size: float = 0.1,
     seed: int = 42,
     max_side: int | None = None,
+    max_pixels_in: int = DEFAULT_MAX_PIXELS_IN,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
     from datasets import DatasetDict
+    from PIL import Image
 
     started, clock = now_iso(), time.perf_counter()
     if (ws.ingested / "dataset_dict.json").exists() and not force:
         raise SkinvlmError(f"{ws.ingested} already exists; pass --force to replace it")
     if max_side is not None and max_side < 16:
         raise SkinvlmError(f"--max-side must be at least 16 pixels, got {max_side}")
-    files, ignored = discover(src, rules, test_size, seed)
+    if max_pixels_in < 64 * 64:
+        raise SkinvlmError(f"--max-pixels-in must be at least 4096, got {max_pixels_in}")
+    Image.MAX_IMAGE_PIXELS = None  # our --max-pixels-in check, made before decoding, replaces Pillow's warning
+    devices.return_freed_memory()
+    files, ignored, skipped = discover(src, rules, test_size, seed)
     workers = workers or os.cpu_count() or 1
-    skipped: list[dict[str, str]] = []
     by_hash: dict[str, list[ImageFile]] = defaultdict(list)
     done = 0
 
     def rows(split: str) -> Iterator[dict[str, Any]]:
         nonlocal done
         chosen = [f for f in files if f.split == split]
-        for f, found in zip(chosen, inspect_all(chosen, max_side, pool), strict=True):
+        for f, found in zip(chosen, inspect_all(chosen, max_side, max_pixels_in, pool), strict=True):
             done += 1
             if progress:
                 progress(done, len(files))
@@ -348,10 +438,7 @@ def ingest(
                 **found,
             }
 
-    tmp = ws.ingested.with_name(f".ingested.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
+    def write(tmp: Path) -> IngestResult:
         data = DatasetDict({split: write_split(rows(split), tmp / split, split) for split in SPLITS})
         (tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         result = _result(ws, files, data, skipped, ignored, by_hash, time.perf_counter() - clock)
@@ -360,13 +447,14 @@ def ingest(
             "test_size": test_size,
             "seed": seed,
             "max_side": max_side,
+            "max_pixels_in": max_pixels_in,
             "rules": str(rules.path),
             "workers": workers,
         }
         inputs = {
             "src": str(src.resolve()),
             "files": len(files) + ignored,
-            "fingerprint": fingerprint([(f.source, f.path.stat().st_size) for f in files]),
+            "fingerprint": fingerprint([(f.source, f.size) for f in files]),
         }
         counts = {
             "splits": result.splits,
@@ -376,25 +464,18 @@ def ingest(
             "duplicates": len(result.duplicates),
             "cross_split_duplicates": len(result.cross_split_duplicates),
         }
-        write_manifest(
-            tmp,
-            manifest(
-                "ingest",
-                result.settings,
-                inputs,
-                counts,
-                started,
-                skipped=skipped,
-                cross_split=result.cross_split_duplicates,
-                content=content_digest(data, ("id", "sha256", "label", "view", "split")),
-            ),
-        )
-        replace_dir(tmp, ws.ingested)
+        content = content_digest(data, ("id", "sha256", "label", "view", "split"))
+        extra = {"skipped": skipped, "cross_split": result.cross_split_duplicates, "content": content}
+        write_manifest(tmp, manifest("ingest", result.settings, inputs, counts, started, **extra))
+        return result
+
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with staged(ws.ingested) as tmp:
+            return write(tmp)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
 
 
 def _result(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from skinvlm import devices
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation, format_answer
 from skinvlm.vlm import END_OF_TURN, load_processor, read_settings, set_image_resolution, write_settings
-from skinvlm.workspace import Workspace, manifest, now_iso, replace_dir, stage_fingerprint, write_manifest
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, staged, write_manifest, writes
 
 DTYPES = ("bfloat16", "float16")
 UNSLOTH_4BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
@@ -70,6 +69,7 @@ def is_quantized(base: str) -> bool:
     return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
 
 
+@writes("merge")
 def merge(
     ws: Workspace,
     *,
@@ -95,22 +95,20 @@ def merge(
             "pass --base with the 16-bit model (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"
         )
     started, clock = now_iso(), time.perf_counter()
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     sample = sample_inputs(adapter, recorded)
-    before = merge_into(base, adapter, tmp, dtype, cuda, sample)
-    finish_folder(adapter, tmp, recorded)
-    check = verify(tmp, dtype, cuda, sample, before)
-    backend = recorded.get("backend", "hf")
-    seconds = round(time.perf_counter() - clock, 1)
-    result = MergeResult(
-        output, backend, base, trained_on, dtype, **check, lora_targets=len(before.weights), seconds=seconds
-    )
-    counts = check | {"lora_targets": len(before.weights)}
-    inputs = {"adapter": str(adapter), "fingerprint": stage_fingerprint(adapter), "model": base}
-    settings = {"dtype": dtype, "backend": result.backend, "base": base, "trained_on": trained_on}
-    write_manifest(tmp, manifest("merge", settings, inputs, counts, started))
-    replace_dir(tmp, output)
+    with staged(output) as tmp:
+        before = merge_into(base, adapter, tmp, dtype, cuda, sample)
+        finish_folder(adapter, tmp, recorded)
+        check = verify(tmp, dtype, cuda, sample, before)
+        backend = recorded.get("backend", "hf")
+        seconds = round(time.perf_counter() - clock, 1)
+        result = MergeResult(
+            output, backend, base, trained_on, dtype, **check, lora_targets=len(before.weights), seconds=seconds
+        )
+        counts = check | {"lora_targets": len(before.weights)}
+        inputs = {"adapter": str(adapter), "fingerprint": stage_fingerprint(adapter), "model": base}
+        settings = {"dtype": dtype, "backend": result.backend, "base": base, "trained_on": trained_on}
+        write_manifest(tmp, manifest("merge", settings, inputs, counts, started))
     return result
 
 

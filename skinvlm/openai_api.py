@@ -16,12 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from skinvlm import devices
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation
 from skinvlm.redaction import redact_text
 from skinvlm.workspace import Workspace
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Far above any real answer (512 tokens of Korean is ~1,500 characters): a server that ignores
+# max_tokens cannot fill the journal or the predictions with megabytes per image.
+MAX_ANSWER_CHARS = 20_000
 MAX_RETRY_AFTER = 120.0
 
 
@@ -71,18 +75,29 @@ def endpoint(ws: Workspace, base_url: str | None, api_key: str | None, model: st
 
 def image_data_url(image: Any, max_side: int) -> tuple[str, int, int]:
     """JPEG (quality 90) data URL of an RGB image scaled to fit max_side; also its sent size."""
-    image = image.convert("RGB")
+    image = image.convert("RGB")  # a new image, ours to shrink in place
     if max(image.size) > max_side:
-        image = image.copy()
         image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), image.width, image.height
 
 
+# Decoding is the memory peak of describe and eval (a 49 MP photo is ~150 MB of pixels): however many
+# requests are in flight, the photos being decoded hold at most this many pixels (one big photo, or dozens
+# of the AI Hub's 1 MP ones), so memory stays flat in --concurrency.
+DECODING = devices.PixelBudget(64 * 2**20)
+
+
 async def row_image_url(ds: Any, index: int, max_side: int) -> tuple[str, int, int]:
     """Decode row `index`'s image and encode it as a data URL, off the event loop."""
-    return await asyncio.to_thread(lambda: image_data_url(ds[index]["image"], max_side))
+
+    def encode() -> tuple[str, int, int]:
+        size = ds.select_columns(["width", "height"])[index]
+        with DECODING.hold(size["width"] * size["height"]):
+            return image_data_url(ds[index]["image"], max_side)
+
+    return await asyncio.to_thread(encode)
 
 
 def chat_messages(system: str | None, user_text: str, data_url: str, detail: str) -> list[dict[str, Any]]:
@@ -124,6 +139,7 @@ class Reply:
     completion_tokens: int
     attempts: int
     error: str | None = None  # set when this record failed for good
+    cut: bool = False  # the answer was longer than MAX_ANSWER_CHARS and was cut there
 
 
 def _status(exc: BaseException) -> int | None:
@@ -233,10 +249,12 @@ async def complete(
     usage = getattr(response, "usage", None)
     choices = getattr(response, "choices", None) or []
     text = choices[0].message.content if choices and choices[0].message else None
+    cut = text is not None and len(text) > MAX_ANSWER_CHARS
     return Reply(
-        text,
+        text[:MAX_ANSWER_CHARS] if text is not None else None,
         getattr(usage, "prompt_tokens", 0) or 0,
         getattr(usage, "completion_tokens", 0) or 0,
         attempts,
         None if text is not None else "the answer had no message content",
+        cut,
     )

@@ -19,7 +19,7 @@ from skinvlm import openai_api
 from skinvlm.audit import AuditReport, audit
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
-from skinvlm.workspace import Workspace, now_iso, read_manifest
+from skinvlm.workspace import Workspace, now_iso, read_manifest, writes
 
 SHARD_BYTES = 500 * 2**20
 REPLACED_ON_UPLOAD = ["data/*", "README.md"]  # what an earlier publish left that this one replaces
@@ -188,6 +188,7 @@ def build(
     return folder, files
 
 
+@writes("publish")
 def publish(
     ws: Workspace,
     rules: Rules,
@@ -228,8 +229,8 @@ def publish(
 
 
 def upload(folder: Path, repo: str, token: str, private: bool) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
     try:
@@ -241,9 +242,25 @@ def upload(folder: Path, repo: str, token: str, private: bool) -> str:
             commit_message="Upload with skinvlm publish",
             delete_patterns=REPLACED_ON_UPLOAD,
         )
+    except OfflineModeIsEnabled:
+        raise SkinvlmError("HF_HUB_OFFLINE is set: unset it to publish (nothing was uploaded)") from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")
         raise SkinvlmError(
-            f"the Hub refused the upload to {repo} (HTTP {status}); check HF_TOKEN's write access"
+            f"the Hub refused the upload to {repo} (HTTP {status}): check that HF_TOKEN may write there "
+            "(a write token, and OWNER is you or an organization you belong to)"
+        ) from None
+    except Exception as err:
+        if not is_network_error(err):
+            raise
+        raise SkinvlmError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to publish {repo} ({type(err).__name__}): "
+            "check the network, a proxy (HTTPS_PROXY) or HF_ENDPOINT; nothing was uploaded"
         ) from None
     return f"https://huggingface.co/datasets/{repo}"
+
+
+def is_network_error(err: BaseException) -> bool:
+    """Connection failures of whichever HTTP library this huggingface_hub uses (httpx, httpx2 or requests)."""
+    library = type(err).__module__.split(".")[0]
+    return isinstance(err, OSError) or library in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}

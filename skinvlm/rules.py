@@ -8,10 +8,10 @@ Every problem in a file is reported at once, each naming its table and key.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,31 @@ class ClassInfo:
     template_label: str = ""  # the tag the template answer writes; default: the class name
 
 
+def linear_regex(pattern: str) -> Any:
+    """A [[rewrite]] pattern compiled by RE2, which runs in time linear in the text: a rule like
+    `(a+)+$` cannot hang `fix`. RE2 has no lookaround or backreferences (such patterns are refused
+    at load), and its \\w and \\b are ASCII: write [가-힣] for Hangul."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is reported once, as a rule-file problem
+    return re2.compile(pattern, options)
+
+
 @dataclass(frozen=True)
 class Rewrite:
     pattern: str
     replace: str
     note: str = ""
 
-    @property
-    def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern)
+    @cached_property
+    def regex(self) -> Any:
+        return linear_regex(self.pattern)
+
+    def apply(self, text: str) -> tuple[str, int]:
+        # google-re2 expands the replacement through unicode_escape, which garbles non-ASCII text;
+        # given as ASCII escapes, Korean comes back intact (backslashes and \\1 are unaffected).
+        return self.regex.subn(self.replace.encode("ascii", "backslashreplace").decode("ascii"), text)
 
 
 @dataclass(frozen=True)
@@ -109,13 +125,15 @@ def load_rules(path: Path) -> Rules:
     if not path.is_file():
         raise SkinvlmError(f"rule file {path} does not exist")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SkinvlmError(f"rule file {path} is not valid TOML: {err}") from None
     except UnicodeDecodeError:
         raise SkinvlmError(f"rule file {path} is not UTF-8 text") from None
     problems: list[str] = []
-    rules = _parse(path, raw, problems)
+    rewrite_lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip().startswith("[[rewrite]]")]
+    rules = _parse(path, raw, problems, rewrite_lines)
     if problems:
         raise SkinvlmError(f"{path}: " + "; ".join(problems))
     return rules
@@ -145,7 +163,7 @@ def _string_map(data: dict[str, Any], where: str, problems: list[str]) -> dict[s
     return out
 
 
-def _parse(path: Path, raw: dict[str, Any], problems: list[str]) -> Rules:
+def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: list[int]) -> Rules:
     _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit"}, problems)
     labels = _table(raw, "labels", "labels", problems)
     _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
@@ -170,7 +188,7 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str]) -> Rules:
         aliases=aliases,
         views=views,
         terms={k.lower(): v for k, v in terms.items()},
-        rewrites=_parse_rewrites(raw.get("rewrite", []), problems),
+        rewrites=_parse_rewrites(raw.get("rewrite", []), problems, rewrite_lines),
         audit=_parse_audit(_table(raw, "audit", "top level", problems), problems),
     )
 
@@ -196,7 +214,8 @@ def _parse_classes(table: dict[str, Any], problems: list[str]) -> list[ClassInfo
     return classes
 
 
-def _parse_rewrites(items: Any, problems: list[str]) -> tuple[Rewrite, ...]:
+def _parse_rewrites(items: Any, problems: list[str], lines: list[int]) -> tuple[Rewrite, ...]:
+    """`lines`: where each [[rewrite]] table starts in the file, for the messages."""
     if not isinstance(items, list):
         problems.append("[[rewrite]] must be an array of tables")
         return ()
@@ -212,9 +231,11 @@ def _parse_rewrites(items: Any, problems: list[str]) -> tuple[Rewrite, ...]:
             problems.append(f"[{where}] needs a non-empty 'pattern' and a string 'replace'")
             continue
         try:
-            re.compile(pattern)
-        except re.error as err:
-            problems.append(f"[{where}] 'pattern' is not a valid regex: {err}")
+            linear_regex(pattern)
+        except Exception as err:  # noqa: BLE001 - re2.error, or a TypeError for odd input
+            line = f" (line {lines[number - 1]})" if number <= len(lines) else ""
+            reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
+            problems.append(f"[{where}]{line} 'pattern' {pattern!r} is not a linear-time (RE2) regex: {reason}")
             continue
         rewrites.append(Rewrite(nfc(pattern), nfc(replace), str(item.get("note", ""))))
     return tuple(rewrites)

@@ -28,7 +28,7 @@ from skinvlm.prompts import agrees, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.samples import AnswerOnlyCollator, Summary, chat_rows, summarize, unsloth_collator
 from skinvlm.vlm import check_chat_template, load_processor, set_image_resolution, write_settings
-from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest
+from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, write_manifest, writes
 
 DEFAULT_BASE = "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit"
 # At most 1,024 vision tokens per image (28x28 pixels each after 2x2 merging): a 1024x1024 photo
@@ -434,6 +434,7 @@ def newest_checkpoint(output: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
+@writes("train")
 def train(
     ws: Workspace, rules: Rules, settings: TrainSettings, on_summary: Callable[[Summary], None] | None = None
 ) -> TrainResult:

@@ -11,6 +11,14 @@ Layout::
 Each stage folder holds a ``manifest.json`` written by the stage: resolved settings, input
 fingerprint, counts, package versions and start/end time; never a secret.
 
+State changes the way git makes them. One writer at a time: every writing command holds the
+workspace lock (``.skinvlm.lock``, via filelock; the OS frees it when its holder dies, so a killed
+run leaves nothing to clean up), and a second writer is refused at once with who holds it. A stage
+(``datasets/fixed``, ``models/merged``, ...) is a link to a versioned folder beside it
+(``.fixed.v3``): a new version is written and fsynced beside the old one and made current by
+renaming a new link over the old, one atomic step, so at every instant a complete stage is in
+place. Leftovers of writers that died are removed when the next writer takes the lock.
+
 Text stages (described, fixed) store only their own columns plus ``id``; loading them joins
 the images of ``datasets/ingested`` back in without copying, so gigabytes of image bytes are
 stored once however many text stages there are.
@@ -18,16 +26,19 @@ stored once however many text stages there are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.redaction import redact
@@ -121,7 +132,7 @@ class Workspace:
 
     def require(self, stage: str) -> Path:
         """The stage's folder, which must exist and still match what it was made from."""
-        path = self.dataset(stage)
+        path = current(self.dataset(stage))
         if not (path / "dataset_dict.json").exists():
             raise SkinvlmError(f"{path} does not exist yet: run `{MADE_BY[stage]}` first")
         rerun = out_of_date(self, path)
@@ -162,26 +173,188 @@ class Workspace:
         return DatasetDict(joined)
 
     def save(self, stage: str, data: DatasetDict, manifest: dict[str, Any]) -> Path:
-        """Write a stage atomically: a crash mid-write leaves the previous version intact."""
+        """Write a stage as a new version and make it current atomically (see `staged`)."""
         from datasets import disable_progress_bars
 
         disable_progress_bars()  # our own rich bars run on stderr; tqdm lines would garble them
         target = self.dataset(stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{stage}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        data.save_to_disk(str(tmp))
-        write_manifest(tmp, manifest | {"content": content_digest(data)})
-        replace_dir(tmp, target)
+        with staged(target) as tmp:
+            data.save_to_disk(str(tmp))
+            write_manifest(tmp, manifest | {"content": content_digest(data)})
         return target
 
+    def stage_targets(self) -> list[Path]:
+        """The folders that are replaced as a whole, by `staged`."""
+        return [*(self.dataset(s) for s in DATASET_STAGES), self.merged]
 
-def replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    def writing(self, command: str) -> AbstractContextManager[None]:
+        return writing(self, command)
+
+
+# -- one writer, atomic stages ----------------------------------------------------------------
+LOCK_FILE = ".skinvlm.lock"
+HOLDER_FILE = ".skinvlm.lock.json"  # who holds the lock, for the message a second writer gets
+HELD_FOR = "SKINVLM_LOCK_HELD_FOR"  # the workspace a parent process holds the lock of, for its children
+CRASH_AT = "SKINVLM_CRASH_AT"  # fault injection for the tests: die at this step of a swap
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def crash_point(step: str) -> None:
+    """The tests kill a writer between the steps of a swap by naming the step; a no-op otherwise."""
+    if os.environ.get(CRASH_AT) == step:
+        os._exit(99)
+
+
+@contextmanager
+def writing(ws: Workspace, command: str) -> Iterator[None]:
+    """Hold the workspace lock while `skinvlm COMMAND` writes; refuse at once if another writer holds it."""
+    from filelock import FileLock, Timeout
+
+    if os.environ.get(HELD_FOR) == str(ws.root):  # our parent (torchrun's launcher) holds it for us
+        yield
+        return
+    ws.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(ws.root / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SkinvlmError(f"{ws.root} is busy: {lock_holder(ws)} is writing to it; wait for it or stop it") from None
+    holder = ws.root / HOLDER_FILE
+    try:
+        holder.write_text(json.dumps({"command": command, "pid": os.getpid(), "since": now_iso()}), encoding="utf-8")
+        os.environ[HELD_FOR] = str(ws.root)
+        for target in ws.stage_targets():
+            tidy(target)
+        yield
+    finally:
+        os.environ.pop(HELD_FOR, None)
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def writes(command: str) -> Callable[[Callable[Params, Result]], Callable[Params, Result]]:
+    """A stage function (its first argument the Workspace) that runs holding the workspace lock."""
+
+    def wrap(stage: Callable[Params, Result]) -> Callable[Params, Result]:
+        @functools.wraps(stage)
+        def locked(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+            ws = args[0]
+            assert isinstance(ws, Workspace)
+            with writing(ws, command):
+                return stage(*args, **kwargs)
+
+        return locked
+
+    return wrap
+
+
+def lock_holder(ws: Workspace) -> str:
+    try:
+        found = json.loads((ws.root / HOLDER_FILE).read_text(encoding="utf-8"))
+        return f"`skinvlm {found['command']}` (PID {found['pid']}, since {found['since'][11:19]} UTC)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another skinvlm command"
+
+
+def versions(target: Path) -> list[Path]:
+    """The versioned folders beside a stage, oldest first."""
+    found = []
+    for path in target.parent.glob(f".{target.name}.v*"):
+        number = path.name.rsplit(".v", 1)[-1]
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def current(target: Path) -> Path:
+    """The stage a reader should open: `target`, or, in the instant after a crash that left it without its
+    link (possible only while a pre-versioning folder is migrated), its newest complete version."""
     if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+        return target
+    complete = [v for v in versions(target) if (v / MANIFEST).exists()]
+    return complete[-1] if complete else target
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def point(target: Path, version: Path) -> None:
+    """Make `target` a link to `version` in one rename, over whatever link was there."""
+    link = target.with_name(f".{target.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)
+    crash_point("linked")
+    if target.is_dir() and not target.is_symlink():  # a stage written before versioned folders
+        os.rename(target, target.with_name(f".{target.name}.v0"))
+        crash_point("migrated")
+    os.replace(link, target)
+    fsync_dir(target.parent)
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """`new` (complete) becomes the stage at `target`; the version it replaces is removed afterwards."""
+    fsync_tree(new)
+    numbers = [int(v.name.rsplit(".v", 1)[-1]) for v in versions(target)]
+    version = target.with_name(f".{target.name}.v{max(numbers, default=0) + 1}")
+    os.rename(new, version)
+    crash_point("renamed")
+    point(target, version)
+    crash_point("swapped")
+    for old in versions(target):
+        if old != version:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A fresh folder beside `target` for its next version; made current on success, removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tidy(target: Path) -> None:
+    """What writers that died left beside a stage: temporary folders and links, versions no link points at;
+    and a stage left without its link is pointed back at its newest complete version."""
+    if not target.parent.is_dir():
+        return
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*", f".{target.name}.link-*"):
+        for leftover in target.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    found = versions(target)
+    if not target.exists():
+        complete = [v for v in found if (v / MANIFEST).exists()]
+        if complete:
+            point(target, complete[-1])
+    live = target.resolve() if target.is_symlink() else None
+    for version in found:
+        if version.resolve() != live:
+            shutil.rmtree(version, ignore_errors=True)
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -290,7 +463,8 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
     if ws.eval_root.is_dir():
         folders += [(f"eval/{p.name}", p) for p in sorted(ws.eval_root.iterdir()) if p.is_dir()]
     out = []
-    for name, path in folders:
+    for name, link in folders:
+        path = current(link)
         found = read_manifest(path) if path.is_dir() else None
         counts = (found or {}).get("counts", {})
         rows = counts.get("splits") if isinstance(counts.get("splits"), dict) else {}

@@ -1,7 +1,8 @@
 """A small OpenAI-protocol HTTP server for tests and benchmarks, on 127.0.0.1, with injected faults.
 
 It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-alive, threads),
-and the Batch API: POST /v1/files (multipart), POST /v1/batches, GET /v1/batches/ID, GET /v1/files/ID/content.
+and the Batch API: POST /v1/files (multipart), POST /v1/batches, GET /v1/batches (list),
+GET /v1/batches/ID, GET /v1/files/ID/content.
 `plan` is consumed one entry per chat request, then `default` applies:
 ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset.
 An `answer` function may return "!500" (any status) to fail that request.
@@ -135,7 +136,12 @@ class FakeOpenAI:
     def create_batch(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             batch_id = f"batch-{len(self.batches)}"
-            self.batches[batch_id] = {"input": request["input_file_id"], "polls": 0, "output": None}
+            self.batches[batch_id] = {
+                "input": request["input_file_id"],
+                "polls": 0,
+                "output": None,
+                "metadata": request.get("metadata"),
+            }
         return self.batch_object(batch_id, "validating")
 
     def poll_batch(self, batch_id: str) -> dict[str, Any]:
@@ -212,6 +218,7 @@ class FakeOpenAI:
             "created_at": int(time.time()),
             "output_file_id": output,
             "error_file_id": errors,
+            "metadata": self.batches[batch_id]["metadata"],
         }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -236,6 +243,9 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:
                 parts = self.path.split("/")
+                if self.path.split("?")[0].endswith("/batches"):
+                    listed = [fake.batch_object(b, "in_progress") for b in reversed(fake.batches)]
+                    return self.send(200, {"object": "list", "data": listed, "has_more": False})
                 if "/batches/" in self.path:
                     return self.send(200, fake.poll_batch(parts[-1]))
                 if self.path.endswith("/content"):

@@ -68,8 +68,9 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(SkinvlmError) as caught:
         load_rules(write(tmp_path, text + "[extra]\n"))
     message = str(caught.value)
-    for part in ("unknown key 'extra'", "unknown key 'colour'", "'min_summary_chars' must be", "not a valid regex"):
+    for part in ("unknown key 'extra'", "unknown key 'colour'", "'min_summary_chars' must be", "(line 11)"):
         assert part in message
+    assert "'(' is not a linear-time (RE2) regex: missing )" in message
     assert "\n" not in message
 
 
@@ -93,3 +94,17 @@ def test_cli_reports_a_bad_workspace_rule_file(cli, workspace: Path, clean_tree:
     (workspace / "postprocess.toml").write_text(BASE + '[labels.aliases]\n"x" = "y"\n', encoding="utf-8")
     result = cli("ingest", clean_tree, ok=False)
     assert result.exit_code == 1 and "'x' maps to 'y', which is not a class" in result.stderr
+
+
+def test_a_rewrite_that_would_backtrack_forever_runs_in_linear_time_or_is_refused(tmp_path: Path) -> None:
+    """Python's re takes minutes on (a+)+$ against 35 a's and a b; RE2 takes microseconds."""
+    from collections import Counter
+
+    from skinvlm.fix import fix_text
+
+    rules = load_rules(write(tmp_path, BASE + '[[rewrite]]\npattern = "(a+)+$"\nreplace = "에이"\n'))
+    assert fix_text("a" * 35 + "b", rules, None, Counter()) == "a" * 35 + "b"
+    assert fix_text("a" * 35, rules, None, Counter()) == "에이", "Korean replacements come back intact"
+    lookaround = write(tmp_path, BASE + '[[rewrite]]\npattern = "(?<=홍)반"\nreplace = ""\n')
+    with pytest.raises(SkinvlmError, match=r"\[rewrite #1\] \(line 8\) .* invalid perl operator"):
+        load_rules(lookaround)

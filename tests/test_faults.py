@@ -1,0 +1,243 @@
+"""The fault suite: hostile trees, a second writer, kills between the steps of a stage swap, a full disk,
+endless answers, a batch created by a run that died, the Hub out of reach. Each reproduces a fault that once
+lost work or hung, on small data, through the real CLI (in-process or as a real subprocess)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+from openai_server import FakeOpenAI
+
+from skinvlm.synthetic import image_bytes
+from skinvlm.workspace import Workspace
+
+KEY = "sk-test-faults-0123456789abcdef"
+
+
+def skinvlm(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "skinvlm", *map(str, args)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,  # type: ignore[arg-type]
+    )
+
+
+def finished(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- ingest survives any tree ----------------------------------------------------------------
+@pytest.fixture
+def hostile_tree(clean_tree: Path) -> Iterator[Path]:
+    """The clean tree plus every hostile entry a real download or unzip has produced."""
+    from PIL import Image
+
+    folder = clean_tree / "Training" / "images" / "TS_건선_정면"
+    raw = os.fsencode(folder)
+    (Path(os.fsdecode(raw + b"/" + "사진.png".encode("cp949")))).write_bytes(image_bytes("건선", 801, 32))
+    (Path(os.fsdecode(raw + b"/bad\xff\xfe.png"))).write_bytes(image_bytes("건선", 802, 32))
+    (folder / "two\nlines.png").write_bytes(image_bytes("건선", 803, 32))
+    (folder / "dangling.png").symlink_to("/nonexistent/photo.png")
+    (folder / "loop-a.png").symlink_to("loop-b.png")
+    (folder / "loop-b.png").symlink_to("loop-a.png")
+    os.mkfifo(folder / "fifo.png")
+    os.mkfifo(folder / "new\nline.png")  # a skipped file whose name could split a report line
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "linked-folder").symlink_to(clean_tree / "Validation")
+    Image.new("1", (12000, 12000), 1).save(folder / "huge.png")  # 144 MP, a few KB on disk
+    deep = str(folder)
+    for _ in range(1100):  # deeper than Python's recursion limit
+        deep += "/d"
+        os.mkdir(deep)
+    Path(deep, "deep.png").write_bytes(image_bytes("건선", 804, 32))
+    yield clean_tree
+    os.remove(Path(deep, "deep.png"))
+    for _ in range(1100):  # bottom-up: shutil.rmtree, which pytest cleans up with, recurses
+        os.rmdir(deep)
+        deep = os.path.dirname(deep)
+
+
+def test_ingest_names_every_hostile_file_and_keeps_every_good_one(cli, hostile_tree: Path, workspace: Path) -> None:
+    result = cli("ingest", hostile_tree, "--workers", "4")
+    report = json.loads(cli("status", "--json").stdout)
+    skipped = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in ingested_manifest(workspace)["skipped"]}
+    assert skipped == {
+        "dangling.png": "a broken link (its target does not exist)",
+        "loop-a.png": "a link loop",
+        "loop-b.png": "a link loop",
+        "fifo.png": "not a regular file (a FIFO, device or socket): never read",
+        "new\\nline.png": "not a regular file (a FIFO, device or socket): never read",
+        "zero.png": "not a regular file (a FIFO, device or socket): never read",
+        "linked-folder": "a link to a folder: not followed",
+        "huge.png": "12000x12000 = 144,000,000 pixels, over --max-pixels-in 67,108,864 (raise it to take this image)",
+    }
+    sources = load_from_disk(str(workspace / "datasets" / "ingested"))["train"]["source"]
+    names = {source.rsplit("/", 1)[-1] for source in sources}
+    assert {"사진.png", "bad\\xff\\xfe.png", "two\\nlines.png", "deep.png"} <= names, "CP949 read, the rest escaped"
+    assert len(sources) == 36 + 4
+    assert "new\\nline.png" in result.stderr and not any(
+        line.startswith("line.png") for line in result.stderr.splitlines()
+    ), "one report line per skipped file"
+    assert "huge.png" in result.stderr and "zero.png" in result.stderr
+    assert next(s for s in report["stages"] if s["name"] == "ingested")["rows"] == {"train": 40, "test": 12}
+
+
+def ingested_manifest(workspace: Path) -> dict:
+    return json.loads((workspace / "datasets" / "ingested" / "manifest.json").read_text())
+
+
+# -- one writer at a time --------------------------------------------------------------------
+def test_a_second_writer_is_refused_at_once_and_a_killed_writers_lock_is_taken_over(cli, ingested: Path) -> None:
+    with FakeOpenAI(latency=0.3, key=KEY) as server:
+        args = ("describe", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--concurrency", "1")
+        first = skinvlm(*args)
+        deadline = time.time() + 60
+        while server.requests < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        clock = time.perf_counter()
+        refused = cli("fix", ok=False)
+        assert time.perf_counter() - clock < 1.0, "refused at once, not after a wait"
+        assert refused.exit_code == 1 and f"`skinvlm describe` (PID {first.pid}" in refused.stderr
+        assert cli("ingest", ingested.parent / "extracted_data", "--force", ok=False).exit_code == 1
+        assert cli("status").exit_code == 0, "readers never wait"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        done = cli.json("describe", "--base-url", server.url, "--api-key", KEY)
+    assert done["statuses"] == {"ok": 48}, "the dead writer's lock was taken over"
+
+
+# -- atomic stages ---------------------------------------------------------------------------
+@pytest.fixture
+def fixed(cli, ingested: Path) -> Path:
+    cli("describe", "--template")
+    cli("fix")
+    return ingested
+
+
+def complete(workspace: Path) -> int:
+    """Rows of datasets/fixed, loaded as every reader does; raises when the stage is broken."""
+    data = Workspace.open(workspace).load("fixed")
+    return sum(split.num_rows for split in data.values())
+
+
+def leftovers(workspace: Path) -> list[str]:
+    return sorted(p.name for p in (workspace / "datasets").iterdir() if p.name.startswith(".fixed"))
+
+
+@pytest.mark.parametrize("step", ["renamed", "linked", "swapped"])
+def test_a_kill_at_any_step_of_a_swap_leaves_a_complete_stage(cli, fixed: Path, step: str) -> None:
+    code, _, err = finished(skinvlm("fix", "-w", fixed, "--drop-invalid", env={"SKINVLM_CRASH_AT": step}))
+    assert code == 99, err
+    assert complete(fixed) == 48 and load_from_disk(str(fixed / "datasets" / "fixed"))["train"].num_rows == 36
+    cli("fix")  # the next writer cleans up after the one that died
+    assert leftovers(fixed) == [os.readlink(fixed / "datasets" / "fixed")], "one version, no temporary folders"
+
+
+def test_a_kill_while_an_old_stage_folder_is_migrated_leaves_a_complete_stage(cli, fixed: Path) -> None:
+    link = fixed / "datasets" / "fixed"
+    version = link.parent / os.readlink(link)
+    link.unlink()
+    shutil.copytree(version, link)  # a workspace made before stages were versioned: a plain folder
+    shutil.rmtree(version)
+    code, _, err = finished(skinvlm("fix", "-w", fixed, env={"SKINVLM_CRASH_AT": "migrated"}))
+    assert code == 99, err
+    assert not link.exists() and complete(fixed) == 48, "readers find the newest complete version"
+    assert next(s for s in cli.json("status")["stages"] if s["name"] == "fixed")["present"]
+    cli("fix")
+    assert link.is_symlink() and complete(fixed) == 48 and len(leftovers(fixed)) == 1
+
+
+# -- the machine's errors --------------------------------------------------------------------
+def limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
+
+    return apply
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_keeps_finished_work(ingested: Path) -> None:
+    process = skinvlm("describe", "-w", ingested, "--template", preexec_fn=limit_file_size(6000))
+    code, _, err = finished(process)
+    assert code == 1 and "grew past the largest file allowed here" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    journal = (ingested / "journal" / "describe.jsonl").read_bytes().splitlines()
+    kept = [json.loads(line) for line in journal if line.endswith(b"}")]
+    assert kept and all(r["status"] == "ok" for r in kept), "what was finished is on disk"
+    code, out, err = finished(skinvlm("describe", "-w", ingested, "--template", "--json"))
+    assert code == 0 and json.loads(out)["statuses"] == {"ok": 48}, err
+
+
+def test_a_full_disk_names_the_path_and_what_to_free(tmp_path: Path) -> None:
+    from skinvlm.errors import machine_problem
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "journal" / "describe.jsonl"))
+    wrapped = RuntimeError("while saving")
+    wrapped.__cause__ = full
+    line = machine_problem(wrapped, tmp_path)
+    assert line is not None and line.startswith(f"no space left on the disk holding {tmp_path}/journal")
+    assert "GiB free" in line and "finished work is kept" in line
+    assert machine_problem(ValueError("a bug"), tmp_path) is None, "bugs keep their traceback"
+
+
+# -- answers without end ---------------------------------------------------------------------
+def test_an_endless_answer_is_stored_cut_and_counted(cli, ingested: Path) -> None:
+    endless = "<label>건선</label>\n<summary>" + "붉은 판이 보입니다. " * 20_000 + "</summary>"
+    with FakeOpenAI(answer=lambda body: endless) as server:
+        args = ("--base-url", server.url, "--api-key", KEY)
+        described = cli.json("describe", *args, "--limit", "6")
+        evaluated = cli.json("eval", *args, "--name", "endless", "--limit", "6")
+    journal = [json.loads(line) for line in (ingested / "journal" / "describe.jsonl").read_text().splitlines()]
+    assert described["answers_cut"] == 6 and all(r["cut"] and len(r["output"]) == 20_000 for r in journal)
+    predictions = (ingested / "eval" / "endless" / "predictions.jsonl").read_text()
+    assert evaluated["answers_cut"] == 6 and len(predictions) < 6 * 25_000
+
+
+# -- the Batch API never pays twice ----------------------------------------------------------
+def test_a_batch_created_by_a_run_that_died_is_found_not_paid_again(cli, ingested: Path) -> None:
+    with FakeOpenAI(key=KEY) as server:
+        args = ("describe", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--batch", "--no-wait")
+        code, _, err = finished(skinvlm(*args, env={"SKINVLM_CRASH_AT": "batch-created"}))
+        assert code == 99, err
+        state = json.loads((ingested / "journal" / "batch.json").read_text())
+        assert state["batches"][0]["id"] is None, "died between creating the batch and recording it"
+        done = cli.json("describe", "--base-url", server.url, "--api-key", KEY, "--batch", "--poll-seconds", "0.01")
+        assert len(server.batches) == 1, "the orphan was adopted by its metadata, not created again"
+    assert done["statuses"] == {"ok": 48}
+
+
+# -- the Hub out of reach --------------------------------------------------------------------
+def test_publishing_without_the_hub_is_one_line(cli, ingested: Path) -> None:
+    cli("describe", "--template")
+    cli("fix")
+    endpoint = f"http://127.0.0.1:{dead_port()}"
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake-token-for-this-test"}
+    code, _, err = finished(skinvlm("publish", "me/offline", "-w", ingested, "--yes", env=env))
+    assert code == 1 and f"cannot reach the Hugging Face Hub at {endpoint} to publish me/offline" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = finished(
+        skinvlm("publish", "me/offline", "-w", ingested, "--yes", env=env | {"HF_HUB_OFFLINE": "1"})
+    )
+    assert code == 1 and "HF_HUB_OFFLINE is set" in err
