@@ -5,7 +5,7 @@ Requests are streamed, one image at a time, into JSONL files of at most ~190 MB 
 batch is written to `journal/batch.json` as an intent (its uploaded file) before it is created,
 and created with metadata naming this run and chunk; a re-run that finds an intent without a
 batch id looks the batch up by that metadata before it would create one. A crash, Ctrl-C or
-`--no-wait` then only means a re-run resumes polling. Results are merged into the describe
+`--submit-only` then only means a re-run resumes polling. Results are merged into the describe
 journal like any other answer.
 """
 
@@ -57,7 +57,7 @@ async def request_files(
     tasks: list[Task], ingested: Any, ctx: RunContext, folder: Path
 ) -> AsyncIterator[tuple[Path, int]]:
     """(JSONL file, lines) under the API's size limits, written one image at a time: memory stays flat."""
-    side = min(ctx.settings.image_max_side, 512) if ctx.settings.detail == "low" else ctx.settings.image_max_side
+    side = min(ctx.settings.max_side, 512) if ctx.settings.detail == "low" else ctx.settings.max_side
     number, lines, size = 0, 0, 0
     path = folder / "batch-input-0.jsonl"
     handle = path.open("wb")

@@ -1,14 +1,20 @@
-"""The `skinvlm` command line: read options, call a stage function, render its result. Nothing more."""
+"""The `skinvlm` command line: read options, call a stage function, render its result. Nothing more.
+
+Each flag's default is its settings dataclass's field (`= TrainSettings.max_steps`), so a default lives in
+one place; `--config FILE.toml` fills what the command line left at its default (`config.resolve`).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from enum import StrEnum
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,14 +22,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from skinvlm import render
+from skinvlm import config, render
+from skinvlm.describe import DescribeSettings
 from skinvlm.errors import SkinvlmError, machine_problem
+from skinvlm.evaluate import EvalSettings
 from skinvlm.ingest import DEFAULT_MAX_PIXELS_IN
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
-from skinvlm.train import DEFAULT_BASE, DEFAULT_MAX_PIXELS
+from skinvlm.serve import ServeSettings
+from skinvlm.train import TrainSettings
 from skinvlm.workspace import Workspace
 
 app = typer.Typer(
@@ -31,10 +39,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+COMMANDS = ("ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "doctor")
+
+
+def flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's own name
+    """A boolean flag, shown without a type in --help."""
+    return typer.Option(*names, help=help, metavar="")
+
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -55,35 +71,126 @@ RulesOpt = Annotated[
         help="Rule file (default: <workspace>/postprocess.toml, else the shipped one).",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        dir_okay=False,
+        help="TOML file with a table for this command ([train], [describe], [eval], [serve]); flags win.",
+    ),
+]
+JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
+GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
+MaxSideOpt = Annotated[int, typer.Option(help="Images are sent scaled to fit this many pixels on their longer side.")]
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    unsloth = "unsloth"
+    hf = "hf"
+
+
+class ReportTo(StrEnum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+class Detail(StrEnum):
+    low = "low"
+    high = "high"
+    auto = "auto"
+
+
+class MergeDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ServeDtype(StrEnum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class TextStage(StrEnum):
+    """The stages that hold generated text (audit and publish work on these)."""
+
+    described = "described"
+    fixed = "fixed"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        out.print(f"skinvlm {metadata.version('skinvlm')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    workspace: WorkspaceOpt = None,
+    debug: Annotated[bool, flag("--debug", help="Show the traceback of an error (or set SKINVLM_DEBUG=1).")] = False,
+    quiet: Annotated[bool, flag("--quiet", "-q", help="No progress bars or live training figures.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, metavar="", help="Show the version.")
+    ] = False,
+) -> None:
+    """Facial skin photo folders -> a served, evaluated Korean vision-language model."""
+    GLOBAL.update(debug=debug or os.environ.get("SKINVLM_DEBUG") == "1", quiet=quiet)
+    if workspace is not None:  # `skinvlm -w WS status` as well as `skinvlm status -w WS`
+        ctx.default_map = {command: {"workspace": str(workspace)} for command in COMMANDS}
+
+
+GLOBAL = {"debug": False, "quiet": False}  # the options before the command, set by `main_options` each run
+
+
+def global_option(name: str) -> bool:
+    return GLOBAL[name]
 
 
 def user_errors(fn: F) -> F:
-    """A SkinvlmError becomes one line on stderr and exit 1; Ctrl-C exits 130 after the stage saved."""
+    """Every error a user can meet is one line on stderr, exit 1 (a usage error is click's, exit 2); Ctrl-C exits
+    130 after the stage saved. Anything else is a bug: one line too, and its traceback with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except SkinvlmError as problem:
-            err.print(f"[bold red]error:[/] {escape(redact_text(str(problem)))}", highlight=False, markup=True)
-            raise typer.Exit(1) from None
+            fail(str(problem))
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to go on")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # exit codes and usage errors the command chose
         except Exception as problem:
             line = machine_problem(problem, Workspace.open(kwargs.get("workspace")).root)
-            if line is None:
+            if line is not None:
+                fail(line)
+            if global_option("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {escape(redact_text(line))}", highlight=False, markup=True)
-            raise typer.Exit(1) from None
+            fail(f"internal error: {type(problem).__name__}: {problem} (--debug shows the traceback; please report it)")
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(line: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(redact_text(line.splitlines()[0] if line else line))}", highlight=False)
+    raise typer.Exit(1)
 
 
 def open_workspace(workspace: Path | None, rules: Path | None = None) -> tuple[Workspace, Rules]:
     ws = Workspace.open(workspace)
     return ws, load_rules(resolve_rules_path(rules, ws.root))
+
+
+def settings_of(ctx: typer.Context, cls: type[Any], section: str, config_file: Path | None) -> Any:
+    """The command's settings dataclass: its parameters, and the config file for what was left at its default."""
+    defaults = {"DEFAULT", "DEFAULT_MAP"}
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) not in defaults}
+    return config.resolve(cls, section, config_file, ctx.params, given)
 
 
 def progress_bar(description: str) -> Progress:
@@ -95,6 +202,7 @@ def progress_bar(description: str) -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=global_option("quiet"),
     )
 
 
@@ -110,7 +218,7 @@ def ingest(
     ],
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing datasets/ingested.")] = False,
+    force: Annotated[bool, flag("--force", help="Replace an existing datasets/ingested.")] = False,
     test_size: Annotated[float, typer.Option(help="Test share for a tree without Training/Validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 42,
     max_side: Annotated[int | None, typer.Option(help="Downscale images whose longer side exceeds PX.")] = None,
@@ -140,101 +248,96 @@ def ingest(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     if as_json:
-        print_json(result.as_json())
-        return
+        return print_json(result.as_json())
     render.ingest_report(out, err, result, loaded)
 
 
 @app.command()
 @user_errors
 def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Show what the workspace holds, stage by stage."""
+    """Show what the workspace holds, stage by stage, and which stages are stale."""
     from skinvlm.workspace import stage_status
 
     ws = Workspace.open(workspace)
     stages = stage_status(ws)
     if as_json:
-        print_json(
-            {
-                "workspace": str(ws.root),
-                "stages": [
-                    {
-                        "name": s.name,
-                        "present": s.present,
-                        "rows": s.rows,
-                        "finished": s.finished,
-                        "inputs": s.inputs,
-                        "stale": bool(s.rerun),
-                        "rerun": s.rerun,
-                    }
-                    for s in stages
-                ],
-            }
-        )
-        return
-    table = Table(title=f"workspace {ws.root}")
-    for column in ("stage", "present", "rows", "finished", "from", "current"):
-        table.add_column(column)
-    for s in stages:
-        rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
-        when = s.finished[:16].replace("T", " ")
-        current = f"[yellow]stale[/]: run {' then '.join(s.rerun)}" if s.rerun else ("yes" if s.present else "")
-        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, s.inputs, current)
-    out.print(table)
+        return print_json({"workspace": str(ws.root), "stages": [render.stage_json(s) for s in stages]})
+    render.status_table(out, ws, stages)
+
+
+def parse_redo(value: str) -> tuple[str, ...]:
+    from skinvlm.describe import REDO_CHOICES
+
+    chosen = tuple(x.strip() for x in value.split(",") if x.strip())
+    bad = [x for x in chosen if x not in REDO_CHOICES]
+    if bad:
+        raise typer.BadParameter(f"{', '.join(bad)} is not one of {', '.join(REDO_CHOICES)}")
+    return chosen
 
 
 @app.command()
 @user_errors
 def describe(
+    ctx: typer.Context,
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    model: Annotated[str, typer.Option(help="Model name at the endpoint.")] = "gpt-4o-mini",
+    config_file: ConfigOpt = None,
+    model: Annotated[str, typer.Option(help="Model name at the endpoint.")] = DescribeSettings.model,
     base_url: Annotated[
         str | None, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint (default: api.openai.com).")
     ] = None,
     api_key: Annotated[
         str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 16,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = DescribeSettings.concurrency,
     rpm: Annotated[int | None, typer.Option(help="Client-side limit: requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Client-side limit: tokens per minute (estimated).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 120.0,
-    max_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 512,
-    temperature: Annotated[float, typer.Option()] = 0.2,
-    image_max_side: Annotated[int, typer.Option(help="Images are re-encoded to fit this many pixels.")] = 1024,
-    detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "auto",
-    format_retries: Annotated[int, typer.Option(help="Re-asks when an answer lacks <label>/<summary>.")] = 1,
-    max_attempts: Annotated[int, typer.Option(help="Tries per request on 429/5xx/timeouts.")] = 6,
-    backoff: Annotated[float, typer.Option(help="Base seconds of the exponential backoff (with jitter).")] = 1.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds per request before it is retried.")
+    ] = DescribeSettings.timeout,
+    max_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DescribeSettings.max_tokens,
+    temperature: Annotated[float, typer.Option()] = DescribeSettings.temperature,
+    max_side: MaxSideOpt = DescribeSettings.max_side,
+    detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail.auto,
+    format_retries: Annotated[
+        int, typer.Option(help="Re-asks when an answer lacks <label>/<summary>.")
+    ] = DescribeSettings.format_retries,
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")
+    ] = DescribeSettings.max_attempts,
+    backoff: Annotated[
+        float, typer.Option(help="Base seconds of the exponential backoff (with jitter).")
+    ] = DescribeSettings.backoff,
     limit: Annotated[
         int | None,
         typer.Option(min=1, help="Describe a seeded sample of N pending records, stratified by label and view."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 42,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = DescribeSettings.seed,
     redo: Annotated[
         str,
         typer.Option(
+            parser=parse_redo,
             help="Ask again (comma-separated): failed, invalid, ok, all; changed (made by another model or prompt); "
-            "mismatch (the <label> named another class: asked again with the folder label restated)."
+            "mismatch (the <label> named another class: asked again with the folder label restated).",
         ),
     ] = "",
-    split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable).")] = None,
+    splits: Annotated[
+        list[str] | None, typer.Option("--split", help="Only these splits (repeatable; default: train and test).")
+    ] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="System prompt: TOML (system, user) or text.")] = None,
     template: Annotated[
-        bool, typer.Option("--template", help="Offline answers from the rule file's class templates; nothing is sent.")
+        bool, flag("--template", help="Offline answers from the rule file's class templates; nothing is sent.")
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show one request and the cost; send nothing.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Show one request and the cost; send nothing.")] = False,
     batch: Annotated[
-        bool,
-        typer.Option(
-            "--batch",
-            help="Go through the OpenAI Batch API (half price, up to 24 h); a re-run resumes a submitted batch.",
-        ),
+        bool, flag("--batch", help="Go through the OpenAI Batch API (half price, up to 24 h); a re-run resumes it.")
     ] = False,
-    wait: Annotated[
-        bool, typer.Option("--wait/--no-wait", help="With --batch: wait for the results, or submit and return.")
-    ] = True,
-    poll_seconds: Annotated[float, typer.Option(help="With --batch: seconds between status checks.")] = 30.0,
+    submit_only: Annotated[
+        bool, flag("--submit-only", help="With --batch: submit and return; a later run collects the results.")
+    ] = False,
+    poll_seconds: Annotated[
+        float, typer.Option(help="With --batch: seconds between status checks.")
+    ] = DescribeSettings.poll_seconds,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe every ingested image in Korean with GPT-4o-mini or any OpenAI-compatible model (resumable)."""
@@ -242,33 +345,13 @@ def describe(
     from skinvlm.prompts import load_describe_prompt
 
     ws, loaded = open_workspace(workspace, rules)
-    settings = stage.DescribeSettings(
-        model=model,
-        base_url=base_url,
-        concurrency=concurrency,
-        rpm=rpm,
-        tpm=tpm,
-        timeout=timeout,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        image_max_side=image_max_side,
-        detail=detail,
-        format_retries=format_retries,
-        max_attempts=max_attempts,
-        limit=limit,
-        seed=seed,
-        redo=tuple(x.strip() for x in redo.split(",") if x.strip()),
-        splits=tuple(split or ("train", "test")),
-        template=template,
-        backoff=backoff,
-        batch=batch,
-        wait=wait,
-        poll_seconds=poll_seconds,
-    )
+    settings = settings_of(ctx, DescribeSettings, "describe", config_file)
     prompt = load_describe_prompt(prompt_file, loaded)
     if dry_run:
         preview = stage.dry_run(ws, loaded, settings, prompt)
-        return print_json(asdict(preview)) if as_json else render.describe_dry_run(out, preview, settings)
+        if as_json:
+            return print_json(asdict(preview) | {"settings": asdict(settings)})
+        return render.describe_dry_run(out, preview, settings)
     with progress_bar("describing") as bar:
         task = bar.add_task("describe", total=None, note="")
         result = stage.describe(
@@ -282,24 +365,16 @@ def describe(
     return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
 
-class TextStage(StrEnum):
-    """The stages that hold generated text (audit and publish work on these)."""
-
-    described = "described"
-    fixed = "fixed"
-
-
-StageOpt = Annotated[TextStage | None, typer.Option(help="Which text stage (default: the newest).")]
-
-
 @app.command()
 @user_errors
 def audit(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    stage: StageOpt = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when any record has a problem.")] = False,
-    suggest: Annotated[bool, typer.Option("--suggest", help="Print TOML stanzas for what the rules miss.")] = False,
+    stage: Annotated[TextStage | None, typer.Option(help="Which text stage (default: the newest).")] = None,
+    strict: Annotated[bool, flag("--strict", help="Exit 1 when any record has a problem.")] = False,
+    suggest: Annotated[
+        bool, flag("--suggest", help="Print TOML stanzas and commands for what the audit finds.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Report what is wrong with the generated text: English, other scripts, label tags, format, length."""
@@ -323,13 +398,12 @@ def audit(
 def fix(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show rule hits and examples; write nothing.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Show rule hits and examples; write nothing.")] = False,
     drop_invalid: Annotated[
-        bool, typer.Option("--drop-invalid", help="Leave out records still malformed, empty or failed.")
+        bool, flag("--drop-invalid", help="Leave out records still malformed, empty or failed.")
     ] = False,
     drop_mismatches: Annotated[
-        bool,
-        typer.Option("--drop-mismatches", help="Leave out answers whose <label> names another class than the folder."),
+        bool, flag("--drop-mismatches", help="Leave out answers whose <label> names another class than the folder.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -348,12 +422,14 @@ def publish(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
     stage: Annotated[TextStage, typer.Option(help="Which text stage to publish.")] = TextStage.fixed,
-    public: Annotated[bool, typer.Option("--public", help="Make the dataset public (default: private).")] = False,
+    public: Annotated[bool, flag("--public", help="Make the dataset public (default: private).")] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Write shards and card to <workspace>/publish/; upload nothing.")
+        bool, flag("--dry-run", help="Write shards and card to <workspace>/publish/; upload nothing.")
     ] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Publish even when audit --strict would fail.")] = False,
+    yes: Annotated[bool, flag("--yes", help="Do not ask for confirmation.")] = False,
+    ignore_audit: Annotated[
+        bool, flag("--ignore-audit", help="Publish although audit --strict fails; the card says what failed.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Push a text stage with its images and a dataset card to the Hugging Face Hub (token: HF_TOKEN)."""
@@ -368,65 +444,74 @@ def publish(
         public=public,
         dry_run=dry_run,
         yes=yes,
-        force=force,
+        force=ignore_audit,
         confirm=lambda question: typer.confirm(question, default=False),
     )
     return print_json(result.as_json()) if as_json else render.publish_report(out, result)
 
 
-GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
+T = TrainSettings  # the defaults below are its fields'
 
 
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
-    model: Annotated[str, typer.Option(help="Base model: Hub name or local folder.")] = DEFAULT_BASE,
+    config_file: ConfigOpt = None,
+    model: Annotated[str, typer.Option(help="Base model: Hub name or local folder.")] = T.model,
     backend: Annotated[
-        str, typer.Option(help="auto (unsloth on CUDA when installed, else hf), unsloth or hf.")
-    ] = "auto",
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored with --epochs).")] = 3000,
+        Backend, typer.Option(help="auto: unsloth on CUDA when installed, else hf (transformers + PEFT).")
+    ] = Backend.auto,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored with --epochs).")] = T.max_steps,
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
-    learning_rate: Annotated[float, typer.Option()] = 5e-5,
-    lora_r: Annotated[int, typer.Option()] = 128,
-    lora_alpha: Annotated[int, typer.Option()] = 128,
-    lora_dropout: Annotated[float, typer.Option()] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Per-device batch size.")] = 2,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
+    learning_rate: Annotated[float, typer.Option()] = T.learning_rate,
+    lora_r: Annotated[int, typer.Option()] = T.lora_r,
+    lora_alpha: Annotated[int, typer.Option()] = T.lora_alpha,
+    lora_dropout: Annotated[float, typer.Option()] = T.lora_dropout,
+    finetune_vision: Annotated[
+        bool, typer.Option("--finetune-vision/--no-finetune-vision", metavar="", help="LoRA on the vision tower.")
+    ] = T.finetune_vision,
+    finetune_language: Annotated[
+        bool, typer.Option("--finetune-language/--no-finetune-language", metavar="", help="LoRA on the language model.")
+    ] = T.finetune_language,
+    batch_size: Annotated[int, typer.Option(help="Per-device batch size.")] = T.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = T.grad_accum,
+    warmup_steps: Annotated[int, typer.Option()] = T.warmup_steps,
+    weight_decay: Annotated[float, typer.Option()] = T.weight_decay,
+    optim: Annotated[str, typer.Option(help="Optimizer (adamw_torch where bitsandbytes is missing).")] = T.optim,
+    max_grad_norm: Annotated[float, typer.Option()] = T.max_grad_norm,
     max_pixels: Annotated[
         int,
         typer.Option(
             help="Image resolution cap in pixels (max_pixels/784 vision tokens); recorded for merge, serve and eval."
         ),
-    ] = DEFAULT_MAX_PIXELS,
+    ] = T.max_pixels,
     max_length: Annotated[
         int, typer.Option(help="Tokens per sample at most (image included); longer ones are cut.")
-    ] = 4096,
-    seed: Annotated[int, typer.Option()] = 1234,
-    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = 50,
-    eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = 64,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (3 kept).")] = 200,
+    ] = T.max_length,
+    seed: Annotated[int, typer.Option()] = T.seed,
+    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = T.eval_steps,
+    eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = T.eval_rows,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = T.save_steps,
+    save_total_limit: Annotated[int, typer.Option(help="Checkpoints kept.")] = T.save_total_limit,
     load_in_4bit: Annotated[
-        bool, typer.Option("--load-in-4bit/--no-load-in-4bit", help="QLoRA: the base in 4 bits on CUDA.")
-    ] = True,
+        bool, typer.Option("--load-in-4bit/--no-load-in-4bit", metavar="", help="QLoRA: the base in 4 bits on CUDA.")
+    ] = T.load_in_4bit,
     gpu: GpuOpt = None,
     processes: Annotated[
         int | None,
         typer.Option(help="DDP processes under torchrun (default: one per --gpu id; on a CPU they use gloo)."),
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    resume: Annotated[bool, flag("--resume", help="Continue from the newest checkpoint.")] = False,
     keep_mismatches: Annotated[
-        bool,
-        typer.Option(
-            "--keep-mismatches", help="Also train on answers whose <label> names another class than the folder."
-        ),
+        bool, flag("--keep-mismatches", help="Also train on answers whose <label> names another class than the folder.")
     ] = False,
-    report_to: Annotated[str, typer.Option(help="none, wandb or tensorboard.")] = "none",
+    report_to: Annotated[ReportTo, typer.Option(help="Where else to log the run.")] = ReportTo.none,
     output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
     dry_run: Annotated[
-        bool,
-        typer.Option("--dry-run", help="Collate one batch with the real collator and show what training would see."),
+        bool, flag("--dry-run", help="Collate one batch with the real collator and show what training would see.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -435,34 +520,13 @@ def train(
     from skinvlm import train as stage
 
     ws, loaded = open_workspace(workspace, rules)
-    settings = stage.TrainSettings(
-        model=model,
-        backend=backend,
-        max_steps=max_steps,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_pixels=max_pixels,
-        max_length=max_length,
-        load_in_4bit=load_in_4bit,
-        seed=seed,
-        eval_steps=eval_steps,
-        eval_rows=eval_rows,
-        save_steps=save_steps,
-        gpu=gpu,
-        processes=processes,
-        resume=resume,
-        keep_mismatches=keep_mismatches,
-        report_to=report_to,
-        output=str(output) if output else None,
-    )
+    settings = settings_of(ctx, TrainSettings, "train", config_file)
     if dry_run:
         summary = stage.dry_run(ws, loaded, settings)
-        print_json(summary.as_json()) if as_json else render.train_summary(out, summary)
+        if as_json:
+            print_json(summary.as_json() | {"settings": asdict(settings)})
+        else:
+            render.train_summary(out, summary, asdict(settings))
         if problem := summary.problem():
             raise SkinvlmError(problem)
         return
@@ -471,7 +535,15 @@ def train(
         stage.preflight(ws, settings, dry_run=False)  # one clear line here rather than one per process
         with ws.writing("train"):  # held here for the workers, who inherit it
             raise typer.Exit(devices.relaunch(wanted, sys.argv[1:]))
-    result = stage.train(ws, loaded, settings, on_summary=lambda summary: render.train_summary(err, summary))
+    live = render.TrainProgress(err, quiet=global_option("quiet"))
+    try:
+        result = stage.train(ws, loaded, settings, on_summary=lambda s, plan: live.start(s, plan), on_step=live.step)
+    except KeyboardInterrupt:
+        live.close()
+        again = [*sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])]
+        err.print(f"[yellow]interrupted[/]: a checkpoint was saved; continue with\n  {shlex.join(['skinvlm', *again])}")
+        raise typer.Exit(130) from None
+    live.close()
     if devices.is_main_process():
         print_json(result.as_json()) if as_json else render.train_result(out, result)
 
@@ -484,7 +556,7 @@ def merge(
         str | None,
         typer.Option(help="16-bit base model (default: the one recorded in the adapter, or its 16-bit twin)."),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+    dtype: Annotated[MergeDtype, typer.Option(help="Weights of the merged model.")] = MergeDtype.bfloat16,
     adapter: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
     output: Annotated[Path | None, typer.Option(help="Merged folder (default: models/merged).")] = None,
     gpu: GpuOpt = None,
@@ -494,70 +566,59 @@ def merge(
     from skinvlm.merge import merge as run_merge
 
     ws = Workspace.open(workspace)
-    result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype, gpu=gpu)
-    if as_json:
-        return print_json(result.as_json())
-    out.print(
-        f"merged {result.backend} adapter into {result.base} ({result.dtype}) -> {result.output}\n"
-        f"verified against base + adapter: logit RMS error {result.merge_error:.3g} (the adapter moves them "
-        f"{result.adapter_effect:.3g}), max |difference| {result.max_logit_diff:.3g}, {result.agreement:.1%} same "
-        f"next token; {result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed",
-        highlight=False,
-    )
+    with progress_bar("merging: load the base, merge, save, verify") as bar:
+        bar.add_task("merge", total=None, note="")
+        result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype.value, gpu=gpu)
+    print_json(result.as_json()) if as_json else render.merge_result(out, result)
+
+
+S = ServeSettings  # the defaults below are its fields'
 
 
 @app.command()
 @user_errors
 def serve(
+    ctx: typer.Context,
     workspace: WorkspaceOpt = None,
+    config_file: ConfigOpt = None,
     model: Annotated[Path | None, typer.Option(help="Model folder (default: models/merged).")] = None,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[str, typer.Option()] = S.host,
+    port: Annotated[int, typer.Option()] = S.port,
     gpu: GpuOpt = None,
-    dtype: Annotated[str, typer.Option()] = "auto",
-    max_model_len: Annotated[int, typer.Option()] = 4096,
-    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+    dtype: Annotated[ServeDtype, typer.Option()] = ServeDtype.auto,
+    max_model_len: Annotated[int, typer.Option()] = S.max_model_len,
+    gpu_memory_utilization: Annotated[float, typer.Option()] = S.gpu_memory_utilization,
     tensor_parallel_size: Annotated[
         int | None, typer.Option(help="GPUs to shard the model over (default: one per --gpu id).")
     ] = None,
-    served_model_name: Annotated[str, typer.Option()] = "skinvlm",
-    limit_mm_per_prompt: Annotated[str, typer.Option(help="JSON, e.g. '{\"image\":1}'.")] = '{"image":1}',
+    served_model_name: Annotated[str, typer.Option()] = S.served_model_name,
+    limit_mm_per_prompt: Annotated[str, typer.Option(help="JSON, e.g. '{\"image\":1}'.")] = S.limit_mm_per_prompt,
     generation_config_vllm: Annotated[
         bool,
-        typer.Option(
-            "--generation-config-vllm",
-            help="Pass --generation-config vllm (ignore the model's generation_config.json).",
-        ),
+        flag("--generation-config-vllm", help="Pass --generation-config vllm (ignore the model's generation_config)."),
     ] = False,
-    print_command: Annotated[bool, typer.Option("--print-command", help="Print the vllm command and exit.")] = False,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = S.startup_timeout,
+    print_command: Annotated[bool, flag("--print-command", help="Print the vllm command and exit.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Serve models/merged with vLLM's OpenAI-compatible server (CUDA); Ctrl-C stops it."""
-    import shlex
-
     from skinvlm import serve as stage
 
     ws = Workspace.open(workspace)
     folder = model or ws.merged
-    settings = stage.ServeSettings(
-        host=host,
-        port=port,
-        gpu=gpu,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-        served_model_name=served_model_name,
-        limit_mm_per_prompt=limit_mm_per_prompt,
-        generation_config_vllm=generation_config_vllm,
-    )
+    settings = settings_of(ctx, ServeSettings, "serve", config_file)
     if print_command:
         stage.check_model(folder)
-        sys.stdout.write(shlex.join(stage.build_command(folder, settings)) + "\n")
+        command = stage.build_command(folder, settings)
+        if as_json:
+            print_json({"command": command})
+        else:
+            sys.stdout.write(shlex.join(command) + "\n")
         return
     process, endpoint = stage.start(folder, settings)
     out.print(
-        f"[green]ready[/]: {endpoint} (model name {served_model_name!r}); Ctrl-C stops it\n"
-        f"{stage.curl_example(endpoint, served_model_name)}",
+        f"[green]ready[/]: {endpoint} (model name {settings.served_model_name!r}); Ctrl-C stops it\n"
+        f"{stage.curl_example(endpoint, settings.served_model_name)}",
         highlight=False,
     )
     try:
@@ -566,17 +627,22 @@ def serve(
         stage.stop(process)
 
 
+E = EvalSettings  # the defaults below are its fields'
+
+
 @app.command(name="eval")
 @user_errors
 def eval_(
+    ctx: typer.Context,
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
+    config_file: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(help="Run name: eval/<name>/ (default: a timestamp).")] = None,
-    split: Annotated[str, typer.Option(help="Split of datasets/ingested.")] = "test",
+    split: Annotated[str, typer.Option(help="Split of datasets/ingested.")] = E.split,
     limit: Annotated[
         int | None, typer.Option(min=1, help="A seeded sample of N images, stratified by label and view.")
     ] = None,
-    seed: Annotated[int, typer.Option()] = 42,
+    seed: Annotated[int, typer.Option()] = E.seed,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -584,26 +650,29 @@ def eval_(
             help="OpenAI-compatible server (default: http://127.0.0.1:8000/v1, i.e. skinvlm serve).",
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="Model name at the server.")] = "skinvlm",
+    model: Annotated[str, typer.Option(help="Model name at the server.")] = E.model,
     api_key: Annotated[
         str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 32,
-    timeout: Annotated[float, typer.Option()] = 120.0,
-    max_tokens: Annotated[int, typer.Option()] = 256,
-    backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = 1.0,
-    max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")] = 6,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = E.concurrency,
+    timeout: Annotated[float, typer.Option()] = E.timeout,
+    max_tokens: Annotated[int, typer.Option()] = E.max_tokens,
+    temperature: Annotated[float, typer.Option()] = E.temperature,
+    detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail.auto,
+    max_side: MaxSideOpt = E.max_side,
+    backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = E.backoff,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")] = E.max_attempts,
     wait: Annotated[
         float, typer.Option(min=0, help="Seconds to wait for the server to answer /v1/models before the first image.")
-    ] = 0.0,
+    ] = E.wait,
     model_dir: Annotated[
         Path | None,
         typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generate() call with --model-dir.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per generate() call with --model-dir.")] = E.batch_size,
     gpu: GpuOpt = None,
     confusion_matrix: Annotated[
-        bool, typer.Option("--confusion-matrix", help="Also write confusion_matrix.png and print the matrix.")
+        bool, flag("--confusion-matrix", help="Also write confusion_matrix.png and print the matrix.")
     ] = False,
     compare: Annotated[list[str] | None, typer.Option(help="Print these runs side by side (repeatable).")] = None,
     as_json: JsonOpt = False,
@@ -615,24 +684,7 @@ def eval_(
     if compare:
         runs = stage.compare(ws, compare)
         return print_json(runs) if as_json else render.compare_runs(out, runs, loaded)
-    settings = stage.EvalSettings(
-        name=name,
-        split=split,
-        limit=limit,
-        seed=seed,
-        base_url=base_url,
-        model=model,
-        concurrency=concurrency,
-        timeout=timeout,
-        max_tokens=max_tokens,
-        backoff=backoff,
-        max_attempts=max_attempts,
-        wait=wait,
-        model_dir=str(model_dir) if model_dir else None,
-        batch_size=batch_size,
-        gpu=gpu,
-        confusion_matrix=confusion_matrix,
-    )
+    settings = settings_of(ctx, EvalSettings, "eval", config_file)
     with progress_bar("evaluating") as bar:
         task = bar.add_task("eval", total=None, note="")
         result = stage.evaluate(

@@ -118,7 +118,7 @@ def run_demo(
     model_dir = tiny.build(root / "tiny-model", rules)
     for folder in (ws.adapter, ws.merged):
         shutil.rmtree(folder, ignore_errors=True)  # a demo re-run starts its model afresh
-    trained = train.train(ws, rules, demo_train_settings(model_dir, steps), on_summary=lambda s: show("batch", s))
+    trained = train.train(ws, rules, demo_train_settings(model_dir, steps), on_summary=lambda s, _: show("batch", s))
     show("train", trained)
     merged = merge.merge(ws, dtype="bfloat16")
     show("merge", merged)

@@ -43,7 +43,7 @@ class DescribeSettings:
     timeout: float = 120.0
     max_tokens: int = 512
     temperature: float = 0.2
-    image_max_side: int = 1024
+    max_side: int = 1024
     detail: str = "auto"
     format_retries: int = 1
     max_attempts: int = 6
@@ -54,8 +54,11 @@ class DescribeSettings:
     template: bool = False
     backoff: float = 1.0
     batch: bool = False
-    wait: bool = True
+    submit_only: bool = False  # with --batch: submit and return; a re-run collects
     poll_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.redo, self.splits = tuple(self.redo), tuple(self.splits)  # lists from the CLI or a config file
 
     def check(self) -> None:
         if self.concurrency < 1:
@@ -67,8 +70,8 @@ class DescribeSettings:
             raise SkinvlmError(f"--redo takes {', '.join(REDO_CHOICES)}; not {', '.join(sorted(bad))}")
         if self.limit is not None and self.limit < 1:
             raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
-        if self.image_max_side < 64:
-            raise SkinvlmError("--image-max-side must be at least 64")
+        if self.max_side < 64:
+            raise SkinvlmError("--max-side must be at least 64")
 
 
 @dataclass
@@ -277,7 +280,7 @@ def record(
 # -- one request -----------------------------------------------------------------------------
 async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, Any]:
     s = ctx.settings
-    side = min(s.image_max_side, 512) if s.detail == "low" else s.image_max_side
+    side = min(s.max_side, 512) if s.detail == "low" else s.max_side
     url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, side)
     user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate)
     messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
@@ -389,7 +392,9 @@ def describe(
             batch.check_resume(batch.read_state(batch.state_path(journal)), settings.model)
             ctx = run_context(ws, settings, rules, prompt, api_key)
             note = asyncio.run(
-                batch.run_batch(tasks, ingested, ctx, journal, stats, progress, settings.wait, settings.poll_seconds)
+                batch.run_batch(
+                    tasks, ingested, ctx, journal, stats, progress, not settings.submit_only, settings.poll_seconds
+                )
             )
         elif tasks:
             ctx = run_context(ws, settings, rules, prompt, api_key)
@@ -549,7 +554,7 @@ def dry_run(ws: Workspace, rules: Rules, settings: DescribeSettings, prompt: Des
     example: dict[str, Any] = {}
     sizes = {split: list(zip(ds["width"], ds["height"], strict=True)) for split, ds in ingested.items()}
     for task in tasks:
-        width, height = fit(*sizes[task.split][task.index], settings.image_max_side)
+        width, height = fit(*sizes[task.split][task.index], settings.max_side)
         user_text = prompt.user_text(rules, task.label, task.view, task.restate)
         prompt_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, settings.detail)
         low_tokens += estimate_prompt_tokens(prompt, user_text, settings.model, width, height, "low")

@@ -47,7 +47,7 @@ class EvalSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     detail: str = "auto"
-    image_max_side: int = 1024
+    max_side: int = 1024
     max_attempts: int = 6
     backoff: float = 1.0
     model_dir: str | None = None
@@ -96,7 +96,7 @@ def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
         made = stage_fingerprint(folder) or fingerprint(weights)
         return {"model_dir": str(folder), "made": made, "max_pixels": read_settings(folder).get("max_pixels")}
     url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
-    return {"endpoint": redact_text(url), "model": settings.model, "image_max_side": settings.image_max_side}
+    return {"endpoint": redact_text(url), "model": settings.model, "max_side": settings.max_side}
 
 
 def ask_key(who: dict[str, Any], prompt: str, settings: EvalSettings) -> str:
@@ -154,7 +154,7 @@ async def ask_server(
     async def worker() -> None:
         while queue:
             item = queue.pop()
-            url, _, _ = await openai_api.row_image_url(ds, item.index, settings.image_max_side)
+            url, _, _ = await openai_api.row_image_url(ds, item.index, settings.max_side)
             messages = openai_api.chat_messages(None, prompt, url, settings.detail)
             start = time.perf_counter()
             reply = await openai_api.complete(

@@ -97,7 +97,7 @@ def audit_lines(report: AuditReport) -> list[str]:
     }
     listed = [f"  - {check}: {n:,}" for check, n in failed.items() if n]
     return [
-        f"- **Published with `--force` although `skinvlm audit` finds {report.problems:,} of {report.records:,} "
+        f"- **Published with `--ignore-audit` although `skinvlm audit` finds {report.problems:,} of {report.records:,} "
         "records with problems:**",
         *listed,
     ]
@@ -209,7 +209,7 @@ def publish(
     if report.problems and not force:
         raise SkinvlmError(
             f"audit of {stage} finds {report.problems} records with problems "
-            f"(skinvlm audit --stage {stage}); fix them or pass --force"
+            f"(skinvlm audit --stage {stage}); fix them or pass --ignore-audit"
         )
     folder, files = build(ws, rules, repo, stage, report)
     result = PublishResult(repo, not public, folder, files)

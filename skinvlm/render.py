@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from skinvlm.ingest import IngestResult
@@ -286,7 +287,119 @@ def demo_closing(out: Console, result: Any, rules: Any) -> None:
     )
 
 
-def train_summary(console: Console, summary: Any) -> None:
+def stage_json(s: Any) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "present": s.present,
+        "rows": s.rows,
+        "finished": s.finished,
+        "inputs": s.inputs,
+        "stale": bool(s.rerun),
+        "rerun": s.rerun,
+    }
+
+
+def status_table(out: Console, ws: Any, stages: list[Any]) -> None:
+    table = Table(title=f"workspace {ws.root}")
+    for column in ("stage", "present", "rows", "finished", "from", "current"):
+        table.add_column(column)
+    for s in stages:
+        rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
+        when = s.finished[:16].replace("T", " ")
+        current = f"[yellow]stale[/]: run {' then '.join(s.rerun)}" if s.rerun else ("yes" if s.present else "")
+        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, escape(s.inputs), current)
+    out.print(table)
+
+
+def merge_result(out: Console, result: Any) -> None:
+    out.print(
+        f"merged {result.backend} adapter into {result.base} ({result.dtype}) -> {result.output}\n"
+        f"verified against base + adapter: logit RMS error {result.merge_error:.3g} (the adapter moves them "
+        f"{result.adapter_effect:.3g}), max |difference| {result.max_logit_diff:.3g}, {result.agreement:.1%} same "
+        f"next token; {result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed",
+        highlight=False,
+    )
+
+
+class TrainProgress:
+    """Live training figures (rank 0): redrawn in place on a terminal; a plain line every `every` steps when
+    the output is a file or a pipe, so logs of nohup or CI stay readable."""
+
+    def __init__(self, console: Console, quiet: bool = False, every: int = 10) -> None:
+        self.console, self.quiet, self.every = console, quiet, every
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.started = 0.0
+        self.eval_loss: float | None = None
+
+    def start(self, summary: Any, plan: Any) -> None:
+        import time
+
+        train_summary(self.console, summary)
+        for name, (then, now) in plan.changed.items():
+            self.console.print(
+                f"[yellow]resuming with a changed setting[/]: {name} {then!r} -> {now!r}", highlight=False
+            )
+        self.started = time.perf_counter()
+        if self.quiet or not self.console.is_terminal:
+            return
+        self.bar = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=None, figures="")
+
+    def step(self, event: dict[str, Any]) -> None:
+        import time
+
+        if "eval_loss" in event:
+            self.eval_loss = event["eval_loss"]
+        if "loss" not in event or self.quiet:
+            return
+        step, total = event["step"], event.get("max_steps") or 0
+        per_step = (time.perf_counter() - self.started) / max(step, 1)
+        figures = training_figures(event, self.eval_loss, per_step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, total=total, figures=figures)
+        elif step % self.every == 0 or step == total or step == 1:
+            eta = f"  ETA {per_step * (total - step):,.0f}s" if total else ""
+            self.console.print(f"step {step}/{total}  {figures}{eta}", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def training_figures(event: dict[str, Any], eval_loss: float | None, per_step: float) -> str:
+    parts = [f"loss {event['loss']:.4f}"]
+    if eval_loss is not None:
+        parts.append(f"eval {eval_loss:.4f}")
+    if "learning_rate" in event:
+        parts.append(f"lr {event['learning_rate']:.2e}")
+    if event.get("grad_norm") is not None:
+        parts.append(f"grad {event['grad_norm']:.3g}")
+    parts.append(f"{per_step:.2f} s/step")
+    if gpu := gpu_memory():
+        parts.append(gpu)
+    return "  ".join(parts)
+
+
+def gpu_memory() -> str:
+    import sys
+
+    torch = sys.modules.get("torch")  # only when training loaded it; never imported here for a figure
+    if torch is None or not torch.cuda.is_available():
+        return ""
+    return f"GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+
+
+def train_summary(console: Console, summary: Any, settings: dict[str, Any] | None = None) -> None:
     """What training sees: one collated batch and the whole training set, with the supervised span in green."""
     from rich.text import Text
 
@@ -311,6 +424,13 @@ def train_summary(console: Console, summary: Any) -> None:
     for text, supervised in summary.segments:
         example.append(text, style="bold green" if supervised else "dim")
     console.print(example)
+    if settings is not None:
+        effective = Table(title="effective settings (flags > --config > defaults)", show_header=False)
+        effective.add_column("")
+        effective.add_column("value")
+        for name, value in settings.items():
+            effective.add_row(name, escape(repr(value)))
+        console.print(effective)
 
 
 def train_result(out: Console, result: Any) -> None:

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -118,21 +119,98 @@ class Plan:
     cuda: bool
     output: Path
     resume_from: str | None
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # --resume: settings changed since
+
+
+SETTINGS_SNAPSHOT = "train_settings.json"  # the effective settings of the last run into an output folder
+MIN_FREE_GB = 2  # checkpoints of a 7B LoRA adapter with its optimizer state
 
 
 # -- before anything heavy -------------------------------------------------------------------
 def preflight(ws: Workspace, settings: TrainSettings, dry_run: bool) -> Plan:
+    """Everything that can be checked in seconds, before torch loads a model: one line for each problem."""
     settings.check()
+    ws.require(training_stage(ws))  # exists, and is not stale
+    if Path(settings.model).exists():
+        settings.model = str(Path(settings.model).resolve())  # merge, run from elsewhere, must find it
     devices.select_gpus(settings.gpu)
     cuda = devices.check_gpus(settings.gpu)
     backend = pick_backend(settings.backend, cuda, dry_run)
+    check_base_model(settings.model, cuda, dry_run)
+    if settings.report_to != "none" and importlib.util.find_spec(settings.report_to) is None:
+        raise SkinvlmError(f"--report-to {settings.report_to} needs `pip install {settings.report_to}`")
     output = Path(settings.output).resolve() if settings.output else ws.adapter
     resume_from = newest_checkpoint(output) if settings.resume else None
     if settings.resume and resume_from is None:
         raise SkinvlmError(f"--resume: no checkpoint in {output / 'checkpoints'}")
     if not (settings.resume or dry_run) and (output / "adapter_config.json").exists():
         raise SkinvlmError(f"{output} already holds an adapter; pass --resume to continue it or --output elsewhere")
-    return Plan(backend, cuda, output, resume_from)
+    if not dry_run:
+        check_free_disk(output)
+    return Plan(backend, cuda, output, resume_from, changed_since(output, settings) if settings.resume else {})
+
+
+def check_base_model(name: str, cuda: bool, dry_run: bool) -> None:
+    """The base model can be found (a local folder, the Hugging Face cache, or the Hub), and a 4-bit base is
+    only trained where CUDA is (bitsandbytes has no CPU kernels for training)."""
+    from skinvlm.merge import UNSLOTH_4BIT_SUFFIXES
+
+    folder = Path(name)
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise SkinvlmError(f"--model {folder} holds no model (config.json missing)")
+        quantized = '"quantization_config"' in (folder / "config.json").read_text(encoding="utf-8")
+    else:
+        quantized = name.endswith(UNSLOTH_4BIT_SUFFIXES)
+    if quantized and not cuda and not dry_run:
+        raise SkinvlmError(
+            f"{name} is a 4-bit (bitsandbytes) model, which trains only on CUDA: here, train a 16-bit base with "
+            "--backend hf --model Qwen/Qwen2.5-VL-7B-Instruct (slow on a CPU), or make a smoke run on the tiny "
+            "model (`python -m skinvlm.tiny DIR`, then --model DIR)"
+        )
+    if not folder.exists():
+        check_on_hub(name)
+
+
+def check_on_hub(name: str) -> None:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise SkinvlmError(
+            f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it where there is "
+            f"network (`hf download {name}`), or pass a local folder with --model"
+        )
+    try:
+        HfApi().model_info(name, timeout=8)
+    except GatedRepoError:
+        raise SkinvlmError(f"{name} is gated on the Hub: accept its terms there and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SkinvlmError(f"{name} is neither a folder here nor a model on the Hub: check --model") from None
+    except Exception as err:  # noqa: BLE001 - whichever HTTP library huggingface_hub uses
+        raise SkinvlmError(
+            f"cannot reach the Hugging Face Hub to fetch {name} ({type(err).__name__}): check the network or "
+            "HF_ENDPOINT, or pass a local folder with --model"
+        ) from None
+
+
+def check_free_disk(output: Path) -> None:
+    folder = next(p for p in [output, *output.parents] if p.exists())
+    free = shutil.disk_usage(folder).free / 2**30
+    if free < MIN_FREE_GB:
+        raise SkinvlmError(f"{free:.1f} GiB free under {folder}: checkpoints need about {MIN_FREE_GB} GiB; free some")
+
+
+def changed_since(output: Path, settings: TrainSettings) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the run that wrote the checkpoints being resumed: {name: (then, now)}."""
+    try:
+        then = json.loads((output / SETTINGS_SNAPSHOT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    now = asdict(settings)
+    return {k: (then.get(k), v) for k, v in now.items() if k not in ("resume",) and then.get(k) != v}
 
 
 def pick_backend(requested: str, cuda: bool, dry_run: bool = False) -> str:
@@ -169,6 +247,10 @@ def import_unsloth(cuda: bool) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------
+def training_stage(ws: Workspace) -> str:
+    return "fixed" if (ws.fixed / "dataset_dict.json").exists() else "described"
+
+
 @dataclass
 class Rows:
     """The training data: the text stage joined with images, only rows worth learning from."""
@@ -182,7 +264,7 @@ class Rows:
 def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False) -> Rows:
     import warnings
 
-    stage = "fixed" if (ws.fixed / "dataset_dict.json").exists() else "described"
+    stage = training_stage(ws)
     if stage == "described":
         warnings.warn("datasets/fixed is missing: training on datasets/described (run `skinvlm fix`)", stacklevel=2)
     data = ws.load(stage)
@@ -415,16 +497,20 @@ def build_trainer(setup: Setup, rules: Rules, settings: TrainSettings) -> Any:
 
 
 # -- the stage -------------------------------------------------------------------------------
-def log_callback(path: Path) -> Any:
+def log_callback(path: Path, on_step: Callable[[dict[str, Any]], None] | None) -> Any:
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Every logged step as one flushed JSON line (rank 0 only), so a crash keeps the curve so far."""
+        """Every logged step as one flushed JSON line (rank 0 only), so a crash keeps the curve so far;
+        and handed to `on_step`, which draws the live progress."""
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero:
+                entry = {"step": state.global_step, **(logs or {})}
                 with path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+                    handle.write(json.dumps(entry) + "\n")
+                if on_step:
+                    on_step(entry | {"max_steps": state.max_steps})
 
     return JsonlLog()
 
@@ -436,14 +522,19 @@ def newest_checkpoint(output: Path) -> str | None:
 
 @writes("train")
 def train(
-    ws: Workspace, rules: Rules, settings: TrainSettings, on_summary: Callable[[Summary], None] | None = None
+    ws: Workspace,
+    rules: Rules,
+    settings: TrainSettings,
+    on_summary: Callable[[Summary, Plan], None] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
+    """Train; `on_summary` sees the checked first batch before step 1, `on_step` every logged step (rank 0)."""
     plan = preflight(ws, settings, dry_run=False)
     started, clock = now_iso(), time.perf_counter()
     setup = set_up(ws, rules, settings, plan, dry_run=False)
     main = devices.is_main_process()
     if on_summary and main:
-        on_summary(setup.summary)
+        on_summary(setup.summary, plan)
     if problem := setup.summary.problem():
         raise SkinvlmError(f"refusing to train: {problem}")
     log_path = plan.output / "train_log.jsonl"
@@ -451,11 +542,12 @@ def train(
         plan.output.mkdir(parents=True, exist_ok=True)
         if not settings.resume:
             log_path.unlink(missing_ok=True)
+        (plan.output / SETTINGS_SNAPSHOT).write_text(json.dumps(asdict(settings), indent=2), encoding="utf-8")
     trainer = build_trainer(setup, rules, settings)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
-    trainer.add_callback(log_callback(log_path))
+    trainer.add_callback(log_callback(log_path, on_step))
     try:
         trainer.train(resume_from_checkpoint=plan.resume_from)
     except KeyboardInterrupt:

@@ -205,8 +205,8 @@ def test_publish_uploads_through_the_hub_api(
 
 def test_publish_refuses_a_dataset_that_fails_audit(cli, described: Path) -> None:
     result = cli("publish", "me/x", "--dry-run", "--stage", "described", ok=False)
-    assert result.exit_code == 1 and "--force" in result.stderr
-    assert cli("publish", "me/x", "--dry-run", "--force", "--stage", "described").exit_code == 0
+    assert result.exit_code == 1 and "--ignore-audit" in result.stderr
+    assert cli("publish", "me/x", "--dry-run", "--ignore-audit", "--stage", "described").exit_code == 0
     bad = cli("publish", "no-slash", "--dry-run", ok=False)
     assert "OWNER/NAME" in bad.stderr
 
@@ -242,10 +242,10 @@ def test_a_republish_leaves_exactly_what_it_made(
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: hub.upload_folder(**kw))
     env = {"HF_TOKEN": "hf_fake-token-for-this-test"}
     cli("fix")
-    cli("publish", "me/exact", "--yes", "--force", env=env)
+    cli("publish", "me/exact", "--yes", "--ignore-audit", env=env)
     hub.repos["me/exact"]["data/train-00001-of-00002.parquet"] = b"a shard of an earlier, larger publish"
     cli("fix", "--drop-invalid", "--drop-mismatches")
-    cli("publish", "me/exact", "--yes", "--force", env=env)
+    cli("publish", "me/exact", "--yes", "--ignore-audit", env=env)
     local = {p.relative_to(workspace / "publish").as_posix() for p in (workspace / "publish").rglob("*") if p.is_file()}
     assert set(hub.repos["me/exact"]) == local, "no stale shard stays on the Hub"
     rows = Dataset.from_parquet(str(workspace / "publish" / "data" / "train-00000-of-00001.parquet")).num_rows
@@ -253,9 +253,9 @@ def test_a_republish_leaves_exactly_what_it_made(
 
 
 def test_a_forced_card_says_what_failed_and_links_nothing_fake(cli, described: Path, workspace: Path) -> None:
-    cli("publish", "me/forced", "--dry-run", "--force", "--stage", "described")
+    cli("publish", "me/forced", "--dry-run", "--ignore-audit", "--stage", "described")
     card = (workspace / "publish" / "README.md").read_text(encoding="utf-8")
-    assert "Published with `--force` although `skinvlm audit` finds 20 of 48 records with problems" in card
+    assert "Published with `--ignore-audit` although `skinvlm audit` finds 20 of 48 records with problems" in card
     for line in ("English words (occurrences): 14", "other scripts (records): 2", "another class than the folder: 6"):
         assert line in card
     assert "no record has a problem" not in card and "github.com/)" not in card

@@ -154,7 +154,7 @@ def test_kill_9_mid_run_loses_nothing_finished(ingested: Path) -> None:
 def test_batch_api_submits_once_and_a_rerun_collects(cli, ingested: Path) -> None:
     with FakeOpenAI(key=KEY) as server:
         server.batch_polls = 5
-        first = json.loads(describe(cli, server, "--batch", "--no-wait", "--json").stdout)
+        first = json.loads(describe(cli, server, "--batch", "--submit-only", "--json").stdout)
         assert "submitted" in first["note"] and first["statuses"] == {"pending": 48}
         state = json.loads((ingested / "journal" / "batch.json").read_text())
         assert len(state["batches"]) == 1 and state["batches"][0]["requests"] == 48

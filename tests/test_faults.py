@@ -218,7 +218,7 @@ def test_an_endless_answer_is_stored_cut_and_counted(cli, ingested: Path) -> Non
 # -- the Batch API never pays twice ----------------------------------------------------------
 def test_a_batch_created_by_a_run_that_died_is_found_not_paid_again(cli, ingested: Path) -> None:
     with FakeOpenAI(key=KEY) as server:
-        args = ("describe", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--batch", "--no-wait")
+        args = ("describe", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--batch", "--submit-only")
         code, _, err = finished(skinvlm(*args, env={"SKINVLM_CRASH_AT": "batch-created"}))
         assert code == 99, err
         state = json.loads((ingested / "journal" / "batch.json").read_text())
