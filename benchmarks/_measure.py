@@ -47,7 +47,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
 
 
 def line(name: str, n: int, seconds: float, peak_mb: float, unit: str = "images/s") -> str:
-    return f"{name:<34} {n / seconds:8.1f} {unit}  {seconds:7.1f}s  peak RSS {peak_mb:6.0f} MiB"
+    return f"{name:<36} {n / seconds:8.1f} {unit}  {seconds:7.1f}s  peak RSS {peak_mb:6.0f} MiB"
 
 
 def ingested_workspace(prefix: str, per_folder: dict[str, int], size: int) -> tuple[Path, dict[str, str]]:

@@ -226,7 +226,10 @@ def ingest(
         int,
         typer.Option(help="Skip images of more pixels than this (JPEGs are decoded smaller with --max-side)."),
     ] = DEFAULT_MAX_PIXELS_IN,
-    workers: Annotated[int | None, typer.Option(help="Decoding threads (default: all cores).")] = None,
+    deep: Annotated[
+        bool, flag("--deep", help="Decode every pixel (default: header, PNG chunk CRCs, JPEG end marker).")
+    ] = False,
+    workers: Annotated[int | None, typer.Option(help="Checking threads (default: all cores).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -244,6 +247,7 @@ def ingest(
             seed=seed,
             max_side=max_side,
             max_pixels_in=max_pixels_in,
+            deep=deep,
             workers=workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

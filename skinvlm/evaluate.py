@@ -24,6 +24,7 @@ from typing import Any
 
 from skinvlm import devices, openai_api
 from skinvlm.errors import SkinvlmError
+from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation, instruction, parse_answer
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
@@ -208,7 +209,7 @@ def ask_local(
     text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
     for start in range(0, len(items), settings.batch_size):
         batch = items[start : start + settings.batch_size]
-        images = [ds[item.index]["image"] for item in batch]
+        images = [as_rgb(ds[item.index]["image"]) for item in batch]
         clock = time.perf_counter()
         inputs = processor(text=[text] * len(batch), images=images, return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
@@ -289,43 +290,58 @@ def percentile(values: list[float], q: float) -> float:
     return values[low] + (values[high] - values[low]) * (position - low)
 
 
-def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> None:
-    """Counts and row-normalised, side by side; Korean names when a Hangul font is there."""
+def hangul_font() -> bool:
+    """Whether matplotlib can draw Hangul here (koreanize-matplotlib registers a font; the `fonts` extra)."""
+    try:
+        import koreanize_matplotlib  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str]:
+    """Counts and row-normalised shares side by side, each with its colour bar; the unparsed column only when
+    some answer was unparsed. Returns the column labels drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    try:
-        import koreanize_matplotlib  # noqa: F401  (registers a Hangul font)
-
-        names = [f"{c}\n{rules.english(c)}" for c in rules.class_names] + [UNPARSED]
-    except ImportError:
-        names = [rules.english(c) for c in rules.class_names] + [UNPARSED]
-    counts = np.array(result["confusion_matrix"], dtype=float)[: len(rules.class_names)]
+    classes = rules.class_names
+    korean = hangul_font()
+    names = [f"{c}\n{rules.english(c)}" if korean else rules.english(c) for c in classes]
+    counts = np.array(result["confusion_matrix"], dtype=float)[: len(classes)]
+    if counts[:, -1].sum() == 0:
+        counts = counts[:, :-1]  # no unparsed answer: no empty column
+    columns = names + [UNPARSED] * (counts.shape[1] - len(classes))
     rows = counts.sum(axis=1, keepdims=True)
-    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    figure, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110)
-    for axis, matrix, title, fmt in (
-        (axes[0], counts, "counts", "{:.0f}"),
-        (axes[1], normalised, "row-normalised (recall)", "{:.2f}"),
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    figure, axes = plt.subplots(1, 2, figsize=(16, 7), dpi=120)
+    for axis, matrix, title, fmt, top in (
+        (axes[0], counts, "images", "{:.0f}", max(counts.max(), 1)),
+        (axes[1], shares, "share of the true class (recall on the diagonal)", "{:.2f}", 1.0),
     ):
-        axis.imshow(matrix, cmap="Blues", vmin=0, vmax=max(matrix.max(), 1e-9))
-        axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        axis.set_yticks(range(len(rules.class_names)), names[:-1], fontsize=8)
-        axis.set_xlabel("predicted")
-        axis.set_ylabel("true")
-        axis.set_title(title)
+        shown = axis.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
+        figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+        axis.set_xticks(range(len(columns)), columns, rotation=40, ha="right", fontsize=11)
+        axis.set_yticks(range(len(classes)), names, fontsize=11)
+        axis.set_xlabel("predicted", fontsize=12)
+        axis.set_ylabel("true", fontsize=12)
+        axis.set_title(title, fontsize=13)
         for (i, j), value in np.ndenumerate(matrix):
-            dark = value > matrix.max() / 2
-            axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            colour = "white" if value > top / 2 else "black"
+            axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=11, color=colour)
     figure.suptitle(
-        f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, n={result['n']}"
+        f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, "
+        f"n={result['n']} ({result['backend']})",
+        fontsize=14,
     )
     figure.tight_layout()
     figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
+    return [c.replace("\n", " ") for c in columns]
 
 
 def report_markdown(result: dict[str, Any], rules: Rules) -> str:

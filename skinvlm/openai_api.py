@@ -18,6 +18,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.errors import SkinvlmError
+from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation
 from skinvlm.redaction import redact_text
 from skinvlm.workspace import Workspace
@@ -75,8 +76,9 @@ def endpoint(ws: Workspace, base_url: str | None, api_key: str | None, model: st
 
 def image_data_url(image: Any, max_side: int) -> tuple[str, int, int]:
     """JPEG (quality 90) data URL of an RGB image scaled to fit max_side; also its sent size."""
-    image = image.convert("RGB")  # a new image, ours to shrink in place
+    image = as_rgb(image)
     if max(image.size) > max_side:
+        image = image.copy()  # as_rgb may hand back the stored image itself
         image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)

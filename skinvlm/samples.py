@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from skinvlm.errors import SkinvlmError
+from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation
 from skinvlm.vlm import END_OF_TURN, IMAGE_TOKEN, INSTRUCTION_MARKER, RESPONSE_MARKER, vision_tokens
 
@@ -29,7 +30,7 @@ def chat_rows(ds: Any, instruction: str) -> Any:
 
     def to_chat(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         return {
-            "images": [[image] for image in batch["image"]],
+            "images": [[as_rgb(image)] for image in batch["image"]],
             "messages": [conversation(instruction, answer) for answer in batch["output"]],
         }
 

@@ -604,7 +604,7 @@ def save_outputs(
             "lora_alpha": settings.lora_alpha,
         },
     )
-    plot_loss(log, output / "loss.png")
+    plot_loss(log, output / "loss.png", f"{output.name}: {settings.model.rsplit('/', 1)[-1]}, {now_iso()[:16]} UTC")
     losses = [e["loss"] for e in log if "loss" in e]
     counts = {
         "splits": {s: d.num_rows for s, d in setup.rows.data.items()},
@@ -634,21 +634,30 @@ def peak_vram_mb() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def plot_loss(log: list[dict[str, Any]], path: Path) -> None:
+def plot_loss(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and eval loss, and the learning rate on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
         points = [(e["step"], e[key]) for e in log if key in e]
         if points:
-            axis.plot(*zip(*points, strict=True), label=label, marker="." if key == "eval_loss" else None)
+            axis.plot(*zip(*points, strict=True), style, label=label, markersize=4)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
-    axis.legend()
     axis.grid(alpha=0.3)
+    rates = [(e["step"], e["learning_rate"]) for e in log if "learning_rate" in e]
+    handles, labels = axis.get_legend_handles_labels()
+    if rates:
+        second = axis.twinx()
+        (line,) = second.plot(*zip(*rates, strict=True), color="tab:gray", linestyle="--", linewidth=1)
+        second.set_ylabel("learning rate")
+        handles, labels = [*handles, line], [*labels, "learning rate"]
+    axis.legend(handles, labels, loc="upper right")
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

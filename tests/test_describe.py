@@ -46,7 +46,7 @@ def test_all_records_end_ok_and_concurrency_is_respected(cli, ingested: Path) ->
     assert manifest["counts"]["statuses"] == {"ok": 48} and manifest["prompt_hash"]
     assert KEY not in json.dumps(manifest)
     joined = __import__("skinvlm.workspace", fromlist=["Workspace"]).Workspace.open(ingested).load("described")
-    assert joined["train"][0]["image"].mode == "RGB" and joined["train"][0]["output"]
+    assert joined["train"][0]["image"].size == (32, 32) and joined["train"][0]["output"]
 
 
 def test_faults_are_retried_and_malformed_answers_kept_as_invalid(cli, ingested: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from datasets import load_from_disk
 from PIL import Image
 
+from skinvlm.images import as_rgb
 from skinvlm.synthetic import image_bytes, write_tree
 
 CLASSES = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
@@ -22,7 +24,7 @@ def test_clean_tree_counts_and_columns(cli, clean_tree: Path, workspace: Path) -
     data = load_from_disk(str(workspace / "datasets" / "ingested"))
     row = data["train"][0]
     assert set(row) >= {"id", "image", "label", "view", "source", "width", "height", "sha256"}
-    assert row["image"].mode == "RGB", "RGBA sources must come back as RGB"
+    assert as_rgb(row["image"]).mode == "RGB", "what every consumer sees"
     assert row["source"].startswith("Training/images/TS_")
     manifest = json.loads((workspace / "datasets" / "ingested" / "manifest.json").read_text())
     assert manifest["counts"]["splits"] == {"train": 36, "test": 12}
@@ -82,7 +84,7 @@ def test_max_side_downscales_and_transparency_is_flattened(cli, tmp_path: Path, 
     train = load_from_disk(str(workspace / "datasets" / "ingested"))["train"]
     assert set(train["width"]) == {40}
     clear = train[list(train["source"]).index("Training/images/TS_건선_정면/clear.png")]["image"]
-    assert clear.getpixel((5, 5)) == (255, 255, 255), "fully transparent pixels become white, not hidden red"
+    assert as_rgb(clear).getpixel((5, 5)) == (255, 255, 255), "fully transparent pixels become white, not hidden red"
 
 
 def test_user_mistakes_are_one_line_errors(cli, tmp_path: Path) -> None:
@@ -111,3 +113,17 @@ def test_status_reports_the_stages(cli, clean_tree: Path) -> None:
     assert stages["ingested"]["present"] and stages["ingested"]["rows"] == {"train": 36, "test": 12}
     assert not stages["described"]["present"]
     assert "ingested" in cli("status").stdout
+
+
+@pytest.mark.parametrize("mode", [(), ("--deep",)], ids=["structural", "deep"])
+def test_broken_files_are_caught_with_and_without_a_full_decode(cli, ugly_tree: Path, mode: tuple[str, ...]) -> None:
+    folder = ugly_tree / "Training" / "images" / "TS_주사_정면"
+    good = image_bytes("주사", 950, 32, "RGB", "JPEG")
+    (folder / "cut.jpg").write_bytes(good[: len(good) // 2])
+    png = bytearray(image_bytes("주사", 951, 32))
+    png[-20] ^= 0xFF  # one flipped bit pattern inside the image data: its chunk's CRC no longer matches
+    (folder / "bitflip.png").write_bytes(bytes(png))
+    report = cli.json("ingest", ugly_tree, *mode)
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"truncated.png", "empty.png", "fake.png", "cut.jpg", "bitflip.png"}
+    assert report["splits"] == {"train": 41, "test": 12}
