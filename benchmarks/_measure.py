@@ -52,7 +52,7 @@ def line(name: str, n: int, seconds: float, peak_mb: float, unit: str = "images/
 
 def ingested_workspace(prefix: str, per_folder: dict[str, int], size: int) -> tuple[Path, dict[str, str]]:
     """A synthetic AI-Hub tree ingested into a fresh workspace; (workspace, env for skinvlm runs)."""
-    from skinvlm.synthetic import write_tree
+    from skinvlm.demo.synthetic import write_tree
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     write_tree(tmp / "src", per_folder, size=size)

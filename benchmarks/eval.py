@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import ingested_workspace  # noqa: E402
-from openai_server import FakeOpenAI  # noqa: E402
+
+from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
 
 
 def run_eval(workspace: Path, url: str, name: str, concurrency: int, env: dict[str, str]) -> dict:

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from skinvlm.demo import TINY_RECIPE  # noqa: E402
+from skinvlm.demo.pipeline import TINY_RECIPE  # noqa: E402
 
 
 def skinvlm(*args: Any) -> subprocess.CompletedProcess:
@@ -45,8 +45,8 @@ def json_of(done: subprocess.CompletedProcess) -> dict[str, Any]:
 
 
 def prepare(root: Path, size: int, per_folder: dict[str, int]) -> Path:
-    from skinvlm.demo import demo_rules
-    from skinvlm.synthetic import write_tree
+    from skinvlm.demo.pipeline import demo_rules
+    from skinvlm.demo.synthetic import write_tree
 
     ws = root / "ws"
     ws.mkdir(parents=True)
@@ -94,7 +94,7 @@ def measured(part: str, backend: str, four_bit: bool, measure: Callable[[], dict
 
 
 def tiny_part(root: Path, steps: int, cpu: bool) -> list[dict[str, Any]]:
-    from skinvlm.tiny import build
+    from skinvlm.demo.tiny import build
 
     ws = prepare(root / "tiny", 112, {"train": 5, "test": 2})
     model = build(root / "tiny-model")
@@ -121,7 +121,7 @@ def tiny_part(root: Path, steps: int, cpu: bool) -> list[dict[str, Any]]:
 
 
 def big_part(root: Path, steps: int) -> list[dict[str, Any]]:
-    from skinvlm.tiny import build
+    from skinvlm.demo.tiny import build
 
     ws = prepare(root / "7b", 1024, {"train": 2, "test": 1})
     clock = time.perf_counter()

@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import run_measured  # noqa: E402
-from openai_server import FakeOpenAI  # noqa: E402
+
+from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
 
 CLASSES = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _measure import run_measured  # noqa: E402
 
-from skinvlm.demo import tiny_train_flags  # noqa: E402
+from skinvlm.demo.pipeline import tiny_train_flags  # noqa: E402
 
 FAST = tiny_train_flags()
 
@@ -30,8 +30,8 @@ def skinvlm(*args: str) -> list[str]:
 
 
 def prepare(root: Path, size: int, env: dict[str, str]) -> Path:
-    from skinvlm.demo import demo_rules
-    from skinvlm.synthetic import write_tree
+    from skinvlm.demo.pipeline import demo_rules
+    from skinvlm.demo.synthetic import write_tree
 
     ws = root / "ws"
     ws.mkdir(parents=True)
@@ -67,7 +67,7 @@ def seconds_per_step(ws: Path, tiny: Path, pixels: int, env: dict[str, str]) -> 
 
 
 def main() -> None:
-    from skinvlm.tiny import build
+    from skinvlm.demo.tiny import build
 
     tmp = Path(tempfile.mkdtemp(prefix="skinvlm-bench-train-"))
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}

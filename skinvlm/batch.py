@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skinvlm import openai_api
-from skinvlm.describe import Journal, Progress, RunContext, Task, finish, record, rows_of
 from skinvlm.errors import SkinvlmError
+from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import parse_answer
-from skinvlm.workspace import crash_point
+from skinvlm.workspace import crash_point, write_json
+
+if TYPE_CHECKING:  # describe runs batch; batch needs only the type of what describe hands it
+    from skinvlm.describe import RunContext
 
 MAX_FILE_BYTES = 190 * 2**20
 MAX_FILE_LINES = 50_000
@@ -36,12 +38,6 @@ def state_path(journal: Journal) -> Path:
 
 def read_state(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def write_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def request_line(task: Task, url: str, ctx: RunContext) -> bytes:
@@ -88,14 +84,14 @@ async def submit(tasks: list[Task], ingested: Any, ctx: RunContext, path: Path) 
         "batches": [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_state(path, state)
+    write_json(path, state)
     async for upload, lines in request_files(tasks, ingested, ctx, path.parent):
         with upload.open("rb") as handle:
             sent = await ctx.client.files.create(file=handle, purpose="batch")
         upload.unlink()
         entry = {"chunk": len(state["batches"]), "input_file_id": sent.id, "requests": lines, "id": None}
         state["batches"].append(entry | {"merged": False})
-        write_state(path, state)  # the intent, before the batch exists: a crash now cannot lead to a second one
+        write_json(path, state)  # the intent, before the batch exists: a crash now cannot lead to a second one
         await create(state, state["batches"][-1], ctx, path)
     return state
 
@@ -116,7 +112,7 @@ async def create(state: dict[str, Any], entry: dict[str, Any], ctx: RunContext, 
         )
         crash_point("batch-created")
         entry["id"] = batch.id
-    write_state(path, state)
+    write_json(path, state)
 
 
 def merge_output(
@@ -196,7 +192,7 @@ async def run_batch(
                             content = await ctx.client.files.content(file_id)
                             merge_output(content.text, by_id, ctx, handle, stats, progress)
                     entry["merged"], entry["status"] = True, batch.status
-                    write_state(path, state)
+                    write_json(path, state)
                 if all(b["merged"] for b in state["batches"]):
                     path.unlink()
                     return f"{len(state['batches'])} batch(es) merged"

@@ -720,7 +720,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 160,
 ) -> None:
     """Run every stage for real on a small synthetic set: offline, CPU only, a few minutes."""
-    from skinvlm.demo import run_demo
+    from skinvlm.demo.pipeline import run_demo
     from skinvlm.rules import load_rules
 
     rules_path = folder / "workspace" / "postprocess.toml"  # written by the demo before its first step

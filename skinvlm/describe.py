@@ -10,8 +10,6 @@ the end and on Ctrl-C; it holds only text columns, so checkpoints never rewrite 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -21,6 +19,7 @@ from typing import Any
 
 from skinvlm import devices, openai_api, pricing
 from skinvlm.errors import SkinvlmError
+from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
@@ -75,32 +74,6 @@ class DescribeSettings:
 
 
 @dataclass
-class Progress:
-    total: int
-    done: int = 0
-    failed: int = 0
-    invalid: int = 0
-    cut: int = 0  # answers longer than openai_api.MAX_ANSWER_CHARS, kept cut
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    dollars: float | None = 0.0
-    reasons: dict[str, int] = field(default_factory=dict)  # why requests failed, for a loud last line
-
-    def add(self, record: dict[str, Any], model: str, batch: bool = False) -> None:
-        self.done += 1
-        self.failed += record["status"] == "failed"
-        if record["status"] == "failed":
-            reason = (record.get("error") or "no reason given").splitlines()[0][:120]
-            self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.invalid += record["status"] == "invalid"
-        self.cut += bool(record.get("cut"))
-        self.prompt_tokens += record["prompt_tokens"]
-        self.completion_tokens += record["completion_tokens"]
-        spent = pricing.cost(model, record["prompt_tokens"], record["completion_tokens"], batch=batch)
-        self.dollars = None if spent is None or self.dollars is None else self.dollars + spent
-
-
-@dataclass
 class DescribeResult:
     path: Path
     statuses: dict[str, int]
@@ -126,72 +99,7 @@ class DescribeResult:
         }
 
 
-@dataclass
-class Task:
-    split: str
-    index: int
-    id: str
-    label: str
-    view: str
-    sha256: str = ""
-    restate: bool = False  # re-asked because the earlier <label> named another class
-
-
-# -- the journal -----------------------------------------------------------------------------
-class Journal:
-    """Append-only JSON lines, one per finished record; the last line for an id wins."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def read(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return records
-        with self.path.open("rb") as handle:  # bytes: a torn last line may end inside a Hangul character
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # the torn last line of a killed run
-                records[record["id"]] = record
-        return records
-
-    def open(self) -> Any:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+b")
-        handle.seek(0, os.SEEK_END)
-        if handle.tell():
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":  # a torn line must not swallow the next record
-                handle.write(b"\n")
-        return handle
-
-    @staticmethod
-    def append(handle: Any, record: dict[str, Any]) -> None:
-        handle.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def finish(handle: Any, done: dict[str, Any], stats: Progress, progress: Callable[[Progress], None] | None) -> None:
-    """A record is counted only once its journal line is on disk."""
-    Journal.append(handle, done)
-    stats.add(done, done["model"], batch=bool(done.get("batch")))
-    if progress:
-        progress(stats)
-
-
 # -- choosing the work -----------------------------------------------------------------------
-def rows_of(ingested: Any, splits: Iterable[str]) -> Iterable[Task]:
-    for split in splits:
-        if split in ingested:
-            ds = ingested[split]
-            columns = zip(ds["id"], ds["label"], ds["view"], ds["sha256"], strict=True)
-            for index, (rid, label, view, sha) in enumerate(columns):
-                yield Task(split, index, rid, label, view, sha)
-
-
 def answer_for(task: Task, journal: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The journal's answer for this image, unless it was given for another image or label under this id
     (a re-ingest from another source): then the image has no answer yet."""
@@ -246,35 +154,6 @@ def check_provenance(
             f"{sum(others.values())} records were described otherwise ({listed}); pass --redo changed to describe "
             f"them again with {settings.model} and prompt {prompt_hash}, or use the model and prompt that made them"
         )
-
-
-def record(
-    task: Task,
-    status: str,
-    output: str,
-    model: str,
-    attempts: int,
-    prompt_tokens: int,
-    completion_tokens: int,
-    error: str | None,
-    prompt_hash: str,
-) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "split": task.split,
-        "sha256": task.sha256,
-        "label": task.label,
-        "restated": task.restate,
-        "status": status,
-        "output": output,
-        "model": model,
-        "attempts": attempts,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "error": error,
-        "prompt_hash": prompt_hash,
-        "at": now_iso(),
-    }
 
 
 # -- one request -----------------------------------------------------------------------------

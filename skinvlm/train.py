@@ -166,7 +166,7 @@ def check_base_model(name: str, cuda: bool, dry_run: bool) -> None:
         raise SkinvlmError(
             f"{name} is a 4-bit (bitsandbytes) model, which trains only on CUDA: here, train a 16-bit base with "
             "--backend hf --model Qwen/Qwen2.5-VL-7B-Instruct (slow on a CPU), or make a smoke run on the tiny "
-            "model (`python -m skinvlm.tiny DIR`, then --model DIR)"
+            "model (`python -m skinvlm.demo.tiny DIR`, then --model DIR)"
         )
     if not folder.exists():
         check_on_hub(name)

@@ -387,11 +387,16 @@ def manifest(
     }
 
 
+def write_json(path: Path, content: Any) -> None:
+    """Readers see the old file or the new one, never half of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_manifest(folder: Path, content: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(redact(content), ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, redact(content))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

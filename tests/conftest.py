@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skinvlm.cli import app
-from skinvlm.synthetic import image_bytes, write_tree
+from skinvlm.demo.synthetic import image_bytes, write_tree
 
 
 @pytest.fixture(autouse=True)

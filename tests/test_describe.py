@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
-from openai_server import FakeOpenAI
+
+from skinvlm.demo.openai_server import FakeOpenAI
 
 KEY = "sk-test-0123456789abcdefSECRET"
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI, image_of, label_conditioned
 
-from skinvlm.synthetic import colour_label
+from skinvlm.demo.openai_server import FakeOpenAI, image_of, label_conditioned
+from skinvlm.demo.synthetic import colour_label
 
 
 def scripted_answers():

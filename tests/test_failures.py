@@ -7,7 +7,7 @@ import json
 import socket
 from pathlib import Path
 
-from openai_server import FakeOpenAI
+from skinvlm.demo.openai_server import FakeOpenAI
 
 PLANTED_KEY = "sk-planted-0123456789abcdefSECRET"
 PLANTED_TOKEN = "hf_plantedTOKEN0123456789abcdef"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
-from openai_server import FakeOpenAI
 
-from skinvlm.synthetic import image_bytes
+from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.demo.synthetic import image_bytes
 from skinvlm.workspace import Workspace
 
 KEY = "sk-test-faults-0123456789abcdef"

@@ -9,8 +9,8 @@ import pytest
 from datasets import load_from_disk
 from PIL import Image
 
+from skinvlm.demo.synthetic import image_bytes, write_tree
 from skinvlm.images import as_rgb
-from skinvlm.synthetic import image_bytes, write_tree
 
 CLASSES = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
 

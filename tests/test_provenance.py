@@ -7,10 +7,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from openai_server import FakeOpenAI, label_conditioned, user_text
-
-from skinvlm.synthetic import write_tree
-from skinvlm.tiny import build
+from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, user_text
+from skinvlm.demo.synthetic import write_tree
+from skinvlm.demo.tiny import build
 
 KEY = "sk-test-provenance-0123456789abcdef"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from skinvlm.demo import tiny_train_flags
+from skinvlm.demo.pipeline import tiny_train_flags
+from skinvlm.demo.synthetic import write_tree
+from skinvlm.demo.tiny import build
 from skinvlm.rules import default_rules_path
-from skinvlm.synthetic import write_tree
-from skinvlm.tiny import build
 from skinvlm.train import DEFAULT_MAX_PIXELS
 from skinvlm.workspace import Workspace
 

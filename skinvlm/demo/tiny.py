@@ -1,4 +1,4 @@
-"""`python -m skinvlm.tiny DIR [--shape 7b]`: a randomly initialised Qwen2.5-VL, built offline.
+"""`python -m skinvlm.demo.tiny DIR [--shape 7b]`: a randomly initialised Qwen2.5-VL, built offline.
 
 Offline and deterministic: a byte-level BPE tokenizer trained here on Korean text from the rule
 file and prompts (plus the Qwen2-VL special tokens and the standard chat template), the PIL image
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[-2:-1] == ["--shape"]:
         shape, args = args[-1], args[:-2]
     if len(args) != 1 or shape not in SHAPES:
-        sys.exit(f"usage: python -m skinvlm.tiny DIR [--shape {'|'.join(SHAPES)}]")
+        sys.exit(f"usage: python -m skinvlm.demo.tiny DIR [--shape {'|'.join(SHAPES)}]")
     folder = build(Path(args[0]), shape=shape)
     print(f"{shape} Qwen2.5-VL written to {folder}")
 

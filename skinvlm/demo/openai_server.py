@@ -115,11 +115,17 @@ class FakeOpenAI:
 
     # -- the Batch API ------------------------------------------------------------------------
     def store_file(self, content_type: str, raw: bytes) -> dict[str, Any]:
+        from email.message import Message
         from email.parser import BytesParser
 
-        message = BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-        parts = {part.get_param("name", header="content-disposition"): part for part in message.get_payload()}
+        message: Message = BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        parts = {
+            part.get_param("name", header="content-disposition"): part
+            for part in message.get_payload()
+            if isinstance(part, Message)
+        }
         data = parts["file"].get_payload(decode=True)
+        assert isinstance(data, bytes)
         with self.lock:
             file_id = f"file-{len(self.files)}"
             self.files[file_id] = data
@@ -182,8 +188,8 @@ class FakeOpenAI:
                         ensure_ascii=False,
                     )
                 )
-            entry["output"] = f"file-out-{batch_id}"
-            self.files[entry["output"]] = ("\n".join(lines) + "\n").encode()
+            entry["output"] = output = f"file-out-{batch_id}"
+            self.files[output] = ("\n".join(lines) + "\n").encode()
         return self.batch_object(batch_id, "completed", entry["output"])
 
     def expire_batch(self, batch_id: str) -> dict[str, Any]:
@@ -254,7 +260,8 @@ class FakeOpenAI:
                     self.send_header("Content-Type", "application/octet-stream")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    return self.wfile.write(data)
+                    self.wfile.write(data)
+                    return None
                 self.send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
             def do_POST(self) -> None:

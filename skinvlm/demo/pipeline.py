@@ -81,7 +81,7 @@ def demo_rules(path: Path) -> Path:
 
 
 def write_broken_files(images: Path) -> None:
-    from skinvlm.synthetic import image_bytes
+    from skinvlm.demo.synthetic import image_bytes
 
     good = image_bytes("건선", 999, 112)
     (images / "TS_건선_정면" / "broken-truncated.png").write_bytes(good[: len(good) // 3])
@@ -92,9 +92,10 @@ def write_broken_files(images: Path) -> None:
 def run_demo(
     root: Path, say: Callable[[str], None], show: Callable[[str, Any], None], per_folder: int = 5, steps: int = 160
 ) -> DemoResult:
-    from skinvlm import audit, describe, evaluate, fix, ingest, merge, tiny, train
+    from skinvlm import audit, describe, evaluate, fix, ingest, merge, train
+    from skinvlm.demo import tiny
+    from skinvlm.demo.synthetic import write_tree
     from skinvlm.prompts import default_describe_prompt
-    from skinvlm.synthetic import write_tree
 
     clock = time.perf_counter()
     ws = Workspace.open(root / "workspace")
