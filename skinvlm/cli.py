@@ -206,6 +206,10 @@ def progress_bar(description: str) -> Progress:
     )
 
 
+def phases(title: str) -> render.Phases:
+    return render.Phases(err, title, quiet=global_option("quiet"))
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
 
@@ -415,7 +419,10 @@ def fix(
     from skinvlm.fix import fix as run_fix
 
     ws, loaded = open_workspace(workspace, rules)
-    result = run_fix(ws, loaded, dry_run=dry_run, drop_invalid=drop_invalid, drop_mismatches=drop_mismatches)
+    with phases("fix") as phase:
+        result = run_fix(
+            ws, loaded, dry_run=dry_run, drop_invalid=drop_invalid, drop_mismatches=drop_mismatches, phase=phase
+        )
     return print_json(result.as_json()) if as_json else render.fix_report(out, result, ws)
 
 
@@ -440,17 +447,19 @@ def publish(
     from skinvlm.publish import publish as run_publish
 
     ws, loaded = open_workspace(workspace, rules)
-    result = run_publish(
-        ws,
-        loaded,
-        repo,
-        stage=stage.value,
-        public=public,
-        dry_run=dry_run,
-        yes=yes,
-        force=ignore_audit,
-        confirm=lambda question: typer.confirm(question, default=False),
-    )
+    with phases("publish") as phase:
+        result = run_publish(
+            ws,
+            loaded,
+            repo,
+            stage=stage.value,
+            public=public,
+            dry_run=dry_run,
+            yes=yes,
+            force=ignore_audit,
+            confirm=lambda question: phase.ask(question, lambda q: typer.confirm(q, default=False)),
+            phase=phase,
+        )
     return print_json(result.as_json()) if as_json else render.publish_report(out, result)
 
 
@@ -570,9 +579,8 @@ def merge(
     from skinvlm.merge import merge as run_merge
 
     ws = Workspace.open(workspace)
-    with progress_bar("merging: load the base, merge, save, verify") as bar:
-        bar.add_task("merge", total=None, note="")
-        result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype.value, gpu=gpu)
+    with phases("merge") as phase:
+        result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype.value, gpu=gpu, phase=phase)
     print_json(result.as_json()) if as_json else render.merge_result(out, result)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,7 @@ def fix(
     dry_run: bool = False,
     drop_invalid: bool = False,
     drop_mismatches: bool = False,
+    phase: Callable[[str], None] = lambda _: None,
 ) -> FixResult:
     from datasets import DatasetDict, load_from_disk
 
@@ -129,6 +131,7 @@ def fix(
     rows_for_audit: list[dict[str, Any]] = []
     splits, changed, dropped = {}, 0, 0
     for split, ds in described.items():
+        phase(f"rewriting {split} ({ds.num_rows} records)")
         label_of = dict(zip(labels[split]["id"], labels[split]["label"], strict=True))
         outputs = list(ds["output"])
         fixed = [fix_text(o or "", rules, terms, hits) if o else (o or "") for o in outputs]
@@ -148,6 +151,7 @@ def fix(
             table, rows = table.select(keep), [rows[i] for i in keep]
         splits[split] = table
         rows_for_audit += rows
+    phase("auditing the result")
     report = audit_rows("fixed", rows_for_audit, rules)
     result = FixResult(hits, changed, dropped, examples, report, written=not dry_run)
     if not dry_run:
@@ -166,6 +170,7 @@ def fix(
             "hits": dict(hits),
             "problems_after": report.problems,
         }
+        phase("saving datasets/fixed")
         ws.save("fixed", data, manifest("fix", settings, inputs, counts, started))
     result.seconds = round(time.perf_counter() - clock, 2)
     return result

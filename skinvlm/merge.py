@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def merge(
     base: str | None = None,
     dtype: str = "bfloat16",
     gpu: str | None = None,
+    phase: Callable[[str], None] = lambda _: None,
 ) -> MergeResult:
     if dtype not in DTYPES:
         raise SkinvlmError(f"--dtype must be bfloat16 or float16, not {dtype!r}")
@@ -97,8 +99,9 @@ def merge(
     started, clock = now_iso(), time.perf_counter()
     sample = sample_inputs(adapter, recorded)
     with staged(output) as tmp:
-        before = merge_into(base, adapter, tmp, dtype, cuda, sample)
+        before = merge_into(base, adapter, tmp, dtype, cuda, sample, phase)
         finish_folder(adapter, tmp, recorded)
+        phase("verifying: the saved folder reloaded against base + adapter")
         check = verify(tmp, dtype, cuda, sample, before)
         backend = recorded.get("backend", "hf")
         seconds = round(time.perf_counter() - clock, 1)
@@ -142,10 +145,13 @@ class BeforeMerge:
     weights: dict[str, tuple[float, float]]
 
 
-def merge_into(base: str, adapter: Path, out: Path, dtype: str, cuda: bool, sample: dict[str, Any]) -> BeforeMerge:
+def merge_into(
+    base: str, adapter: Path, out: Path, dtype: str, cuda: bool, sample: dict[str, Any], phase: Callable[[str], None]
+) -> BeforeMerge:
     """Base + adapter measured on the sample (with and without the adapter), then merged and saved."""
     from peft import PeftModel
 
+    phase(f"loading {base} and the adapter in {dtype}")
     model = PeftModel.from_pretrained(load_model(base, dtype, cuda), str(adapter)).eval()
     with_adapter = logits(model, sample)
     with model.disable_adapter():
@@ -155,7 +161,9 @@ def merge_into(base: str, adapter: Path, out: Path, dtype: str, cuda: bool, samp
         for name, module in model.named_modules()
         if hasattr(module, "lora_A") and hasattr(module, "base_layer")
     }
+    phase("merging")
     merged = model.merge_and_unload()
+    phase("saving the merged weights")
     merged.save_pretrained(str(out))
     del model, merged
     release_memory()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,17 +201,20 @@ def publish(
     yes: bool = False,
     force: bool = False,
     token: str | None = None,
-    confirm: Any = None,
+    confirm: Callable[[str], bool] | None = None,
+    phase: Callable[[str], None] = lambda _: None,
 ) -> PublishResult:
     repo = repo or openai_api.setting(ws, "HF_REPO_NAME")
     if not repo or repo.count("/") != 1:
         raise SkinvlmError("name the Hub repo as OWNER/NAME (argument or HF_REPO_NAME)")
+    phase(f"auditing {stage}")
     report = audit(ws, rules, stage)
     if report.problems and not force:
         raise SkinvlmError(
             f"audit of {stage} finds {report.problems} records with problems "
             f"(skinvlm audit --stage {stage}); fix them or pass --ignore-audit"
         )
+    phase("writing Parquet shards and the dataset card")
     folder, files = build(ws, rules, repo, stage, report)
     result = PublishResult(repo, not public, folder, files)
     if dry_run:
@@ -223,6 +227,7 @@ def publish(
             raise SkinvlmError("publishing needs confirmation: pass --yes (no terminal to ask on)")
         if not confirm(f"upload {len(files)} files to {'private' if not public else 'PUBLIC'} dataset {repo}?"):
             raise SkinvlmError("not confirmed; nothing was uploaded")
+    phase(f"uploading {len(files)} files to {repo}")
     result.url = upload(folder, repo, token, private=not public)
     result.uploaded = True
     return result

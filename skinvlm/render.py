@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,41 @@ def merge_result(out: Console, result: Any) -> None:
         f"next token; {result.changed_weights}/{result.lora_targets} LoRA-targeted weights changed",
         highlight=False,
     )
+
+
+class Phases:
+    """The phase a step without countable units is in (merge, fix, publish): a spinner on a terminal, a plain
+    line per phase in logs, nothing with --quiet."""
+
+    def __init__(self, console: Console, title: str, quiet: bool = False) -> None:
+        self.console, self.title, self.quiet = console, title, quiet
+        self.spinner: Any = None
+
+    def __enter__(self) -> Phases:
+        if not self.quiet and self.console.is_terminal:
+            self.spinner = self.console.status(self.title)
+            self.spinner.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spinner:
+            self.spinner.stop()
+
+    def __call__(self, phase: str) -> None:
+        if self.spinner:
+            self.spinner.update(f"{self.title}: {escape(phase)}")
+        elif not self.quiet:
+            self.console.print(f"{self.title}: {phase}", markup=False, highlight=False)
+
+    def ask(self, question: str, confirm: Callable[[str], bool]) -> bool:
+        """A question must not be drawn over by the spinner."""
+        if self.spinner:
+            self.spinner.stop()
+        try:
+            return confirm(question)
+        finally:
+            if self.spinner:
+                self.spinner.start()
 
 
 class TrainProgress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import unicodedata
@@ -22,6 +23,16 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+PHASE_LINE = re.compile(r"^(merge|fix|publish): ")  # what a step is doing, printed as it starts when piped
+
+
+def error_line(stderr: str) -> str:
+    """The one line a failed command prints: no traceback, nothing else but the phases it got through."""
+    lines = [line for line in stderr.strip().splitlines() if not PHASE_LINE.match(line)]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
 
 
 class Cli:

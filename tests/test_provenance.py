@@ -7,6 +7,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from conftest import error_line
+
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, user_text
 from skinvlm.demo.synthetic import write_tree
 from skinvlm.demo.tiny import build
@@ -90,8 +92,7 @@ def test_a_reingest_makes_later_stages_stale_and_they_refuse(cli, ingested: Path
     for command in (("audit",), ("fix",), ("publish", "me/x", "--dry-run"), ("train", "--model", str(tmp_path))):
         refused = cli(*command, ok=False)
         assert refused.exit_code == 1 and "made from data that has changed since" in refused.stderr, command
-        assert "`skinvlm describe`" in refused.stderr and "Traceback" not in refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1
+        assert "`skinvlm describe`" in error_line(refused.stderr)
     cli("describe", "--template")
     stages = {s["name"]: s for s in cli.json("status")["stages"]}
     assert not stages["described"]["stale"] and stages["fixed"]["rerun"] == ["skinvlm fix"]
