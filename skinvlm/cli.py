@@ -21,7 +21,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from skinvlm import config, render
 from skinvlm.describe import DescribeSettings
@@ -193,17 +192,8 @@ def settings_of(ctx: typer.Context, cls: type[Any], section: str, config_file: P
     return config.resolve(cls, section, config_file, ctx.params, given)
 
 
-def progress_bar(description: str) -> Progress:
-    return Progress(
-        TextColumn(description),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=global_option("quiet"),
-    )
+def counting(title: str) -> render.Counting:
+    return render.Counting(err, title, quiet=global_option("quiet"))
 
 
 def phases(title: str) -> render.Phases:
@@ -218,7 +208,8 @@ def print_json(value: Any) -> None:
 @user_errors
 def ingest(
     src: Annotated[
-        Path, typer.Argument(help="AI Hub folder (Training/ and Validation/) or a folder of class folders.")
+        Path,
+        typer.Argument(metavar="SRC", help="AI Hub folder (Training/ and Validation/) or a folder of class folders."),
     ],
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
@@ -240,8 +231,7 @@ def ingest(
     from skinvlm.ingest import ingest as run_ingest
 
     ws, loaded = open_workspace(workspace, rules)
-    with progress_bar("checking images") as bar:
-        task = bar.add_task("ingest", total=None, note="")
+    with counting("checking images") as progress:
         result = run_ingest(
             ws,
             src,
@@ -253,7 +243,7 @@ def ingest(
             max_pixels_in=max_pixels_in,
             deep=deep,
             workers=workers,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=progress,
         )
     if as_json:
         return print_json(result.as_json())
@@ -360,15 +350,14 @@ def describe(
         if as_json:
             return print_json(asdict(preview) | {"settings": asdict(settings)})
         return render.describe_dry_run(out, preview, settings)
-    with progress_bar("describing") as bar:
-        task = bar.add_task("describe", total=None, note="")
+    with counting("describing") as progress:
         result = stage.describe(
             ws,
             loaded,
             settings,
             prompt,
             api_key,
-            progress=lambda p: bar.update(task, completed=p.done, total=p.total, note=render.progress_note(p)),
+            progress=lambda p: progress(p.done, p.total, render.progress_note(p)),
         )
     return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
@@ -429,7 +418,9 @@ def fix(
 @app.command()
 @user_errors
 def publish(
-    repo: Annotated[str | None, typer.Argument(help="OWNER/NAME on the Hub (default: $HF_REPO_NAME).")] = None,
+    repo: Annotated[
+        str | None, typer.Argument(metavar="REPO", help="OWNER/NAME on the Hub (default: $HF_REPO_NAME).")
+    ] = None,
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
     stage: Annotated[TextStage, typer.Option(help="Which text stage to publish.")] = TextStage.fixed,
@@ -697,11 +688,8 @@ def eval_(
         runs = stage.compare(ws, compare)
         return print_json(runs) if as_json else render.compare_runs(out, runs, loaded)
     settings = settings_of(ctx, EvalSettings, "eval", config_file)
-    with progress_bar("evaluating") as bar:
-        task = bar.add_task("eval", total=None, note="")
-        result = stage.evaluate(
-            ws, loaded, settings, api_key, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    with counting("evaluating") as progress:
+        result = stage.evaluate(ws, loaded, settings, api_key, progress=progress)
     return print_json(result) if as_json else render.eval_report(out, result, loaded)
 
 
@@ -723,7 +711,9 @@ def doctor(workspace: WorkspaceOpt = None, gpu: GpuOpt = None, as_json: JsonOpt 
 @app.command()
 @user_errors
 def demo(
-    folder: Annotated[Path, typer.Argument(help="Where the demo writes everything.")] = Path("skinvlm-demo"),
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where the demo writes everything.")] = Path(
+        "skinvlm-demo"
+    ),
     per_folder: Annotated[int, typer.Option(help="Training images per class-and-view folder.")] = 5,
     steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 160,
 ) -> None:

@@ -38,17 +38,15 @@ def resolve(cls: type[T], section: str, config: Path | None, params: dict[str, A
     # What the command line gave, then the file's table, then the dataclass's own defaults for the rest.
     values = {name: params[name] for name in fields if name in given and name in params}
     table = read_config(config).get(section, {}) if config else {}
-    problems = []
+    unknown = [key for key in table if key not in fields]
+    if unknown:
+        raise SkinvlmError(f"{config}: [{section}] has no key {unknown[0]!r} (keys: {', '.join(fields)})")
     for key, value in table.items():
-        if key not in fields:
-            problems.append(f"unknown key {key!r}")
-        elif key not in given:
+        if key not in given:
             try:
                 values[key] = coerce(value, fields[key])
             except TypeError as err:
-                problems.append(str(err))
-    if problems:
-        raise SkinvlmError(f"{config}: [{section}] " + "; ".join(problems) + f" (keys: {', '.join(fields)})")
+                raise SkinvlmError(f"{config}: [{section}] {err}") from None
     return cls(**{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in values.items()})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,50 @@ def merge_result(out: Console, result: Any) -> None:
     )
 
 
+class Counting:
+    """Progress of a step that counts its units (images, requests): a bar on a terminal; in logs a line at each
+    tenth of the way at most every LOG_EVERY_S seconds, and the last, so a piped run shows it is alive without
+    flooding the log; nothing with --quiet."""
+
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, console: Console, title: str, quiet: bool = False) -> None:
+        self.console, self.title, self.quiet = console, title, quiet
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.tenths_shown = 0
+        self.logged_at = time.monotonic()
+
+    def __enter__(self) -> Counting:
+        if not self.quiet and self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn(self.title),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=None, note="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, note=note)
+            return
+        tenths, now = done * 10 // max(total, 1), time.monotonic()
+        due = tenths > self.tenths_shown and now - self.logged_at >= self.LOG_EVERY_S
+        if not self.quiet and total and (due or done == total):
+            self.tenths_shown, self.logged_at = tenths, now
+            self.console.print(f"{self.title}: {done:,}/{total:,}  {note}".rstrip(), markup=False, highlight=False)
+
+
 class Phases:
     """The phase a step without countable units is in (merge, fix, publish): a spinner on a terminal, a plain
     line per phase in logs, nothing with --quiet."""
@@ -369,8 +414,6 @@ class TrainProgress:
         self.eval_loss: float | None = None
 
     def start(self, summary: Any, plan: Any) -> None:
-        import time
-
         train_summary(self.console, summary)
         for name, (then, now) in plan.changed.items():
             self.console.print(
@@ -391,8 +434,6 @@ class TrainProgress:
         self.task = self.bar.add_task("train", total=None, figures="")
 
     def step(self, event: dict[str, Any]) -> None:
-        import time
-
         if "eval_loss" in event:
             self.eval_loss = event["eval_loss"]
         if "loss" not in event or self.quiet:

@@ -48,6 +48,10 @@ def executable() -> list[str]:
 
 
 def build_command(model: Path, s: ServeSettings) -> list[str]:
+    if not 0 < s.port < 65536:
+        raise SkinvlmError(f"--port must be 1-65535, not {s.port}")
+    if not 0 < s.gpu_memory_utilization <= 1:
+        raise SkinvlmError(f"--gpu-memory-utilization is a share of the GPU in (0, 1], not {s.gpu_memory_utilization}")
     try:
         limits = json.loads(s.limit_mm_per_prompt)
     except json.JSONDecodeError:

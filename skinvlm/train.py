@@ -41,6 +41,22 @@ VISION_TARGETS = r".*visual\.(blocks.*\.(qkv|attn\.proj|gate_proj|up_proj|down_p
 UNSLOTH_ZOO_PIN = "unsloth_zoo==2026.10.9"
 
 
+# The smallest value each count may take; checked for flags and config files alike.
+LOWEST = {
+    "max_steps": 1,
+    "lora_r": 1,
+    "lora_alpha": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "weight_decay": 0,
+    "eval_steps": 1,
+    "eval_rows": 0,
+    "save_steps": 1,
+    "save_total_limit": 1,
+}
+
+
 @dataclass
 class TrainSettings:
     model: str = DEFAULT_BASE
@@ -83,8 +99,13 @@ class TrainSettings:
             raise SkinvlmError("--max-pixels must be at least 3136 (56x56)")
         if self.max_length < 64:
             raise SkinvlmError("--max-length must be at least 64 tokens")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise SkinvlmError("--batch-size and --grad-accum must be at least 1")
+        for name, lowest in LOWEST.items():
+            if getattr(self, name) < lowest:
+                raise SkinvlmError(f"--{name.replace('_', '-')} must be at least {lowest}, not {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0 or (self.epochs is not None and self.epochs <= 0):
+            raise SkinvlmError("--learning-rate, --max-grad-norm and --epochs must be above 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise SkinvlmError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         if not (self.finetune_vision or self.finetune_language):
             raise SkinvlmError("LoRA needs the vision layers, the language layers or both")
 

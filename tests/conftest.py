@@ -25,7 +25,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
-PHASE_LINE = re.compile(r"^(merge|fix|publish): ")  # what a step is doing, printed as it starts when piped
+PHASE_LINE = re.compile(r"^(merge|fix|publish|checking images|describing|evaluating): ")  # progress, when piped
 
 
 def error_line(stderr: str) -> str:
