@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from skinvlm import config, render
 from skinvlm.describe import DescribeSettings
@@ -33,7 +34,27 @@ from skinvlm.serve import ServeSettings
 from skinvlm.train import TrainSettings
 from skinvlm.workspace import Workspace
 
+
+class TypelessHelp:
+    """typer gives its own -h/--help a <bool> type column; like every other flag it shows none here."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Group(TypelessHelp, TyperGroup):
+    pass
+
+
+class Command(TypelessHelp, TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=Group,
     help="Facial skin photo folders -> a served, evaluated Korean vision-language model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -138,6 +159,8 @@ def main_options(
 ) -> None:
     """Facial skin photo folders -> a served, evaluated Korean vision-language model."""
     GLOBAL.update(debug=debug or os.environ.get("SKINVLM_DEBUG") == "1", quiet=quiet)
+    if quiet:  # the libraries' own bars (loading weights, downloads, map) read these when they are imported
+        os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if workspace is not None:  # `skinvlm -w WS status` as well as `skinvlm status -w WS`
         ctx.default_map = {command: {"workspace": str(workspace)} for command in COMMANDS}
 
@@ -175,6 +198,17 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def command(name: str | None = None) -> Callable[[F], F]:
+    """A subcommand: its user errors rendered as one line, its help without types on flags."""
+
+    def register(fn: F) -> F:
+        wrapped = user_errors(fn)
+        app.command(name=name, cls=Command)(wrapped)
+        return wrapped
+
+    return register
+
+
 def fail(line: str) -> None:
     err.print(f"[bold red]error:[/] {escape(redact_text(line.splitlines()[0] if line else line))}", highlight=False)
     raise typer.Exit(1)
@@ -204,8 +238,7 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
-@app.command()
-@user_errors
+@command()
 def ingest(
     src: Annotated[
         Path,
@@ -250,8 +283,7 @@ def ingest(
     render.ingest_report(out, err, result, loaded)
 
 
-@app.command()
-@user_errors
+@command()
 def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the workspace holds, stage by stage, and which stages are stale."""
     from skinvlm.workspace import stage_status
@@ -273,8 +305,7 @@ def parse_redo(value: str) -> tuple[str, ...]:
     return chosen
 
 
-@app.command()
-@user_errors
+@command()
 def describe(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
@@ -362,8 +393,7 @@ def describe(
     return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
 
 
-@app.command()
-@user_errors
+@command()
 def audit(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
@@ -390,8 +420,7 @@ def audit(
         raise typer.Exit(1)
 
 
-@app.command()
-@user_errors
+@command()
 def fix(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
@@ -415,8 +444,7 @@ def fix(
     return print_json(result.as_json()) if as_json else render.fix_report(out, result, ws)
 
 
-@app.command()
-@user_errors
+@command()
 def publish(
     repo: Annotated[
         str | None, typer.Argument(metavar="REPO", help="OWNER/NAME on the Hub (default: $HF_REPO_NAME).")
@@ -457,8 +485,7 @@ def publish(
 T = TrainSettings  # the defaults below are its fields'
 
 
-@app.command()
-@user_errors
+@command()
 def train(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
@@ -552,8 +579,7 @@ def train(
         print_json(result.as_json()) if as_json else render.train_result(out, result)
 
 
-@app.command()
-@user_errors
+@command()
 def merge(
     workspace: WorkspaceOpt = None,
     base: Annotated[
@@ -578,8 +604,7 @@ def merge(
 S = ServeSettings  # the defaults below are its fields'
 
 
-@app.command()
-@user_errors
+@command()
 def serve(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
@@ -612,11 +637,10 @@ def serve(
     settings = settings_of(ctx, ServeSettings, "serve", config_file)
     if print_command:
         stage.check_model(folder)
-        command = stage.build_command(folder, settings)
+        printed = stage.printed_command(folder, settings)
         if as_json:
-            print_json({"command": command})
-        else:
-            sys.stdout.write(shlex.join(command) + "\n")
+            return print_json(printed)
+        sys.stdout.write(printed["shell"] + "\n")
         return
     process, endpoint = stage.start(folder, settings)
     out.print(
@@ -633,8 +657,7 @@ def serve(
 E = EvalSettings  # the defaults below are its fields'
 
 
-@app.command(name="eval")
-@user_errors
+@command(name="eval")
 def eval_(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
@@ -693,8 +716,7 @@ def eval_(
     return print_json(result) if as_json else render.eval_report(out, result, loaded)
 
 
-@app.command()
-@user_errors
+@command()
 def doctor(workspace: WorkspaceOpt = None, gpu: GpuOpt = None, as_json: JsonOpt = False) -> None:
     """Check this machine: Python, torch and CUDA, GPUs, package versions against the GPU pins, backends, disk, keys.
 
@@ -708,8 +730,7 @@ def doctor(workspace: WorkspaceOpt = None, gpu: GpuOpt = None, as_json: JsonOpt 
         raise typer.Exit(1)
 
 
-@app.command()
-@user_errors
+@command()
 def demo(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where the demo writes everything.")] = Path(
         "skinvlm-demo"

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from skinvlm import devices
 from skinvlm.errors import SkinvlmError
@@ -138,17 +139,30 @@ def start(model: Path, s: ServeSettings) -> tuple[subprocess.Popen[bytes], str]:
     check_model(model)
     check_runtime()
     command = build_command(model, s)
-    env = dict(os.environ)
-    if s.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.gpu_ids(s.gpu))
-    process = subprocess.Popen(command, env=env)
-    base = f"http://{s.host}:{s.port}"
+    process = subprocess.Popen(command, env=os.environ | launch_env(s))
     try:
-        wait_healthy(process, f"{base}/health", s.startup_timeout)
+        wait_healthy(process, endpoint(s).removesuffix("/v1") + "/health", s.startup_timeout)
     except BaseException:
         stop(process)
         raise
-    return process, f"{base}/v1"
+    return process, endpoint(s)
+
+
+def launch_env(s: ServeSettings) -> dict[str, str]:
+    """What the server's environment adds: --gpu pins the GPUs it sees."""
+    return {} if s.gpu is None else {"CUDA_VISIBLE_DEVICES": ",".join(devices.gpu_ids(s.gpu))}
+
+
+def endpoint(s: ServeSettings) -> str:
+    return f"http://{s.host}:{s.port}/v1"
+
+
+def printed_command(model: Path, s: ServeSettings) -> dict[str, Any]:
+    """`serve --print-command --json`: what `serve` would run, for a launcher of one's own."""
+    command = build_command(model, s)
+    env = launch_env(s)
+    shell = " ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(command)])
+    return {"command": command, "env": env, "shell": shell, "endpoint": endpoint(s), "model": s.served_model_name}
 
 
 def curl_example(endpoint: str, name: str) -> str:

@@ -15,6 +15,8 @@ import pytest
 
 from skinvlm.demo.openai_server import FakeOpenAI, image_of, label_conditioned
 from skinvlm.demo.synthetic import colour_label
+from skinvlm.evaluate import plot_confusion
+from skinvlm.rules import default_rules_path, load_rules
 
 
 def scripted_answers():
@@ -144,7 +146,7 @@ def merged_folder(workspace: Path) -> Path:
 
 def test_print_command_carries_resolution_and_limits(cli, merged_folder: Path) -> None:
     line = cli("serve", "--print-command", "--port", "8123", "--gpu", "0").stdout.strip()
-    assert line.startswith(f"vllm serve {merged_folder} ")
+    assert line.startswith(f"CUDA_VISIBLE_DEVICES=0 vllm serve {merged_folder} ")
     for part in (
         "--port 8123",
         "--max-model-len 4096",
@@ -203,3 +205,14 @@ def test_serve_waits_for_health_and_stops_on_ctrl_c(merged_folder: Path, workspa
     finally:
         proc.kill()
         subprocess.run(["pkill", "-f", str(script)], capture_output=True)
+
+
+def test_the_confusion_matrix_draws_the_unparsed_column_only_when_some_answer_was_unparsed(tmp_path: Path) -> None:
+    rules = load_rules(default_rules_path())
+    n = len(rules.class_names)
+    clean = [[3 if i == j else 0 for j in range(n + 1)] for i in range(n)]
+    result = {"name": "t", "accuracy": 1.0, "macro_f1": 1.0, "n": 3 * n, "backend": "server", "confusion_matrix": clean}
+    drawn = plot_confusion(result, rules, tmp_path / "clean.png")
+    assert len(drawn) == n and "unparsed" not in drawn and (tmp_path / "clean.png").stat().st_size > 10_000
+    clean[0][n] = 1
+    assert plot_confusion(result, rules, tmp_path / "one.png")[-1] == "unparsed"

@@ -191,6 +191,17 @@ def safetensors_dtypes(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow
+def test_a_piped_run_prints_its_steps_and_losses_as_it_goes(described: Path, tiny: Path) -> None:
+    flags = [*FAST, "--max-steps", "30", "--eval-steps", "10", "--eval-rows", "8"]
+    done = run_cli("train", "-w", described, "--model", tiny, *flags)
+    assert done.returncode == 0, done.stderr
+    steps = re.findall(r"^step (\d+)/30  loss (\d+\.\d{4}) .*lr .*s/step.*ETA", done.stderr, flags=re.MULTILINE)
+    assert [int(step) for step, _ in steps] == [1, 10, 20, 30], done.stderr
+    assert re.search(r"^step 20/30 .* eval \d+\.\d{4}", done.stderr, flags=re.MULTILINE), "eval loss once measured"
+    assert "\x1b[" not in done.stderr, "no terminal codes in a log"
+
+
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(cli, described: Path, tiny: Path) -> None:
     cli("train", "--model", tiny, *FAST, "--max-steps", "6", "--save-steps", "3")
     adapter = described / "models" / "adapter"
