@@ -609,7 +609,7 @@ def serve(
     ctx: typer.Context,
     workspace: WorkspaceOpt = None,
     config_file: ConfigOpt = None,
-    model: Annotated[Path | None, typer.Option(help="Model folder (default: models/merged).")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Model folder (default: models/merged).")] = None,
     host: Annotated[str, typer.Option()] = S.host,
     port: Annotated[int, typer.Option()] = S.port,
     gpu: GpuOpt = None,
@@ -633,7 +633,7 @@ def serve(
     from skinvlm import serve as stage
 
     ws = Workspace.open(workspace)
-    folder = model or ws.merged
+    folder = model_dir or ws.merged
     settings = settings_of(ctx, ServeSettings, "serve", config_file)
     if print_command:
         stage.check_model(folder)

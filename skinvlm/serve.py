@@ -90,7 +90,9 @@ def build_command(model: Path, s: ServeSettings) -> list[str]:
 
 def check_model(model: Path) -> None:
     if not (model / "config.json").exists():
-        raise SkinvlmError(f"{model} holds no model (config.json missing): run `skinvlm merge` first or pass --model")
+        raise SkinvlmError(
+            f"{model} holds no model (config.json missing): run `skinvlm merge` first or pass --model-dir"
+        )
 
 
 def check_runtime() -> None:

@@ -170,7 +170,7 @@ def test_print_command_carries_resolution_and_limits(cli, merged_folder: Path) -
 def test_serve_without_vllm_or_model_says_what_to_do(cli, merged_folder: Path, workspace: Path) -> None:
     result = cli("serve", ok=False)
     assert result.exit_code == 1 and "vllm" in result.stderr and "eval --model-dir" in result.stderr
-    empty = cli("serve", "--model", str(workspace / "nothing"), ok=False)
+    empty = cli("serve", "--model-dir", str(workspace / "nothing"), ok=False)
     assert "config.json missing" in empty.stderr
 
 
