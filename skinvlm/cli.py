@@ -691,6 +691,17 @@ def eval_(
     wait: Annotated[
         float, typer.Option(min=0, help="Seconds to wait for the server to answer /v1/models before the first image.")
     ] = E.wait,
+    labels_only: Annotated[
+        bool, flag("--labels-only", help="Stop each answer at </label>: accuracy in a fraction of the time.")
+    ] = E.labels_only,
+    probabilities: Annotated[
+        bool,
+        typer.Option(
+            "--probabilities/--no-probabilities",
+            metavar="",
+            help="Class probabilities: every label scored (--model-dir) or logprobs asked of the server.",
+        ),
+    ] = E.probabilities,
     model_dir: Annotated[
         Path | None,
         typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),
@@ -700,16 +711,24 @@ def eval_(
     confusion_matrix: Annotated[
         bool, flag("--confusion-matrix", help="Also write confusion_matrix.png and print the matrix.")
     ] = False,
-    compare: Annotated[list[str] | None, typer.Option(help="Print these runs side by side (repeatable).")] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(help="Runs side by side, each later one paired with the first (`--compare A B` or repeated)."),
+    ] = None,
+    more_runs: Annotated[
+        list[str] | None, typer.Argument(metavar="RUN", help="More runs for --compare.", show_default=False)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate against a server or a model folder: accuracy, macro F1, per class and view, confusion matrix."""
     from skinvlm import evaluate as stage
 
     ws, loaded = open_workspace(workspace, rules)
+    if more_runs and not compare:
+        raise SkinvlmError(f"eval takes run names only after --compare: --compare {' '.join(more_runs)}")
     if compare:
-        runs = stage.compare(ws, compare)
-        return print_json(runs) if as_json else render.compare_runs(out, runs, loaded)
+        compared = stage.compare(ws, [*compare, *(more_runs or [])], loaded)
+        return print_json(compared) if as_json else render.compare_runs(out, compared, loaded)
     settings = settings_of(ctx, EvalSettings, "eval", config_file)
     with counting("evaluating") as progress:
         result = stage.evaluate(ws, loaded, settings, api_key, progress=progress)

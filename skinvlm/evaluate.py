@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, openai_api
+from skinvlm import devices, openai_api, stats
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation, instruction, parse_answer
@@ -33,6 +33,9 @@ from skinvlm.vlm import read_settings
 from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest, writes
 
 UNPARSED = "unparsed"
+LABEL_START, LABEL_END = "<label>", "</label>"
+LABELS_ONLY_TOKENS = 24  # room for the longest label and its tags; generation stops at </label> before
+TOP_LOGPROBS = 20  # the most OpenAI and vLLM (by default) return per token
 
 
 @dataclass
@@ -56,6 +59,8 @@ class EvalSettings:
     gpu: str | None = None
     confusion_matrix: bool = False
     wait: float = 0.0  # seconds to wait for the server to come up before the first request
+    labels_only: bool = False  # stop each answer at </label>: accuracy runs in a fraction of the time
+    probabilities: bool = True  # class probabilities: every label scored (model dir) or logprobs (server)
 
     def check(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -102,8 +107,60 @@ def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
 
 def ask_key(who: dict[str, Any], prompt: str, settings: EvalSettings) -> str:
     """The key of an answer, less the image: what must match for a stored answer to count again."""
-    generation = {k: getattr(settings, k) for k in ("max_tokens", "temperature", "detail")}
+    generation = {k: getattr(settings, k) for k in ("max_tokens", "temperature", "detail", "labels_only")}
+    generation["probabilities"] = settings.probabilities
     return fingerprint(who, prompt, generation)
+
+
+# -- what is asked ---------------------------------------------------------------------------
+def answer_budget(settings: EvalSettings) -> int:
+    return min(settings.max_tokens, LABELS_ONLY_TOKENS) if settings.labels_only else settings.max_tokens
+
+
+def server_extras(settings: EvalSettings) -> dict[str, Any]:
+    extra: dict[str, Any] = {"stop": [LABEL_END]} if settings.labels_only else {}
+    if settings.probabilities:
+        extra |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+    return extra
+
+
+def closed(text: str | None, settings: EvalSettings) -> str | None:
+    """A server leaves the stop sequence out of its answer: close the tag it cut."""
+    if settings.labels_only and text and LABEL_START in text and LABEL_END not in text:
+        return text + LABEL_END
+    return text
+
+
+def label_distribution(tokens: list[tuple[str, list[tuple[str, float]]]] | None, classes: list[str]) -> Any:
+    """Class probabilities from the alternatives of the answer's first label token, normalised over the classes.
+    The six classes begin with six different syllables, so that token tells them apart; an alternative counts for
+    a class it begins (or that begins it: an alias such as 지루성 counts for 지루). None without logprobs."""
+    text = ""
+    for i, (token, alternatives) in enumerate(tokens or []):
+        joined = text + token
+        if LABEL_START in joined:
+            after = len(joined) - joined.index(LABEL_START) - len(LABEL_START)  # label text inside this token
+            if after == 0:
+                return normalised(tokens[i + 1][1] if tokens and i + 1 < len(tokens) else [], classes)
+            head = len(token) - after
+            return normalised([(alt[head:], lp) for alt, lp in alternatives if alt[:head] == token[:head]], classes)
+        text = joined
+    return None
+
+
+def normalised(alternatives: list[tuple[str, float]], classes: list[str]) -> dict[str, float] | None:
+    import math
+
+    mass = {
+        c: sum(
+            math.exp(lp)
+            for alt, lp in alternatives
+            if alt.strip() and (c.startswith(alt.strip()) or alt.strip().startswith(c))
+        )
+        for c in classes
+    }
+    total = sum(mass.values())
+    return {c: round(m / total, 6) for c, m in mass.items()} if total > 0 else None
 
 
 # -- predictions -----------------------------------------------------------------------------
@@ -162,12 +219,17 @@ async def ask_server(
                 client,
                 ep,
                 messages,
-                max_tokens=settings.max_tokens,
+                max_tokens=answer_budget(settings),
                 temperature=settings.temperature,
                 max_attempts=settings.max_attempts,
                 backoff=settings.backoff,
+                extra=server_extras(settings),
             )
-            sink(prediction(item, reply.text, time.perf_counter() - start, rules, reply.error, reply.cut))
+            latency = time.perf_counter() - start
+            record = prediction(item, closed(reply.text, settings), latency, rules, reply.error, reply.cut)
+            if settings.probabilities:
+                record["probabilities"] = label_distribution(reply.tokens, rules.class_names)
+            sink(record)
 
     try:
         await openai_api.check_server(client, ep, settings.wait)
@@ -212,13 +274,43 @@ def ask_local(
         images = [as_rgb(ds[item.index]["image"]) for item in batch]
         clock = time.perf_counter()
         inputs = processor(text=[text] * len(batch), images=images, return_tensors="pt", padding=True).to(model.device)
+        stop = {"stop_strings": [LABEL_END], "tokenizer": processor.tokenizer} if settings.labels_only else {}
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=settings.max_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=answer_budget(settings), do_sample=False, **stop)
         answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        per_image = (time.perf_counter() - clock) / len(batch)
         vision = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
-        for item, answer, tokens in zip(batch, answers, vision, strict=True):
-            sink(prediction(item, answer, per_image, rules) | {"image_tokens": tokens})
+        scored = [
+            class_probabilities(model, processor, text, image, rules) if settings.probabilities else None
+            for image in images
+        ]
+        per_image = (time.perf_counter() - clock) / len(batch)
+        for item, answer, tokens, probabilities in zip(batch, answers, vision, scored, strict=True):
+            record = prediction(item, answer, per_image, rules) | {"image_tokens": tokens}
+            sink(record | {"probabilities": probabilities} if probabilities else record)
+
+
+def class_probabilities(model: Any, processor: Any, prompt: str, image: Any, rules: Rules) -> dict[str, float]:
+    """P(class, then </label> | the image, the prompt, <label>) for every class, from one forward pass over the
+    continuations of the same prefix, normalised over the classes. Each is scored from the first token where the
+    sequences part (a tokenizer may join `>` to the label), so all are probabilities of text from one point."""
+    import torch
+
+    classes = rules.class_names
+    texts = [prompt + LABEL_START + c + LABEL_END for c in classes]
+    tokenizer, side = processor.tokenizer, processor.tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        inputs = processor(text=texts, images=[image] * len(classes), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    ids, lengths = inputs["input_ids"], inputs["attention_mask"].sum(dim=1)
+    start = int((ids == ids[0]).all(dim=0).int().argmin())  # the first position where the continuations differ
+    with torch.no_grad():
+        logits = model(**inputs.to(model.device)).logits.float().cpu()
+    # The token at position j is predicted by the logits at j - 1.
+    token_logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    sums = torch.stack([token_logprobs[i, start - 1 : int(lengths[i]) - 1].sum() for i in range(len(classes))])
+    return {c: round(float(p), 6) for c, p in zip(classes, torch.softmax(sums, dim=0), strict=True)}
 
 
 def reusable(record: dict[str, Any] | None, key: str, item: Item) -> bool:
@@ -279,7 +371,17 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
         "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
         "answers_cut": sum(1 for rec in records if rec.get("cut")),
+        "intervals": stats.bootstrap(truth, predicted, classes),
+        "probabilities": probability_summary(records, classes),
     }
+
+
+def probability_summary(records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+    scored = [r for r in records if r.get("probabilities")]
+    if not scored:
+        return None
+    table = [[r["probabilities"][c] for c in classes] for r in scored]
+    return stats.probability_metrics([r["label"] for r in scored], table, classes)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -344,24 +446,57 @@ def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str
     return [c.replace("\n", " ") for c in columns]
 
 
+def plot_reliability(result: dict[str, Any], path: Path) -> None:
+    """The reliability diagram: accuracy against confidence of the top class per bin; the diagonal is perfect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = result["probabilities"]["reliability"]
+    figure, axis = plt.subplots(figsize=(6, 6), dpi=120)
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axis.bar(
+        [(b["low"] + b["high"]) / 2 for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy in the bin",
+    )
+    axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="darkred", label="bin mean")
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence of the top class", ylabel="accuracy")
+    axis.set_title(f"{result['name']}: ECE {result['probabilities']['ece']:.3f} (n={result['probabilities']['n']})")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def report_markdown(result: dict[str, Any], rules: Rules) -> str:
     lines = [
         f"# Evaluation {result['name']}",
         "",
         f"- images: {result['n']} ({result['backend']})",
-        f"- accuracy: {result['accuracy']:.4f}",
-        f"- macro F1: {result['macro_f1']:.4f}; weighted F1: {result['weighted_f1']:.4f}",
+        f"- accuracy: {result['accuracy']:.4f} (95% CI {bounds(result['intervals']['accuracy'])})",
+        f"- macro F1: {result['macro_f1']:.4f} (95% CI {bounds(result['intervals']['macro_f1'])}); "
+        f"weighted F1: {result['weighted_f1']:.4f}",
         f"- unparsed answers: {result['unparsed']}",
         f"- latency p50/p95: {result['latency_p50']}s / {result['latency_p95']}s; "
         f"throughput {result['throughput']} images/s",
         "",
-        "| class | precision | recall | F1 | support |",
+        "| class | precision | recall | F1 (95% CI) | support |",
         "|---|---|---|---|---|",
     ]
     for c, m in result["per_class"].items():
-        lines.append(
-            f"| {c} ({rules.english(c)}) | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-        )
+        f1 = f"{m['f1']:.3f} ({bounds(result['intervals']['f1'][c])})"
+        lines.append(f"| {c} ({rules.english(c)}) | {m['precision']:.3f} | {m['recall']:.3f} | {f1} | {m['support']} |")
+    if probabilities := result.get("probabilities"):
+        lines += [
+            "",
+            f"Class probabilities ({probabilities['n']} images): macro AUC {probabilities['macro_auc']}, "
+            f"top-2 accuracy {probabilities['top2_accuracy']}, expected calibration error {probabilities['ece']}",
+        ]
     lines += ["", "| view | accuracy |", "|---|---|"]
     lines += [f"| {view} | {acc:.3f} |" for view, acc in result["per_view"].items()]
     lines += [
@@ -375,6 +510,10 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
         if label != UNPARSED:
             lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def bounds(pair: list[float]) -> str:
+    return f"{pair[0]:.3f}-{pair[1]:.3f}"
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -435,12 +574,17 @@ def evaluate(
         "failed": sum(1 for record in records if record["error"]),
         "from_cache": len(cached),
         "asked": len(todo),
+        "key": key,
         "output_dir": str(run),
     }
+    if settings.probabilities and result["probabilities"] is None:
+        result["notes"] = ["the endpoint returned no logprobs: no class probabilities, AUC or calibration"]
     (run / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
     (run / "report.md").write_text(report_markdown(result, rules), encoding="utf-8")
     if settings.confusion_matrix:
         plot_confusion(result, rules, run / "confusion_matrix.png")
+    if result["probabilities"]:
+        plot_reliability(result, run / "reliability.png")
 
     inputs = {
         "stage": "ingested",
@@ -452,11 +596,39 @@ def evaluate(
     return result
 
 
-def compare(ws: Workspace, names: list[str]) -> list[dict[str, Any]]:
-    runs = []
-    for name in names:
-        path = ws.eval_run(name) / "metrics.json"
-        if not path.exists():
-            raise SkinvlmError(f"no eval run {name!r} in {ws.eval_root} (metrics.json missing)")
-        runs.append(json.loads(path.read_text(encoding="utf-8")))
-    return runs
+def compare(ws: Workspace, names: list[str], rules: Rules) -> dict[str, Any]:
+    """The runs' metrics side by side, and each later run paired with the first on the same photos."""
+    runs = [load_run(ws, name) for name in names]
+    return {"runs": runs, "paired": [paired_with(ws, runs[0], run, rules) for run in runs[1:]]}
+
+
+def load_run(ws: Workspace, name: str) -> dict[str, Any]:
+    path = ws.eval_run(name) / "metrics.json"
+    if not path.exists():
+        raise SkinvlmError(f"no eval run {name!r} in {ws.eval_root} (metrics.json missing)")
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The answers a run's metrics were computed from: its predictions made under its key."""
+    found = read_predictions(ws.eval_run(run["name"]) / "predictions.jsonl")
+    return {i: r for i, r in found.items() if r.get("key") == run.get("key", r.get("key"))}
+
+
+def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], rules: Rules) -> dict[str, Any]:
+    a, b = run_answers(ws, first), run_answers(ws, second)
+    photos_a, photos_b = {(i, r["sha256"]) for i, r in a.items()}, {(i, r["sha256"]) for i, r in b.items()}
+    if photos_a != photos_b:
+        raise SkinvlmError(
+            f"runs {first['name']!r} and {second['name']!r} were evaluated on different photos ({len(photos_a)} and "
+            f"{len(photos_b)}, {len(photos_a & photos_b)} in common): evaluate both with the same --split, --limit "
+            "and --seed to compare them"
+        )
+    both = sorted(i for i in a if not a[i]["error"] and not b[i]["error"])  # the photos both runs answered
+    if not both:
+        raise SkinvlmError(f"no photo was answered by both {first['name']!r} and {second['name']!r}")
+    truth = [a[i]["label"] for i in both]
+    result = stats.paired(
+        truth, [a[i]["predicted"] for i in both], [b[i]["predicted"] for i in both], rules.class_names
+    )
+    return {"first": first["name"], "second": second["name"], **result}

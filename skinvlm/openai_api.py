@@ -142,6 +142,9 @@ class Reply:
     attempts: int
     error: str | None = None  # set when this record failed for good
     cut: bool = False  # the answer was longer than MAX_ANSWER_CHARS and was cut there
+    # With extra={"logprobs": True, "top_logprobs": N}: per answer token, its text and the N likeliest
+    # alternatives as (text, logprob); None when the endpoint gave none.
+    tokens: list[tuple[str, list[tuple[str, float]]]] | None = None
 
 
 def _status(exc: BaseException) -> int | None:
@@ -222,6 +225,7 @@ async def complete(
     temperature: float,
     max_attempts: int,
     backoff: float = 1.0,
+    extra: dict[str, Any] | None = None,
 ) -> Reply:
     """One chat completion with retries. Raises SkinvlmError for fatal errors; else returns a Reply."""
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -241,7 +245,7 @@ async def complete(
             with attempt:
                 attempts += 1
                 response = await client.chat.completions.create(
-                    model=ep.model, messages=messages, max_tokens=max_tokens, temperature=temperature
+                    model=ep.model, messages=messages, max_tokens=max_tokens, temperature=temperature, **(extra or {})
                 )
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record or a fatal line
         fatal = fatal_message(exc, ep)
@@ -259,4 +263,12 @@ async def complete(
         attempts,
         None if text is not None else "the answer had no message content",
         cut,
+        answer_tokens(choices[0]) if choices else None,
     )
+
+
+def answer_tokens(choice: Any) -> list[tuple[str, list[tuple[str, float]]]] | None:
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return [(t.token, [(top.token, top.logprob) for top in (t.top_logprobs or [])]) for t in content]

@@ -177,53 +177,95 @@ def publish_report(out: Console, result: Any) -> None:
 
 
 def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
+    ci = result["intervals"]
     table = _table(
         f"eval {result['name']}: {result['n']} images, {result['backend']}",
         "class",
         "precision",
         "recall",
-        "F1",
+        "F1 [95% CI]",
+        "AUC",
         "support",
     )
+    auc = (result.get("probabilities") or {}).get("auc", {})
     for c, m in result["per_class"].items():
         table.add_row(
             f"{c} ({rules.english(c)})",
             f"{m['precision']:.3f}",
             f"{m['recall']:.3f}",
-            f"{m['f1']:.3f}",
+            f"{m['f1']:.3f} {span(ci['f1'][c])}",
+            f"{auc[c]:.3f}" if c in auc else "",
             str(m["support"]),
         )
     out.print(table)
     views = ", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items())
     out.print(
-        f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  weighted F1 "
-        f"{result['weighted_f1']:.4f}  unparsed {result['unparsed']}  per view: {views}\n"
-        f"latency p50 {result['latency_p50']}s p95 {result['latency_p95']}s, "
-        f"{result['throughput']} images/s"
+        f"accuracy {result['accuracy']:.4f} {span(ci['accuracy'])}  macro F1 {result['macro_f1']:.4f} "
+        f"{span(ci['macro_f1'])}  (95% CI, {ci['resamples']:,} bootstrap resamples stratified by class)\n"
+        f"weighted F1 {result['weighted_f1']:.4f}  unparsed {result['unparsed']}  per view: {views}\n"
+        f"latency p50 {result['latency_p50']}s p95 {result['latency_p95']}s, {result['throughput']} images/s",
+        highlight=False,
     )
+    if probabilities := result.get("probabilities"):
+        out.print(
+            f"class probabilities ({probabilities['n']} images): macro AUC {probabilities['macro_auc']}, "
+            f"top-2 accuracy {probabilities['top2_accuracy']}, ECE {probabilities['ece']}",
+            highlight=False,
+        )
+    for note in result.get("notes", []):
+        out.print(f"[yellow]note[/]: {escape(note)}")
     matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])
     for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
         if label != "unparsed":
             matrix.add_row(label, *map(str, row))
     out.print(matrix)
-    out.print(
-        f"written to {result['output_dir']}/ (metrics.json, predictions.jsonl, report.md"
-        + (", confusion_matrix.png)" if (Path(result["output_dir"]) / "confusion_matrix.png").exists() else ")")
-    )
+    made = [
+        p.name
+        for p in sorted(Path(result["output_dir"]).iterdir())
+        if p.suffix in (".json", ".jsonl", ".md", ".png", ".html")
+    ]
+    out.print(f"written to {result['output_dir']}/ ({', '.join(made)})", highlight=False)
 
 
-def compare_runs(out: Console, runs: list[dict[str, Any]], rules: Any) -> None:
-    table = Table(title="eval runs side by side")
+def span(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def compare_runs(out: Console, compared: dict[str, Any], rules: Any) -> None:
+    runs = compared["runs"]
+    table = Table(title="eval runs side by side (95% CI)")
     table.add_column("metric")
     for run in runs:
         table.add_column(run["name"], justify="right")
-    table.add_row("images", *(str(r["n"]) for r in runs))
-    table.add_row("accuracy", *(f"{r['accuracy']:.4f}" for r in runs))
-    table.add_row("macro F1", *(f"{r['macro_f1']:.4f}" for r in runs))
-    table.add_row("unparsed", *(str(r["unparsed"]) for r in runs))
+    for pair in compared["paired"]:
+        table.add_column(f"{pair['second']} - {pair['first']}", justify="right")
+    differences = [pair["difference"] for pair in compared["paired"]]
+
+    def interval_of(run: dict[str, Any], metric: str) -> str:
+        return span(run["intervals"][metric]) if "intervals" in run else ""
+
+    table.add_row("images", *(str(r["n"]) for r in runs), *(str(pair["n"]) for pair in compared["paired"]))
+    for metric, title in (("accuracy", "accuracy"), ("macro_f1", "macro F1")):
+        table.add_row(
+            title,
+            *(f"{r[metric]:.4f} {interval_of(r, metric)}" for r in runs),
+            *(f"{d[metric]['value']:+.4f} {span(d[metric]['interval'])}" for d in differences),
+        )
+    table.add_row("unparsed", *(str(r["unparsed"]) for r in runs), *("" for _ in differences))
     for c in rules.class_names:
-        table.add_row(f"F1 {c}", *(f"{r['per_class'].get(c, {}).get('f1', 0):.3f}" for r in runs))
+        table.add_row(
+            f"F1 {c}", *(f"{r['per_class'].get(c, {}).get('f1', 0):.3f}" for r in runs), *("" for _ in differences)
+        )
     out.print(table)
+    for pair in compared["paired"]:
+        m = pair["mcnemar"]
+        out.print(
+            f"McNemar's exact test, {pair['second']} vs {pair['first']} on {pair['n']} photos both answered: "
+            f"only {pair['first']} right {m['only_first_right']}, only {pair['second']} right "
+            f"{m['only_second_right']} (both right {m['both_right']}, both wrong {m['both_wrong']}); "
+            f"p = {m['p_value']:.4g}",
+            highlight=False,
+        )
 
 
 def demo_step(out: Console, err: Console, kind: str, result: Any, rules: Any) -> None:

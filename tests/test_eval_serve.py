@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import error_line
 
 from skinvlm.demo.openai_server import FakeOpenAI, image_of, label_conditioned
 from skinvlm.demo.synthetic import colour_label
@@ -116,16 +117,63 @@ def test_another_model_under_the_same_name_is_asked_everything(cli, ingested: Pa
     assert asked_longer == 12 and longer["from_cache"] == 0, "other generation settings are other answers"
 
 
-def test_limit_takes_a_stratified_sample_and_compare(cli, ingested: Path) -> None:
+def perfect_answers(body: dict) -> str:
+    pixels = list(image_of(body).getdata())
+    label = colour_label(tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3)))
+    return f"<label>{label}</label>\n<summary>테스트 소견입니다.</summary>"
+
+
+def test_limit_takes_a_stratified_sample_and_compare_pairs_runs_on_the_same_photos(cli, ingested: Path) -> None:
     with FakeOpenAI(answer=scripted_answers()) as server:
         small = run_eval(cli, server, "--name", "six", "--limit", "6")
     assert small["n"] == 6 and all(m["support"] == 1 for m in small["per_class"].values())
     with FakeOpenAI(answer=scripted_answers()) as server:
         run_eval(cli, server, "--name", "twelve")
-    table = cli("eval", "--compare", "six", "--compare", "twelve").stdout
-    assert "six" in table and "twelve" in table and "macro F1" in table
+    with FakeOpenAI(answer=perfect_answers) as server:
+        run_eval(cli, server, "--name", "perfect")
+    table = cli("eval", "--compare", "twelve", "perfect").stdout
+    assert "twelve" in table and "perfect - twelve" in table and "McNemar" in table and "p = 0.125" in table
+    both = cli.json("eval", "--compare", "twelve", "--compare", "perfect")
+    (pair,) = both["paired"]
+    # 11 photos both answered (one request of "twelve" failed): 7 right in both, 4 only in "perfect".
+    assert pair["n"] == 11 and pair["mcnemar"] == {
+        "both_right": 7, "only_first_right": 0, "only_second_right": 4, "both_wrong": 0, "p_value": 0.125
+    }  # fmt: skip
+    assert pair["difference"]["accuracy"]["value"] == pytest.approx(4 / 11, abs=1e-4)
+    low, high = pair["difference"]["accuracy"]["interval"]
+    assert 0 < low <= pair["difference"]["accuracy"]["value"] <= high <= 1
+    other = cli("eval", "--compare", "six", "twelve", ok=False)
+    assert other.exit_code == 1 and "different photos (6 and 12, 6 in common)" in error_line(other.stderr)
     missing = cli("eval", "--compare", "nope", ok=False)
     assert missing.exit_code == 1 and "no eval run 'nope'" in missing.stderr
+
+
+def test_intervals_and_probabilities_from_a_server_that_gives_logprobs(cli, ingested: Path) -> None:
+    def likely(label: str) -> dict[str, float]:
+        return {c: 0.75 if c == label else 0.05 for c in ("건선", "아토피", "여드름", "주사", "지루", "정상")}
+
+    with FakeOpenAI(answer=perfect_answers, label_probabilities=likely) as server:
+        result = run_eval(cli, server, "--name", "probs")
+        assert all(body["logprobs"] and body["top_logprobs"] == 20 for body in server.bodies)
+    predictions = [json.loads(line) for line in (ingested / "eval/probs/predictions.jsonl").read_text().splitlines()]
+    for record in predictions:
+        assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert max(record["probabilities"], key=record["probabilities"].get) == record["label"]
+    probabilities = json.loads((ingested / "eval/probs/metrics.json").read_text())["probabilities"]
+    assert probabilities["macro_auc"] == 1.0 and probabilities["top2_accuracy"] == 1.0
+    assert probabilities["ece"] == pytest.approx(0.25, abs=1e-3), "confident at 0.75, right every time"
+    assert result["intervals"]["accuracy"] == [1.0, 1.0] and result["intervals"]["resamples"] >= 1000
+    assert (ingested / "eval/probs/reliability.png").stat().st_size > 10_000
+    with FakeOpenAI(answer=perfect_answers) as server:
+        without = run_eval(cli, server, "--name", "nologprobs")
+    assert without["probabilities"] is None and "no logprobs" in without["notes"][0]
+
+
+def test_labels_only_stops_at_the_label(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=perfect_answers, token_seconds=0.001) as server:
+        result = run_eval(cli, server, "--name", "quick", "--labels-only", "--no-probabilities")
+        assert all(b["stop"] == ["</label>"] and b["max_tokens"] == 24 and "logprobs" not in b for b in server.bodies)
+    assert result["accuracy"] == 1.0 and result["unparsed"] == 0
 
 
 def test_a_refused_key_is_one_line(cli, ingested: Path) -> None:

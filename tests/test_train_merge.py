@@ -177,6 +177,20 @@ def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(cli, descri
     assert load_processor(folder).tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
     result = cli.json("eval", "--model-dir", str(folder), "--name", "tiny", "--max-tokens", "24")
     assert result["n"] == 24 and result["accuracy"] >= 0.9 and result["unparsed"] == 0
+    low, high = result["intervals"]["accuracy"]
+    assert low <= result["accuracy"] <= high and result["intervals"]["resamples"] >= 1000
+    predictions = [json.loads(line) for line in (described / "eval/tiny/predictions.jsonl").read_text().splitlines()]
+    for record in predictions:
+        assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-4), "six labels scored, normalised"
+    probabilities = json.loads((described / "eval/tiny/metrics.json").read_text())["probabilities"]
+    assert probabilities["n"] == 24 and probabilities["macro_auc"] >= 0.9 and 0 <= probabilities["ece"] <= 1
+    assert set(probabilities["auc"]) == {"건선", "아토피", "여드름", "주사", "지루", "정상"}
+    quick = cli.json("eval", "--model-dir", str(folder), "--name", "quick", "--labels-only", "--no-probabilities")
+    assert quick["accuracy"] == result["accuracy"] and quick["probabilities"] is None
+    answers = [
+        json.loads(line)["raw"] for line in (described / "eval/quick/predictions.jsonl").read_text().splitlines()
+    ]
+    assert all(answer.rstrip().endswith("</label>") for answer in answers), "generation stopped at </label>"
 
 
 def safetensors_dtypes(folder: Path) -> set[str]:

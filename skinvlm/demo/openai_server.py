@@ -16,6 +16,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import re
 import threading
 import time
@@ -36,6 +37,33 @@ def label_conditioned(body: dict[str, Any]) -> str:
 def user_text(body: dict[str, Any]) -> str:
     content = body["messages"][-1]["content"]
     return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+CHARS_PER_TOKEN = 2  # about right for Korean text in Qwen's and OpenAI's tokenizers
+
+
+def generated(text: str, body: dict[str, Any]) -> str:
+    """What a server returns of an answer: cut at the first stop sequence (left out) and at max_tokens."""
+    for stop in body.get("stop") or []:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text[: body.get("max_tokens", 10**6) * CHARS_PER_TOKEN]
+
+
+def token_logprobs(text: str, label_probabilities: Callable[[str], dict[str, float]]) -> list[dict[str, Any]]:
+    """The answer as three tokens (up to <label>, the label, the rest); the label token carries the distribution
+    as top_logprobs, as vLLM and OpenAI report them."""
+    head, found, rest = text.partition("<label>")
+    label = rest.split("</label>")[0] if found else ""
+    tail = rest[len(label) :]
+    alternatives = sorted(label_probabilities(label).items(), key=lambda kv: -kv[1])
+    top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in alternatives if p > 0]
+    chosen = next((math.log(p) for t, p in alternatives if t == label and p > 0), -20.0)
+
+    def token(text: str, logprob: float, alternatives: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
+
+    return [token(head + found, 0.0, []), token(label, chosen, top), *([token(tail, 0.0, [])] if tail else [])]
 
 
 def image_of(body: dict[str, Any]) -> Any:
@@ -70,7 +98,14 @@ class FakeOpenAI:
         key: str | None = None,
         slow_seconds: float = 2.0,
         retry_after: str = "0",
+        token_seconds: float = 0.0,
+        label_probabilities: Callable[[str], dict[str, float]] | None = None,
     ) -> None:
+        # token_seconds: time per answer token (CHARS_PER_TOKEN characters), as a real server spends
+        # generating, so a shorter answer (stop sequence, max_tokens) comes back sooner.
+        # label_probabilities: the distribution over labels behind an answer's <label> for requests asking
+        # for logprobs; None answers without logprobs, as endpoints that do not offer them.
+        self.token_seconds, self.label_probabilities = token_seconds, label_probabilities
         self.latency, self.plan, self.default, self.answer = latency, list(plan or []), default, answer
         self.key, self.slow_seconds, self.retry_after = key, slow_seconds, retry_after
         self.lock = threading.Lock()
@@ -306,6 +341,15 @@ class FakeOpenAI:
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
                 if text.startswith("!"):  # an answer function may ask for an HTTP error: "!500"
                     return self.send(int(text[1:]), {"error": {"message": "injected", "type": "test"}})
+                text = generated(text, body)
+                time.sleep(fake.token_seconds * (len(text) // CHARS_PER_TOKEN + 1))
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+                if body.get("logprobs") and fake.label_probabilities is not None:
+                    choice["logprobs"] = {"content": token_logprobs(text, fake.label_probabilities)}
                 self.send(
                     200,
                     {
@@ -313,9 +357,7 @@ class FakeOpenAI:
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": body.get("model", "fake-model"),
-                        "choices": [
-                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                        ],
+                        "choices": [choice],
                         "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
                     },
                 )

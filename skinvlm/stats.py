@@ -1,0 +1,161 @@
+"""How much to trust an eval figure: bootstrap intervals, paired comparison of two runs, and what class
+probabilities add (ROC-AUC, calibration, top-2).
+
+Resampling is stratified by true class (each resample keeps every class's count), so an interval reflects
+the sampling of photos within classes, as a validation set drawn per class is. Confusion matrices of all
+resamples are counted at once with numpy, so 1,000 resamples of 1,200 photos take well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+RESAMPLES = 1000
+LEVEL = 0.95
+SEED = 20261123
+CALIBRATION_BINS = 10
+
+
+def encode(labels: list[str], classes: list[str]) -> np.ndarray:
+    """Class indices; anything that is not a class (unparsed) is len(classes)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(label, len(classes)) for label in labels], dtype=np.int64)
+
+
+def stratified_indices(truth: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) row indices: within each true class, as many draws with replacement as it has photos."""
+    rng = np.random.default_rng(seed)
+    columns = [
+        members[rng.integers(0, len(members), size=(resamples, len(members)))]
+        for members in (np.flatnonzero(truth == c) for c in np.unique(truth))
+    ]
+    return np.concatenate(columns, axis=1)
+
+
+def confusions(truth: np.ndarray, predicted: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
+    """(resamples, k, k) confusion matrices, one per row of indices."""
+    codes = truth[rows] * k + predicted[rows] + (np.arange(len(rows)) * k * k)[:, None]
+    return np.bincount(codes.ravel(), minlength=len(rows) * k * k).reshape(len(rows), k, k)
+
+
+def scores(matrices: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Accuracy, per-class F1 and macro F1 (over the classes, the unparsed column counting as a miss) of each
+    matrix, as sklearn computes them with zero_division=0."""
+    tp = np.diagonal(matrices, axis1=1, axis2=2)[:, :n_classes]
+    predicted = matrices.sum(axis=1)[:, :n_classes]
+    actual = matrices.sum(axis=2)[:, :n_classes]
+    denominator = predicted + actual
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
+    n = matrices.sum(axis=(1, 2))
+    return {"accuracy": tp.sum(axis=1) / n, "macro_f1": f1.mean(axis=1), "f1": f1}
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def bootstrap(
+    truth: list[str], predicted: list[str], classes: list[str], resamples: int = RESAMPLES, seed: int = SEED
+) -> dict[str, Any]:
+    """95% percentile intervals of accuracy, macro F1 and each class's F1."""
+    t, p = encode(truth, classes), encode(predicted, classes)
+    drawn = scores(confusions(t, p, len(classes) + 1, stratified_indices(t, resamples, seed)), len(classes))
+    return {
+        "resamples": resamples,
+        "level": LEVEL,
+        "accuracy": interval(drawn["accuracy"]),
+        "macro_f1": interval(drawn["macro_f1"]),
+        "f1": {c: interval(drawn["f1"][:, i]) for i, c in enumerate(classes)},
+    }
+
+
+def paired(
+    truth: list[str],
+    first: list[str],
+    second: list[str],
+    classes: list[str],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """The second run minus the first on the same photos: the differences with paired bootstrap intervals (both
+    runs resampled by the same indices), and McNemar's exact test on the photos exactly one run got right."""
+    from scipy.stats import binomtest
+
+    t, a, b = encode(truth, classes), encode(first, classes), encode(second, classes)
+    k, rows = len(classes) + 1, stratified_indices(t, resamples, seed)
+    drawn_a = scores(confusions(t, a, k, rows), len(classes))
+    drawn_b = scores(confusions(t, b, k, rows), len(classes))
+    whole_a = scores(confusions(t, a, k, np.arange(len(t))[None, :]), len(classes))
+    whole_b = scores(confusions(t, b, k, np.arange(len(t))[None, :]), len(classes))
+    right_a, right_b = a == t, b == t
+    only_first, only_second = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    discordant = only_first + only_second
+    p_value = binomtest(min(only_first, only_second), discordant, 0.5).pvalue if discordant else 1.0
+    return {
+        "n": len(t),
+        "difference": {
+            metric: {
+                "value": round(float(whole_b[metric][0] - whole_a[metric][0]), 4),
+                "interval": interval(drawn_b[metric] - drawn_a[metric]),
+            }
+            for metric in ("accuracy", "macro_f1")
+        },
+        "mcnemar": {
+            "both_right": int((right_a & right_b).sum()),
+            "only_first_right": only_first,
+            "only_second_right": only_second,
+            "both_wrong": int((~right_a & ~right_b).sum()),
+            "p_value": round(float(p_value), 6),
+        },
+    }
+
+
+def probability_metrics(truth: list[str], probabilities: list[list[float]], classes: list[str]) -> dict[str, Any]:
+    """One-vs-rest ROC-AUC per class and their mean, top-2 accuracy, and expected calibration error of the top
+    class with the reliability diagram's bins."""
+    from sklearn.metrics import roc_auc_score, top_k_accuracy_score
+
+    t, probs = encode(truth, classes), np.asarray(probabilities, dtype=float)
+    auc = {
+        c: round(float(roc_auc_score(t == i, probs[:, i])), 4)
+        for i, c in enumerate(classes)
+        if 0 < (t == i).sum() < len(t)  # AUC needs photos of the class and photos of others
+    }
+    top2 = top_k_accuracy_score(t, probs, k=2, labels=np.arange(len(classes))) if len(classes) > 2 else None
+    ece, bins = calibration(t, probs)
+    return {
+        "n": len(t),
+        "auc": auc,
+        "macro_auc": round(float(np.mean(list(auc.values()))), 4) if auc else None,
+        "top2_accuracy": round(float(top2), 4) if top2 is not None else None,
+        "ece": ece,
+        "reliability": bins,
+    }
+
+
+def calibration(truth: np.ndarray, probs: np.ndarray) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error over equal-width confidence bins. Our own few lines: sklearn's
+    calibration_curve is for one binary class, and ECE is defined on the top class of a multi-class answer."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
+    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, CALIBRATION_BINS - 1)
+    ece, bins = 0.0, []
+    for b in range(CALIBRATION_BINS):
+        members = which == b
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            ece += gap * members.mean()
+            bins.append(
+                {
+                    "low": round(float(edges[b]), 2),
+                    "high": round(float(edges[b + 1]), 2),
+                    "confidence": round(float(confidence[members].mean()), 4),
+                    "accuracy": round(float(correct[members].mean()), 4),
+                    "count": int(members.sum()),
+                }
+            )
+    return round(float(ece), 4), bins
