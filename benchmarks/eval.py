@@ -1,9 +1,14 @@
-"""Benchmark: `skinvlm eval` one request at a time (the seeds' loop) vs --concurrency 32.
+"""Benchmark: `skinvlm eval` one request at a time (the seeds' loop) vs --concurrency 32, and full answers vs
+--labels-only.
 
     python benchmarks/eval.py --n 96 --latency 0.25
 
-Both evaluate the same N images against the same local OpenAI-protocol server with a fixed
-latency, in one run; prints both throughputs and the ratio.
+(a) both evaluate the same N images against the same local OpenAI-protocol server with a fixed latency, in one
+    run; prints both throughputs and the ratio.
+(b) the tiny Qwen2.5-VL, trained for 160 steps on the CPU on the shipped templates (a label and a three-sentence
+    summary), answers 24 held-out images in-process (`eval --model-dir`): full answers (--max-tokens 256)
+    against --labels-only (generation stops at </label>), both without class probabilities; then once with
+    them, for the trust figures (intervals, AUC, calibration).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import ingested_workspace  # noqa: E402
+from train_cpu import FAST, prepare, skinvlm  # noqa: E402
 
 from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
 
@@ -53,12 +59,51 @@ def main() -> None:
     with FakeOpenAI(latency=args.latency) as server:
         many = run_eval(ws, server.url, "concurrent", args.concurrency, env)
     n = one["n"]
-    print(f"images: {n}, server latency {args.latency}s")
+    print(f"(a) images: {n}, server latency {args.latency}s")
     print(f"one at a time (seeds' loop): {one['throughput']:7.2f} images/s")
     print(f"--concurrency {args.concurrency:<14}: {many['throughput']:7.2f} images/s")
     print(
         f"speed-up: {many['throughput'] / one['throughput']:.1f}x "
         f"(ideal {min(args.concurrency, n)}x; latency p50 {many['latency_p50']}s)"
+    )
+    labels_only_speedup()
+
+
+def labels_only_speedup() -> None:
+    import os
+    import tempfile
+
+    from skinvlm.demo.tiny import build
+
+    tmp = Path(tempfile.mkdtemp(prefix="skinvlm-bench-labels-"))
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    ws = prepare(tmp / "proof", 112, env, full_answers=True)
+    tiny = build(tmp / "tiny")
+    train = skinvlm("train", "-w", str(ws), "--model", str(tiny), *FAST, "--max-steps", "160", "--max-pixels", "12544")
+    subprocess.run(train, env=env, check=True, capture_output=True)
+    subprocess.run(skinvlm("merge", "-w", str(ws)), env=env, check=True, capture_output=True)
+
+    def evaluate(name: str, *flags: str) -> dict:
+        command = skinvlm("eval", "-w", str(ws), "--model-dir", str(ws / "models/merged"), "--name", name, "--json")
+        return json.loads(
+            subprocess.run([*command, *flags], env=env, check=True, capture_output=True, text=True).stdout
+        )
+
+    full = evaluate("full", "--no-probabilities", "--batch-size", "1")
+    quick = evaluate("labels-only", "--no-probabilities", "--batch-size", "1", "--labels-only")
+    print(
+        f"(b) tiny model in-process, {full['n']} images one at a time, answer time per image (p50): full answers "
+        f"{full['latency_p50'] * 1000:.0f} ms (accuracy {full['accuracy']:.3f}); --labels-only "
+        f"{quick['latency_p50'] * 1000:.0f} ms (accuracy {quick['accuracy']:.3f}): "
+        f"{full['latency_p50'] / quick['latency_p50']:.1f}x faster; whole runs with model loading "
+        f"{full['throughput']:.2f} vs {quick['throughput']:.2f} images/s"
+    )
+    trust = evaluate("probabilities", "--labels-only")
+    p = trust["probabilities"]
+    print(
+        f"    with class probabilities: accuracy {trust['accuracy']:.3f} {trust['intervals']['accuracy']}, "
+        f"macro F1 {trust['macro_f1']:.3f} {trust['intervals']['macro_f1']}, macro AUC {p['macro_auc']}, "
+        f"top-2 {p['top2_accuracy']}, ECE {p['ece']}; {trust['throughput']:.2f} images/s"
     )
 
 

@@ -29,13 +29,21 @@ def skinvlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "skinvlm", *args]
 
 
-def prepare(root: Path, size: int, env: dict[str, str]) -> Path:
+def prepare(root: Path, size: int, env: dict[str, str], full_answers: bool = False) -> Path:
+    """An ingested, described and fixed workspace; answers are the demo's one-liners, or with full_answers the
+    shipped rule file's templates (a label and a three-sentence summary, as a real answer)."""
+    import shutil
+
     from skinvlm.demo.pipeline import demo_rules
     from skinvlm.demo.synthetic import write_tree
+    from skinvlm.rules import default_rules_path
 
     ws = root / "ws"
     ws.mkdir(parents=True)
-    demo_rules(ws / "postprocess.toml")
+    if full_answers:
+        shutil.copy(default_rules_path(), ws / "postprocess.toml")
+    else:
+        demo_rules(ws / "postprocess.toml")
     write_tree(root / "src", {"train": 5, "test": 2}, size=size)
     for command in (("ingest", str(root / "src")), ("describe", "--template"), ("fix",)):
         subprocess.run(skinvlm(*command, "-w", str(ws)), env=env, check=True, capture_output=True)
