@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, openai_api, stats
+from skinvlm import devices, openai_api, report_html, stats
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation, instruction, parse_answer
@@ -585,6 +585,9 @@ def evaluate(
         plot_confusion(result, rules, run / "confusion_matrix.png")
     if result["probabilities"]:
         plot_reliability(result, run / "reliability.png")
+    index_of = {item.id: item.index for item in items}
+    pictures = report_html.thumbnails(ds, {r["id"]: index_of[r["id"]] for r in records})
+    report_html.write_report(run / "report.html", result, records, rules, pictures)
 
     inputs = {
         "stage": "ingested",

@@ -183,17 +183,20 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
         "class",
         "precision",
         "recall",
-        "F1 [95% CI]",
+        "F1",
+        "95% CI",
         "AUC",
         "support",
     )
+    table.columns[4].no_wrap = True
     auc = (result.get("probabilities") or {}).get("auc", {})
     for c, m in result["per_class"].items():
         table.add_row(
             f"{c} ({rules.english(c)})",
             f"{m['precision']:.3f}",
             f"{m['recall']:.3f}",
-            f"{m['f1']:.3f} {span(ci['f1'][c])}",
+            f"{m['f1']:.3f}",
+            f"{ci['f1'][c][0]:.3f}-{ci['f1'][c][1]:.3f}",
             f"{auc[c]:.3f}" if c in auc else "",
             str(m["support"]),
         )

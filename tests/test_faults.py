@@ -206,7 +206,7 @@ def test_a_full_disk_names_the_path_and_what_to_free(tmp_path: Path) -> None:
 # -- answers without end ---------------------------------------------------------------------
 def test_an_endless_answer_is_stored_cut_and_counted(cli, ingested: Path) -> None:
     endless = "<label>건선</label>\n<summary>" + "붉은 판이 보입니다. " * 20_000 + "</summary>"
-    with FakeOpenAI(answer=lambda body: endless) as server:
+    with FakeOpenAI(answer=lambda body: endless, obeys_max_tokens=False) as server:
         args = ("--base-url", server.url, "--api-key", KEY)
         described = cli.json("describe", *args, "--limit", "6")
         evaluated = cli.json("eval", *args, "--name", "endless", "--limit", "6")

@@ -42,12 +42,12 @@ def user_text(body: dict[str, Any]) -> str:
 CHARS_PER_TOKEN = 2  # about right for Korean text in Qwen's and OpenAI's tokenizers
 
 
-def generated(text: str, body: dict[str, Any]) -> str:
+def generated(text: str, body: dict[str, Any], obeys_max_tokens: bool) -> str:
     """What a server returns of an answer: cut at the first stop sequence (left out) and at max_tokens."""
     for stop in body.get("stop") or []:
         if stop in text:
             text = text[: text.index(stop)]
-    return text[: body.get("max_tokens", 10**6) * CHARS_PER_TOKEN]
+    return text[: body.get("max_tokens", 10**6) * CHARS_PER_TOKEN] if obeys_max_tokens else text
 
 
 def token_logprobs(text: str, label_probabilities: Callable[[str], dict[str, float]]) -> list[dict[str, Any]]:
@@ -100,12 +100,14 @@ class FakeOpenAI:
         retry_after: str = "0",
         token_seconds: float = 0.0,
         label_probabilities: Callable[[str], dict[str, float]] | None = None,
+        obeys_max_tokens: bool = True,
     ) -> None:
         # token_seconds: time per answer token (CHARS_PER_TOKEN characters), as a real server spends
         # generating, so a shorter answer (stop sequence, max_tokens) comes back sooner.
         # label_probabilities: the distribution over labels behind an answer's <label> for requests asking
         # for logprobs; None answers without logprobs, as endpoints that do not offer them.
         self.token_seconds, self.label_probabilities = token_seconds, label_probabilities
+        self.obeys_max_tokens = obeys_max_tokens  # False: a server that ignores max_tokens, as some do
         self.latency, self.plan, self.default, self.answer = latency, list(plan or []), default, answer
         self.key, self.slow_seconds, self.retry_after = key, slow_seconds, retry_after
         self.lock = threading.Lock()
@@ -341,7 +343,7 @@ class FakeOpenAI:
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
                 if text.startswith("!"):  # an answer function may ask for an HTTP error: "!500"
                     return self.send(int(text[1:]), {"error": {"message": "injected", "type": "test"}})
-                text = generated(text, body)
+                text = generated(text, body, fake.obeys_max_tokens)
                 time.sleep(fake.token_seconds * (len(text) // CHARS_PER_TOKEN + 1))
                 choice: dict[str, Any] = {
                     "index": 0,

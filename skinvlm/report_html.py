@@ -1,0 +1,229 @@
+"""`eval/<run>/report.html`: one self-contained page to look at a run photo by photo, offline.
+
+The headline figures with their intervals, the confusion matrix (each cell shows its photos), per-class and
+per-view tables, and every photo as a small inlined thumbnail with its true and predicted label, the class
+probabilities and the model's whole answer; errors are shown first and alone until a cell or a filter asks
+for others. No network, no external script or font: it opens from a USB stick in a clinic.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from skinvlm import devices
+from skinvlm.images import as_rgb
+from skinvlm.rules import Rules
+
+THUMBNAIL_SIDE = 112
+UNPARSED = "unparsed"
+
+
+def thumbnail(image: Any) -> str:
+    """A JPEG data URI of about 3 KB: enough to recognise a photo, small enough for 1,200 in one page."""
+    small = as_rgb(image)
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def thumbnails(ds: Any, indices: dict[str, int]) -> dict[str, str]:
+    """Thumbnails by record id; decoding runs on threads (Pillow releases the GIL while it inflates)."""
+    ids = list(indices)
+    with ThreadPoolExecutor(devices.cpu_count()) as pool:
+        made = pool.map(lambda rid: thumbnail(ds[indices[rid]]["image"]), ids)
+        return dict(zip(ids, made, strict=True))
+
+
+def write_report(
+    path: Path, result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]
+) -> None:
+    path.write_text(page(result, records, rules, images), encoding="utf-8")
+
+
+def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]) -> str:
+    title = f"skinvlm eval {result['name']}"
+    return f"""<!doctype html>
+<html lang="ko"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{escape(title)}</h1>
+<p class="sub">{escape(result["backend"])}; {result["n"]} photos</p>
+{headline(result)}
+<h2>Confusion matrix</h2>
+<p class="sub">Rows: true class; columns: predicted. Click a cell to see its photos.</p>
+{matrix(result, rules)}
+<h2>Per class</h2>
+{per_class(result, rules)}
+<h2>Per view</h2>
+{per_view(result)}
+<h2 id="photos">Photos</h2>
+{filters(result)}
+<div id="gallery">
+{"".join(figure(record, images.get(record["id"], ""), rules) for record in sorted(records, key=gallery_order))}
+</div>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def gallery_order(record: dict[str, Any]) -> tuple[bool, str, str]:
+    return (record["predicted"] == record["label"], record["label"], record["id"])
+
+
+def interval(result: dict[str, Any], metric: str) -> str:
+    low, high = result["intervals"][metric]
+    return f'<span class="ci">95% CI {low:.3f}&ndash;{high:.3f}</span>'
+
+
+def headline(result: dict[str, Any]) -> str:
+    cards = [
+        ("images", f'<b id="n">{result["n"]}</b>'),
+        ("accuracy", f'<b id="accuracy">{result["accuracy"]:.4f}</b>{interval(result, "accuracy")}'),
+        ("macro F1", f'<b id="macro-f1">{result["macro_f1"]:.4f}</b>{interval(result, "macro_f1")}'),
+        ("unparsed", f'<b id="unparsed">{result["unparsed"]}</b>'),
+    ]
+    if probabilities := result.get("probabilities"):
+        cards += [
+            ("macro AUC", f'<b id="macro-auc">{probabilities["macro_auc"]}</b>'),
+            ("top-2 accuracy", f'<b id="top2">{probabilities["top2_accuracy"]}</b>'),
+            ("calibration error", f'<b id="ece">{probabilities["ece"]}</b><span class="ci">ECE, top class</span>'),
+        ]
+    return '<div class="cards">' + "".join(f"<div><i>{k}</i>{v}</div>" for k, v in cards) + "</div>"
+
+
+def class_name(label: str, rules: Rules) -> str:
+    return f"{escape(label)} <small>{escape(rules.english(label))}</small>" if label != UNPARSED else UNPARSED
+
+
+def matrix(result: dict[str, Any], rules: Rules) -> str:
+    labels = result["labels"]
+    shown = labels if any(row[-1] for row in result["confusion_matrix"]) else labels[:-1]
+    head = "".join(f"<th>{class_name(label, rules)}</th>" for label in shown)
+    rows = []
+    for truth, row in zip(labels, result["confusion_matrix"], strict=False):
+        if truth == UNPARSED:
+            continue
+        total = sum(row) or 1
+        cells = "".join(
+            f'<td><button class="cell{" diagonal" if truth == predicted else ""}" data-true="{escape(truth)}" '
+            f'data-pred="{escape(predicted)}" style="background: rgba(33, 102, 172, {count / total:.3f});'
+            f'{" color: white;" if count / total > 0.5 else ""}" '
+            f'title="{count} of {sum(row)} {escape(truth)} photos">{count}</button></td>'
+            for predicted, count in zip(labels, row, strict=False)
+            if predicted in shown
+        )
+        rows.append(f"<tr><th>{class_name(truth, rules)}</th>{cells}</tr>")
+    return f'<table id="confusion"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+
+
+def per_class(result: dict[str, Any], rules: Rules) -> str:
+    auc = (result.get("probabilities") or {}).get("auc", {})
+    rows = "".join(
+        f"<tr><td>{class_name(c, rules)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+        f"<td>{m['f1']:.3f} {span(result['intervals']['f1'][c])}</td><td>{auc.get(c, '')}</td>"
+        f"<td>{m['support']}</td></tr>"
+        for c, m in result["per_class"].items()
+    )
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1 (95% CI)</th><th>AUC</th><th>photos</th></tr>"
+    return f'<table class="numbers">{head}{rows}</table>'
+
+
+def span(bounds: list[float]) -> str:
+    return f'<span class="ci">{bounds[0]:.3f}&ndash;{bounds[1]:.3f}</span>'
+
+
+def per_view(result: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{escape(view)}</td><td>{acc:.3f}</td></tr>" for view, acc in result["per_view"].items())
+    return f'<table class="numbers"><tr><th>view</th><th>accuracy</th></tr>{rows}</table>'
+
+
+def filters(result: dict[str, Any]) -> str:
+    options = "".join(f'<option value="{escape(label)}">{escape(label)}</option>' for label in result["labels"])
+    return f"""<div class="filters">
+<label>true <select id="filter-true"><option value="">all</option>{options}</select></label>
+<label>predicted <select id="filter-pred"><option value="">all</option>{options}</select></label>
+<label><input type="checkbox" id="errors-only" checked> errors only</label>
+<span id="shown-count"></span> shown
+</div>"""
+
+
+def figure(record: dict[str, Any], image: str, rules: Rules) -> str:
+    right = record["predicted"] == record["label"]
+    probabilities = record.get("probabilities") or {}
+    bars = "".join(
+        f'<div class="bar"><span>{escape(c)}</span><meter min="0" max="1" value="{p:.4f}"></meter>{p:.3f}</div>'
+        for c, p in sorted(probabilities.items(), key=lambda kv: -kv[1])
+    )
+    error = f'<p class="error">request failed: {escape(record["error"])}</p>' if record.get("error") else ""
+    return (
+        f'<figure class="photo{" right" if right else ""}" data-true="{escape(record["label"])}" '
+        f'data-pred="{escape(record["predicted"])}" data-id="{escape(record["id"])}">'
+        f'<img src="{image}" alt="{escape(record["id"])}" width="{THUMBNAIL_SIDE}">'
+        f"<figcaption><b>true</b> {class_name(record['label'], rules)} &middot; {escape(record['view'])}<br>"
+        f'<b>predicted</b> <span class="predicted">{class_name(record["predicted"], rules)}</span>'
+        f"{bars}{error}<details><summary>answer</summary><pre>{escape(record['raw'] or '')}</pre></details>"
+        "</figcaption></figure>"
+    )
+
+
+STYLE = """
+body { font-family: system-ui, "Noto Sans CJK KR", "Malgun Gothic", "Apple SD Gothic Neo", sans-serif;
+       margin: 2rem; color: #1b1b1b; max-width: 1400px; }
+h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; }
+.cards { display: flex; flex-wrap: wrap; gap: 1rem; }
+.cards div { border: 1px solid #ccc; border-radius: 6px; padding: .6rem 1rem; min-width: 8rem; }
+.cards i { display: block; font-style: normal; color: #555; font-size: .85rem; }
+.cards b { font-size: 1.6rem; } .ci { display: block; color: #555; font-size: .8rem; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; }
+th, td { border: 1px solid #ddd; padding: .3rem .6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; } small { color: #666; }
+.cell { width: 4.5rem; height: 2.4rem; border: 1px solid #bbb; cursor: pointer; font-size: 1rem; }
+.cell.diagonal { font-weight: bold; } .cell.selected { outline: 3px solid #d95f02; }
+.filters { margin: .5rem 0 1rem; display: flex; gap: 1rem; align-items: center; }
+#gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: .8rem; }
+.photo { border: 2px solid #c0392b; border-radius: 6px; margin: 0; padding: .5rem; display: flex; gap: .5rem; }
+.photo.right { border-color: #27ae60; } .photo img { border-radius: 4px; align-self: flex-start; }
+.photo[hidden] { display: none; } figcaption { font-size: .85rem; }
+.bar { display: flex; align-items: center; gap: .3rem; font-size: .75rem; } .bar span { width: 3rem; }
+.bar meter { width: 5rem; } pre { white-space: pre-wrap; font-size: .75rem; max-width: 32rem; }
+.error { color: #c0392b; }
+"""
+
+SCRIPT = """
+(function () {
+  const byId = (id) => document.getElementById(id);
+  const photos = Array.from(document.querySelectorAll('.photo'));
+  function apply() {
+    const truth = byId('filter-true').value, predicted = byId('filter-pred').value;
+    const errorsOnly = byId('errors-only').checked;
+    let shown = 0;
+    for (const photo of photos) {
+      const visible = (!truth || photo.dataset.true === truth) && (!predicted || photo.dataset.pred === predicted)
+        && (!errorsOnly || photo.dataset.true !== photo.dataset.pred);
+      photo.hidden = !visible;
+      shown += visible ? 1 : 0;
+    }
+    byId('shown-count').textContent = String(shown);
+    for (const cell of document.querySelectorAll('.cell')) {
+      cell.classList.toggle('selected', cell.dataset.true === truth && cell.dataset.pred === predicted);
+    }
+  }
+  for (const cell of document.querySelectorAll('.cell')) {
+    cell.addEventListener('click', () => {
+      byId('filter-true').value = cell.dataset.true;
+      byId('filter-pred').value = cell.dataset.pred;
+      byId('errors-only').checked = false;
+      apply();
+      byId('photos').scrollIntoView();
+    });
+  }
+  for (const id of ['filter-true', 'filter-pred', 'errors-only']) byId(id).addEventListener('change', apply);
+  apply();
+})();
+"""

@@ -1,0 +1,67 @@
+"""report.html in a real headless browser (Chromium through Playwright): it loads without console errors, shows
+the figures of metrics.json, and a confusion-matrix cell filters the gallery to its photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_eval_serve import run_eval, scripted_answers
+
+from skinvlm.demo.openai_server import FakeOpenAI
+
+CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium here: apt-get install chromium (or set SKINVLM_CHROMIUM to its path)"
+)
+
+
+def likely(label: str) -> dict[str, float]:
+    return {c: 0.5 if c == label else 0.1 for c in ("건선", "아토피", "여드름", "주사", "지루", "정상")}
+
+
+@pytest.fixture
+def report(cli, ingested: Path) -> tuple[Path, dict]:
+    with FakeOpenAI(answer=scripted_answers(), label_probabilities=likely) as server:
+        run_eval(cli, server, "--name", "scripted", "--concurrency", "1")
+    run = ingested / "eval" / "scripted"
+    return run / "report.html", json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+
+
+def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[Path, dict]) -> None:
+    path, metrics = report
+    problems: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("request", lambda request: request.url.startswith("http") and problems.append(request.url))
+        page.goto(path.as_uri())
+        assert page.text_content("#n") == str(metrics["n"])
+        assert page.text_content("#accuracy") == f"{metrics['accuracy']:.4f}"
+        assert page.text_content("#macro-auc") == str(metrics["probabilities"]["macro_auc"])
+        labels = metrics["labels"]
+        for cell in page.query_selector_all(".cell"):
+            truth, predicted = cell.get_attribute("data-true"), cell.get_attribute("data-pred")
+            assert int(cell.text_content()) == metrics["confusion_matrix"][labels.index(truth)][labels.index(predicted)]
+        right = sum(metrics["confusion_matrix"][i][i] for i in range(len(labels) - 1))
+        assert page.text_content("#shown-count") == str(metrics["n"] - right), "errors only at first"
+
+        page.click('.cell[data-true="주사"][data-pred="지루"]')
+        visible = page.query_selector_all(".photo:not([hidden])")
+        assert len(visible) == 2 and page.text_content("#shown-count") == "2"
+        assert {(p.get_attribute("data-true"), p.get_attribute("data-pred")) for p in visible} == {("주사", "지루")}
+        assert all(p.query_selector("img").evaluate("img => img.naturalWidth > 0") for p in visible), "thumbnails"
+
+        page.click('.cell[data-true="건선"][data-pred="건선"]')
+        assert len(page.query_selector_all(".photo:not([hidden])")) == 2, "a diagonal cell shows the right answers"
+        page.select_option("#filter-true", "")
+        page.select_option("#filter-pred", "unparsed")
+        assert len(page.query_selector_all(".photo:not([hidden])")) == metrics["unparsed"]
+        browser.close()
+    assert problems == [], problems
