@@ -131,34 +131,39 @@ def closed(text: str | None, settings: EvalSettings) -> str | None:
     return text
 
 
-def label_distribution(tokens: list[tuple[str, list[tuple[str, float]]]] | None, classes: list[str]) -> Any:
+Tokens = list[tuple[bytes, list[tuple[bytes, float]]]]
+
+
+def label_distribution(tokens: Tokens | None, classes: list[str]) -> dict[str, float] | None:
     """Class probabilities from the alternatives of the answer's first label token, normalised over the classes.
     The six classes begin with six different syllables, so that token tells them apart; an alternative counts for
-    a class it begins (or that begins it: an alias such as 지루성 counts for 지루). None without logprobs."""
-    text = ""
+    the one class it begins (or that begins it: an alias such as 지루성 counts for 지루). Matching is on bytes: a
+    token may end inside a Hangul syllable, and one that could begin several classes counts for none.
+    None without logprobs."""
+    start = LABEL_START.encode()
+    seen = b""
     for i, (token, alternatives) in enumerate(tokens or []):
-        joined = text + token
-        if LABEL_START in joined:
-            after = len(joined) - joined.index(LABEL_START) - len(LABEL_START)  # label text inside this token
+        joined = seen + token
+        if start in joined:
+            after = len(joined) - joined.index(start) - len(start)  # label bytes inside this token
             if after == 0:
                 return normalised(tokens[i + 1][1] if tokens and i + 1 < len(tokens) else [], classes)
             head = len(token) - after
             return normalised([(alt[head:], lp) for alt, lp in alternatives if alt[:head] == token[:head]], classes)
-        text = joined
+        seen = joined
     return None
 
 
-def normalised(alternatives: list[tuple[str, float]], classes: list[str]) -> dict[str, float] | None:
+def normalised(alternatives: list[tuple[bytes, float]], classes: list[str]) -> dict[str, float] | None:
     import math
 
-    mass = {
-        c: sum(
-            math.exp(lp)
-            for alt, lp in alternatives
-            if alt.strip() and (c.startswith(alt.strip()) or alt.strip().startswith(c))
-        )
-        for c in classes
-    }
+    names = {c: c.encode() for c in classes}
+    mass = dict.fromkeys(classes, 0.0)
+    for alt, logprob in alternatives:
+        alt = alt.strip()
+        matching = [c for c, name in names.items() if alt and (name.startswith(alt) or alt.startswith(name))]
+        if len(matching) == 1:
+            mass[matching[0]] += math.exp(logprob)
     total = sum(mass.values())
     return {c: round(m / total, 6) for c, m in mass.items()} if total > 0 else None
 

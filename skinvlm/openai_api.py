@@ -142,9 +142,9 @@ class Reply:
     attempts: int
     error: str | None = None  # set when this record failed for good
     cut: bool = False  # the answer was longer than MAX_ANSWER_CHARS and was cut there
-    # With extra={"logprobs": True, "top_logprobs": N}: per answer token, its text and the N likeliest
-    # alternatives as (text, logprob); None when the endpoint gave none.
-    tokens: list[tuple[str, list[tuple[str, float]]]] | None = None
+    # With extra={"logprobs": True, "top_logprobs": N}: per answer token, its bytes and the N likeliest
+    # alternatives as (bytes, logprob); None when the endpoint gave none.
+    tokens: list[tuple[bytes, list[tuple[bytes, float]]]] | None = None
 
 
 def _status(exc: BaseException) -> int | None:
@@ -267,8 +267,13 @@ async def complete(
     )
 
 
-def answer_tokens(choice: Any) -> list[tuple[str, list[tuple[str, float]]]] | None:
+def answer_tokens(choice: Any) -> list[tuple[bytes, list[tuple[bytes, float]]]] | None:
     content = getattr(getattr(choice, "logprobs", None), "content", None)
     if not content:
         return None
-    return [(t.token, [(top.token, top.logprob) for top in (t.top_logprobs or [])]) for t in content]
+    return [(token_bytes(t), [(token_bytes(top), top.logprob) for top in (t.top_logprobs or [])]) for t in content]
+
+
+def token_bytes(token: Any) -> bytes:
+    """A token's bytes as the endpoint gives them (a token may end inside a UTF-8 character), else its text."""
+    return bytes(token.bytes) if getattr(token, "bytes", None) else token.token.encode()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from conftest import error_line
 
 from skinvlm.demo.openai_server import FakeOpenAI, image_of, label_conditioned
 from skinvlm.demo.synthetic import colour_label
-from skinvlm.evaluate import plot_confusion
+from skinvlm.evaluate import label_distribution, plot_confusion
 from skinvlm.rules import default_rules_path, load_rules
 
 
@@ -264,3 +265,17 @@ def test_the_confusion_matrix_draws_the_unparsed_column_only_when_some_answer_wa
     assert len(drawn) == n and "unparsed" not in drawn and (tmp_path / "clean.png").stat().st_size > 10_000
     clean[0][n] = 1
     assert plot_confusion(result, rules, tmp_path / "one.png")[-1] == "unparsed"
+
+
+def test_label_probabilities_are_read_from_token_bytes() -> None:
+    """A tokenizer may join `>` to the label and end a token inside a Hangul syllable (vLLM and OpenAI give each
+    token's bytes): the label is found inside the token, and a byte that could begin several classes counts for
+    none of them."""
+    classes = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
+    alternatives = [(">건".encode(), math.log(0.6)), (">아".encode(), math.log(0.3)), (b">\xec", math.log(0.1))]
+    tokens = [(b"<label", []), (">건".encode(), alternatives), ("선</label>".encode(), [])]
+    found = label_distribution(tokens, classes)
+    assert found is not None and found["건선"] == pytest.approx(2 / 3) and found["아토피"] == pytest.approx(1 / 3)
+    assert found["주사"] == found["지루"] == found["정상"] == 0
+    assert label_distribution([(b"no label here", [])], classes) is None
+    assert label_distribution(None, classes) is None
