@@ -25,7 +25,7 @@ from typing import Any
 from skinvlm import devices, openai_api, report_html, stats
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
-from skinvlm.prompts import conversation, instruction, parse_answer
+from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
@@ -33,7 +33,6 @@ from skinvlm.vlm import read_settings
 from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest, writes
 
 UNPARSED = "unparsed"
-LABEL_START, LABEL_END = "<label>", "</label>"
 LABELS_ONLY_TOKENS = 24  # room for the longest label and its tags; generation stops at </label> before
 TOP_LOGPROBS = 20  # the most OpenAI and vLLM (by default) return per token
 

@@ -17,7 +17,8 @@ from typing import Any
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
 
-LABEL_TAG = re.compile(r"<label>\s*(.*?)\s*</label>", re.DOTALL)
+LABEL_START, LABEL_END = "<label>", "</label>"  # eval stops at LABEL_END and scores labels after LABEL_START
+LABEL_TAG = re.compile(rf"{LABEL_START}\s*(.*?)\s*{LABEL_END}", re.DOTALL)
 SUMMARY_TAG = re.compile(r"<summary>\s*(.*?)\s*</summary>", re.DOTALL)
 
 VIEW_HINTS = {
@@ -52,7 +53,7 @@ def agrees(output: str | None, label: str, rules: Rules) -> bool:
 
 
 def format_answer(label: str, summary: str) -> str:
-    return f"<label>{label}</label>\n<summary>{summary}</summary>"
+    return f"{LABEL_START}{label}{LABEL_END}\n<summary>{summary}</summary>"
 
 
 def user_turn(text: str, image: dict[str, Any] | None = None) -> dict[str, Any]:
