@@ -315,7 +315,7 @@ def demo_closing(out: Console, result: Any, rules: Any) -> None:
             ("datasets/fixed", "answers after the rule file"),
             ("models/adapter", "LoRA adapter, train_log.jsonl, loss.png"),
             ("models/merged", "16-bit model for transformers and vLLM"),
-            ("eval/demo", "metrics, predictions, report, confusion_matrix.png"),
+            ("eval/demo", "metrics, predictions, report.md, report.html (open it in a browser), the pictures"),
         )
     )
     real = (
