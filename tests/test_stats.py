@@ -1,0 +1,51 @@
+"""The trust figures against their definitions: sklearn on the whole set, intervals around the estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from skinvlm import stats
+
+CLASSES = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
+
+
+def simulated(n: int, right: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    truth = [str(c) for c in rng.choice(CLASSES, n)]
+    guesses = [*CLASSES, "unparsed"]
+    return truth, [t if rng.random() < right else str(rng.choice(guesses)) for t in truth]
+
+
+def test_resampled_scores_are_sklearns_on_the_whole_set_and_intervals_hold_the_estimate() -> None:
+    truth, predicted = simulated(1200, 0.83, seed=1)
+    t, p = stats.encode(truth, CLASSES), stats.encode(predicted, CLASSES)
+    whole = stats.scores(stats.confusions(t, p, len(CLASSES) + 1, np.arange(len(t))[None, :]), len(CLASSES))
+    assert whole["accuracy"][0] == pytest.approx(accuracy_score(truth, predicted))
+    assert whole["macro_f1"][0] == pytest.approx(f1_score(truth, predicted, labels=CLASSES, average="macro"))
+    found = stats.bootstrap(truth, predicted, CLASSES)
+    low, high = found["accuracy"]
+    assert low < accuracy_score(truth, predicted) < high and 0.02 < high - low < 0.06
+    assert found == stats.bootstrap(truth, predicted, CLASSES), "seeded: the same intervals every run"
+
+
+def test_paired_comparison_counts_discordant_photos() -> None:
+    truth, first = simulated(600, 0.80, seed=2)
+    second = list(truth)  # right everywhere
+    paired = stats.paired(truth, first, second, CLASSES)
+    wrong = sum(a != t for a, t in zip(first, truth, strict=True))
+    assert paired["mcnemar"]["only_second_right"] == wrong and paired["mcnemar"]["only_first_right"] == 0
+    assert paired["mcnemar"]["p_value"] < 1e-6
+    low, high = paired["difference"]["accuracy"]["interval"]
+    difference = paired["difference"]["accuracy"]["value"]
+    assert difference == pytest.approx(wrong / 600, abs=1e-4) and low <= difference <= high
+
+
+def test_probability_metrics_of_a_sure_and_right_model() -> None:
+    truth = CLASSES * 10
+    sure = [[1.0 if c == t else 0.0 for c in CLASSES] for t in truth]
+    found = stats.probability_metrics(truth, sure, CLASSES)
+    assert found["macro_auc"] == 1.0 and found["top2_accuracy"] == 1.0 and found["ece"] == 0.0
+    hesitant = [[0.5 if c == t else 0.1 for c in CLASSES] for t in truth]
+    assert stats.probability_metrics(truth, hesitant, CLASSES)["ece"] == pytest.approx(0.5)
