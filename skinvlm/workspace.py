@@ -214,6 +214,8 @@ def writing(ws: Workspace, command: str) -> Iterator[None]:
     if os.environ.get(HELD_FOR) == str(ws.root):  # our parent (torchrun's launcher) holds it for us
         yield
         return
+    if not ws.root.is_dir() and command != "ingest":  # a mistyped -w must not leave a folder behind
+        raise SkinvlmError(f"no workspace at {ws.root}: check -w, or start one with `skinvlm ingest SRC -w {ws.root}`")
     ws.root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(ws.root / LOCK_FILE, timeout=0)
     try:

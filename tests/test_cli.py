@@ -119,6 +119,14 @@ def test_known_bad_inputs_are_one_line_and_exit_1(cli, tmp_path: Path, args: tup
     assert error_line(refused.stderr).startswith("error: ")
 
 
+def test_a_mistyped_workspace_is_one_line_and_leaves_nothing_behind(cli, tmp_path: Path) -> None:
+    typo = tmp_path / "my-workspcae"
+    for command in (["fix"], ["describe", "--template"], ["train"], ["eval"], ["merge"]):
+        refused = cli.runner.invoke(app, ["-w", str(typo), *command])
+        assert refused.exit_code == 1 and f"no workspace at {typo}" in error_line(refused.stderr), command
+        assert not typo.exists(), command
+
+
 def test_the_default_base_without_the_hub_or_cuda_is_one_line(fixed: Path) -> None:
     """The Hub is out of reach (HF_HUB_OFFLINE=1) and there is no CUDA: the preflight answers before any
     model library loads."""
