@@ -28,10 +28,13 @@ from skinvlm.describe import DescribeSettings
 from skinvlm.errors import SkinvlmError, machine_problem
 from skinvlm.evaluate import EvalSettings
 from skinvlm.ingest import DEFAULT_MAX_PIXELS_IN
+from skinvlm.merge import Dtype as MergeDtype
+from skinvlm.openai_api import Detail
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules, load_rules, resolve_rules_path
+from skinvlm.serve import Dtype as ServeDtype
 from skinvlm.serve import ServeSettings
-from skinvlm.train import TrainSettings
+from skinvlm.train import Backend, ReportTo, TrainSettings
 from skinvlm.workspace import Workspace
 
 
@@ -101,37 +104,8 @@ ConfigOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
 GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
+DetailOpt = Annotated[Detail, typer.Option(help="Image detail the API is asked for.")]
 MaxSideOpt = Annotated[int, typer.Option(help="Images are sent scaled to fit this many pixels on their longer side.")]
-
-
-class Backend(StrEnum):
-    auto = "auto"
-    unsloth = "unsloth"
-    hf = "hf"
-
-
-class ReportTo(StrEnum):
-    none = "none"
-    wandb = "wandb"
-    tensorboard = "tensorboard"
-
-
-class Detail(StrEnum):
-    low = "low"
-    high = "high"
-    auto = "auto"
-
-
-class MergeDtype(StrEnum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class ServeDtype(StrEnum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
 
 
 class TextStage(StrEnum):
@@ -327,7 +301,9 @@ def describe(
     max_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DescribeSettings.max_tokens,
     temperature: Annotated[float, typer.Option()] = DescribeSettings.temperature,
     max_side: MaxSideOpt = DescribeSettings.max_side,
-    detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail.auto,
+    detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail(
+        DescribeSettings.detail
+    ),
     format_retries: Annotated[
         int, typer.Option(help="Re-asks when an answer lacks <label>/<summary>.")
     ] = DescribeSettings.format_retries,
@@ -494,7 +470,7 @@ def train(
     model: Annotated[str, typer.Option(help="Base model: Hub name or local folder.")] = T.model,
     backend: Annotated[
         Backend, typer.Option(help="auto: unsloth on CUDA when installed, else hf (transformers + PEFT).")
-    ] = Backend.auto,
+    ] = Backend(T.backend),
     max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored with --epochs).")] = T.max_steps,
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
     learning_rate: Annotated[float, typer.Option()] = T.learning_rate,
@@ -539,7 +515,7 @@ def train(
     keep_mismatches: Annotated[
         bool, flag("--keep-mismatches", help="Also train on answers whose <label> names another class than the folder.")
     ] = False,
-    report_to: Annotated[ReportTo, typer.Option(help="Where else to log the run.")] = ReportTo.none,
+    report_to: Annotated[ReportTo, typer.Option(help="Where else to log the run.")] = ReportTo(T.report_to),
     output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
     dry_run: Annotated[
         bool, flag("--dry-run", help="Collate one batch with the real collator and show what training would see.")
@@ -613,7 +589,7 @@ def serve(
     host: Annotated[str, typer.Option()] = S.host,
     port: Annotated[int, typer.Option()] = S.port,
     gpu: GpuOpt = None,
-    dtype: Annotated[ServeDtype, typer.Option()] = ServeDtype.auto,
+    dtype: Annotated[ServeDtype, typer.Option()] = ServeDtype(S.dtype),
     max_model_len: Annotated[int, typer.Option()] = S.max_model_len,
     gpu_memory_utilization: Annotated[float, typer.Option()] = S.gpu_memory_utilization,
     tensor_parallel_size: Annotated[
@@ -684,7 +660,7 @@ def eval_(
     timeout: Annotated[float, typer.Option()] = E.timeout,
     max_tokens: Annotated[int, typer.Option()] = E.max_tokens,
     temperature: Annotated[float, typer.Option()] = E.temperature,
-    detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail.auto,
+    detail: DetailOpt = Detail(E.detail),
     max_side: MaxSideOpt = E.max_side,
     backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = E.backoff,
     max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")] = E.max_attempts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +17,13 @@ from skinvlm.errors import SkinvlmError
 
 T = TypeVar("T")
 SECTIONS = ("train", "describe", "eval", "serve")
+
+
+def check_choice(flag: str, value: str, choices: type[StrEnum]) -> None:
+    """A value from a config file gets the check a flag gets when the command line is read."""
+    if value not in list(choices):
+        *others, last = list(choices)
+        raise SkinvlmError(f"{flag} must be {', '.join(others)} or {last}, not {value!r}")
 
 
 def read_config(path: Path) -> dict[str, dict[str, Any]]:

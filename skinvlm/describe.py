@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, openai_api, pricing
+from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
@@ -62,8 +63,7 @@ class DescribeSettings:
     def check(self) -> None:
         if self.concurrency < 1:
             raise SkinvlmError("--concurrency must be at least 1")
-        if self.detail not in ("low", "high", "auto"):
-            raise SkinvlmError(f"--detail must be low, high or auto, not {self.detail!r}")
+        check_choice("--detail", self.detail, openai_api.Detail)
         bad = set(self.redo) - set(REDO_CHOICES)
         if bad:
             raise SkinvlmError(f"--redo takes {', '.join(REDO_CHOICES)}; not {', '.join(sorted(bad))}")

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, openai_api, report_html, stats
+from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
+from skinvlm.journal import last_by_id
 from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
@@ -62,6 +64,7 @@ class EvalSettings:
     probabilities: bool = True  # class probabilities: every label scored (model dir) or logprobs (server)
 
     def check(self) -> None:
+        check_choice("--detail", self.detail, openai_api.Detail)
         if self.limit is not None and self.limit < 1:
             raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
 
@@ -168,19 +171,6 @@ def normalised(alternatives: list[tuple[bytes, float]], classes: list[str]) -> d
 
 
 # -- predictions -----------------------------------------------------------------------------
-def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record per id; a failed request (error set) is asked again on the next run."""
-    found: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_bytes().splitlines():  # bytes: a torn line may end inside a Hangul character
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the torn last line of a killed run
-            found[record["id"]] = record
-    return found
-
-
 def prediction(
     item: Item, raw: str | None, latency: float, rules: Rules, error: str | None = None, cut: bool = False
 ) -> dict[str, Any]:
@@ -540,7 +530,7 @@ def evaluate(
     fresh = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / "predictions.jsonl"
-    done = read_predictions(path)
+    done = last_by_id(path)
     cached = [i for i in items if reusable(done.get(i.id), key, i)]
     todo = [i for i in items if not reusable(done.get(i.id), key, i)]
     started, clock = now_iso(), time.perf_counter()
@@ -618,7 +608,7 @@ def load_run(ws: Workspace, name: str) -> dict[str, Any]:
 
 def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The answers a run's metrics were computed from: its predictions made under its key."""
-    found = read_predictions(ws.eval_run(run["name"]) / "predictions.jsonl")
+    found = last_by_id(ws.eval_run(run["name"]) / "predictions.jsonl")
     return {i: r for i, r in found.items() if r.get("key") == run.get("key", r.get("key"))}
 
 

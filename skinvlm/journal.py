@@ -54,6 +54,22 @@ class Task:
     restate: bool = False  # re-asked because the earlier <label> named another class
 
 
+def last_by_id(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record per id of a JSON-lines file appended to as work finishes (describe's journal, eval's
+    predictions); the torn last line of a killed run is left out."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    with path.open("rb") as handle:  # bytes: a torn last line may end inside a Hangul character
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            records[record["id"]] = record
+    return records
+
+
 class Journal:
     """Append-only JSON lines, one per finished record; the last line for an id wins."""
 
@@ -61,17 +77,7 @@ class Journal:
         self.path = path
 
     def read(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return records
-        with self.path.open("rb") as handle:  # bytes: a torn last line may end inside a Hangul character
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # the torn last line of a killed run
-                records[record["id"]] = record
-        return records
+        return last_by_id(self.path)
 
     def open(self) -> Any:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,16 +18,23 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from skinvlm import devices
+from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import conversation, format_answer
 from skinvlm.vlm import END_OF_TURN, load_processor, read_settings, set_image_resolution, write_settings
 from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, staged, write_manifest, writes
 
-DTYPES = ("bfloat16", "float16")
+
+class Dtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 UNSLOTH_4BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
 
@@ -81,8 +88,7 @@ def merge(
     gpu: str | None = None,
     phase: Callable[[str], None] = lambda _: None,
 ) -> MergeResult:
-    if dtype not in DTYPES:
-        raise SkinvlmError(f"--dtype must be bfloat16 or float16, not {dtype!r}")
+    check_choice("--dtype", dtype, Dtype)
     devices.select_gpus(gpu)
     cuda = devices.check_gpus(gpu)
     adapter, output = adapter or ws.adapter, output or ws.merged

@@ -14,6 +14,7 @@ import io
 import os
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from skinvlm import devices
@@ -41,6 +42,14 @@ def setting(ws: Workspace, name: str, given: str | None = None) -> str | None:
 
         return dotenv_values(ws.env_file).get(name) or None
     return None
+
+
+class Detail(StrEnum):
+    """The image detail the API is asked for (describe and eval)."""
+
+    low = "low"
+    high = "high"
+    auto = "auto"
 
 
 @dataclass(frozen=True)

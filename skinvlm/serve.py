@@ -21,12 +21,21 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from skinvlm import devices
+from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.vlm import pixel_bounds, read_settings
+
+
+class Dtype(StrEnum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
 
 
 @dataclass
@@ -49,6 +58,7 @@ def executable() -> list[str]:
 
 
 def build_command(model: Path, s: ServeSettings) -> list[str]:
+    check_choice("--dtype", s.dtype, Dtype)
     if not 0 < s.port < 65536:
         raise SkinvlmError(f"--port must be 1-65535, not {s.port}")
     if not 0 < s.gpu_memory_utilization <= 1:

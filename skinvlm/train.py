@@ -20,10 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from skinvlm import devices
+from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import agrees, instruction, parse_answer
 from skinvlm.rules import Rules
@@ -39,6 +41,18 @@ LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 # Vision blocks, and the merger MLP that projects image features into the language model.
 VISION_TARGETS = r".*visual\.(blocks.*\.(qkv|attn\.proj|gate_proj|up_proj|down_proj)|merger\.mlp\.[02])"
 UNSLOTH_ZOO_PIN = "unsloth_zoo==2026.10.9"
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    unsloth = "unsloth"
+    hf = "hf"
+
+
+class ReportTo(StrEnum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
 
 
 # The smallest value each count may take; checked for flags and config files alike.
@@ -91,10 +105,8 @@ class TrainSettings:
     output: str | None = None
 
     def check(self) -> None:
-        if self.backend not in ("auto", "unsloth", "hf"):
-            raise SkinvlmError(f"--backend must be auto, unsloth or hf, not {self.backend!r}")
-        if self.report_to not in ("none", "wandb", "tensorboard"):
-            raise SkinvlmError(f"--report-to must be none, wandb or tensorboard, not {self.report_to!r}")
+        check_choice("--backend", self.backend, Backend)
+        check_choice("--report-to", self.report_to, ReportTo)
         if self.max_pixels < 28 * 28 * 4:
             raise SkinvlmError("--max-pixels must be at least 3136 (56x56)")
         if self.max_length < 64:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -23,6 +24,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def fake_secret(prefix: str, label: str) -> str:
+    """A key-shaped test value (`sk-...`, `hf_...`) made when the tests run, so no committed line looks like a
+    real credential to a secret scanner, while redaction still sees the shape it must mask."""
+    return prefix + label + hashlib.sha256(label.encode()).hexdigest()[:24]
 
 
 PHASE_LINE = re.compile(r"^(merge|fix|publish|checking images|describing|evaluating): ")  # progress, when piped

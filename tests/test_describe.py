@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fake_secret
 from datasets import load_from_disk
 
 from skinvlm.demo.openai_server import FakeOpenAI
 
-KEY = "sk-test-0123456789abcdefSECRET"
+KEY = fake_secret("sk-", "test-SECRET")
 
 
 def describe(cli, server: FakeOpenAI, *args: str, ok: bool = True):

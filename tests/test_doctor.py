@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-SECRET = "sk-doctor-test-0123456789SECRET"
+from conftest import fake_secret
+
+SECRET = fake_secret("sk-", "doctor-test-SECRET")
 
 
 def test_doctor_reports_a_cpu_machine_without_failing(cli) -> None:

@@ -7,10 +7,12 @@ import json
 import socket
 from pathlib import Path
 
+from conftest import fake_secret
+
 from skinvlm.demo.openai_server import FakeOpenAI
 
-PLANTED_KEY = "sk-planted-0123456789abcdefSECRET"
-PLANTED_TOKEN = "hf_plantedTOKEN0123456789abcdef"
+PLANTED_KEY = fake_secret("sk-", "planted-SECRET")
+PLANTED_TOKEN = fake_secret("hf_", "plantedTOKEN")
 PASSWORD = "hunter2pass"
 
 
@@ -58,7 +60,7 @@ def test_planted_secrets_reach_no_file_and_no_message(cli, ingested: Path) -> No
         url = server.url.replace("http://", f"http://user:{PASSWORD}@")
         seen.append(cli("describe", "--base-url", url, "--limit", "6", "--backoff", "0.01"))
         seen.append(cli("eval", "--base-url", url, "--name", "secret", "--limit", "6"))
-    with FakeOpenAI(key="sk-the-right-key-0123456789") as server:
+    with FakeOpenAI(key=fake_secret("sk-", "the-right-key")) as server:
         url = server.url.replace("http://", f"http://user:{PASSWORD}@")
         seen.append(cli("describe", "--base-url", url, "--redo", "all", "--backoff", "0.01", ok=False))
     seen.append(cli("fix"))

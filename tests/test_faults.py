@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import error_line
+from conftest import error_line, fake_secret
 from datasets import load_from_disk
 
 from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.demo.synthetic import image_bytes
 from skinvlm.workspace import Workspace
 
-KEY = "sk-test-faults-0123456789abcdef"
+KEY = fake_secret("sk-", "test-faults")
 
 
 def skinvlm(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:

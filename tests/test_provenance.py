@@ -7,13 +7,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from conftest import error_line
+from conftest import error_line, fake_secret
 
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, user_text
 from skinvlm.demo.synthetic import write_tree
 from skinvlm.demo.tiny import build
 
-KEY = "sk-test-provenance-0123456789abcdef"
+KEY = fake_secret("sk-", "test-provenance")
 
 
 def describe(cli, server: FakeOpenAI, *args: str, ok: bool = True):
