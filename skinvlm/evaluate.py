@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, openai_api, report_html, stats
+from skinvlm import devices, openai_api
 from skinvlm.config import check_choice
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
@@ -325,6 +325,8 @@ def require_an_answer(records: list[dict[str, Any]]) -> None:
 def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+    from skinvlm import stats  # numpy: loaded when a run is scored, not at every CLI start
+
     classes = rules.class_names
     truth = [r["label"] for r in records]
     predicted = [r["predicted"] for r in records]
@@ -371,6 +373,8 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
 
 
 def probability_summary(records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+    from skinvlm import stats
+
     scored = [r for r in records if r.get("probabilities")]
     if not scored:
         return None
@@ -526,7 +530,8 @@ def evaluate(
     ds, items = eval_items(ws, settings)
     folder = Path(settings.model_dir) if settings.model_dir else ws.merged
     prompt = read_settings(folder).get("instruction") or instruction(rules)
-    key = ask_key(answerer(ws, settings), prompt, settings)
+    who = answerer(ws, settings)
+    key = ask_key(who, prompt, settings)
     fresh = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / "predictions.jsonl"
@@ -559,7 +564,6 @@ def evaluate(
             shutil.rmtree(run, ignore_errors=True)
         raise
     wall = time.perf_counter() - clock
-    who = answerer(ws, settings)
     backend = f"model dir {settings.model_dir}" if settings.model_dir else f"{who['endpoint']} ({settings.model})"
     result = {
         "name": name,
@@ -580,6 +584,8 @@ def evaluate(
     if result["probabilities"]:
         plot_reliability(result, run / "reliability.png")
     index_of = {item.id: item.index for item in items}
+    from skinvlm import report_html
+
     pictures = report_html.thumbnails(ds, {r["id"]: index_of[r["id"]] for r in records})
     report_html.write_report(run / "report.html", result, records, rules, pictures)
 
@@ -613,6 +619,8 @@ def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]
 
 
 def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], rules: Rules) -> dict[str, Any]:
+    from skinvlm import stats
+
     a, b = run_answers(ws, first), run_answers(ws, second)
     photos_a, photos_b = {(i, r["sha256"]) for i, r in a.items()}, {(i, r["sha256"]) for i, r in b.items()}
     if photos_a != photos_b:
