@@ -53,13 +53,13 @@ async def request_files(
     tasks: list[Task], ingested: Any, ctx: RunContext, folder: Path
 ) -> AsyncIterator[tuple[Path, int]]:
     """(JSONL file, lines) under the API's size limits, written one image at a time: memory stays flat."""
-    side = min(ctx.settings.max_side, 512) if ctx.settings.detail == "low" else ctx.settings.max_side
+    encode = openai_api.describe_encoding(ctx.settings.max_side, ctx.settings.detail)
     number, lines, size = 0, 0, 0
     path = folder / "batch-input-0.jsonl"
     handle = path.open("wb")
     try:
         for task in tasks:
-            url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, side)
+            url, _, _ = await openai_api.row_image_url(ingested[task.split], task.index, encode)
             line = request_line(task, url, ctx)
             if lines and (size + len(line) > MAX_FILE_BYTES or lines == MAX_FILE_LINES):
                 handle.close()

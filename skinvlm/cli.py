@@ -7,10 +7,11 @@ one place; `--config FILE.toml` fills what the command line left at its default 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shlex
+import signal
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from enum import StrEnum
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from skinvlm import config, render
+from skinvlm import config, render, signals, stdout
 from skinvlm.describe import DescribeSettings
 from skinvlm.errors import SkinvlmError, machine_problem
 from skinvlm.evaluate import EvalSettings
@@ -153,12 +154,13 @@ def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with signals.stopping_like_ctrl_c(), stdout.reserved_for_json(bool(kwargs.get("as_json"))):
+                return fn(*args, **kwargs)
         except SkinvlmError as problem:
             fail(str(problem))
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: finished work is saved; run the same command again to go on")
-            raise typer.Exit(130) from None
+            err.print(f"{interrupted()}: finished work is saved; run the same command again to go on")
+            raise typer.Exit(stopped_code()) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors the command chose
         except Exception as problem:
@@ -170,6 +172,16 @@ def user_errors(fn: F) -> F:
             fail(f"internal error: {type(problem).__name__}: {problem} (--debug shows the traceback; please report it)")
 
     return wrapper  # type: ignore[return-value]
+
+
+def interrupted() -> str:
+    """How a stopped command's line begins: Ctrl-C, or the signal a service manager sent."""
+    by = "" if signals.received() == signal.SIGINT else f" by {signals.name()}"
+    return f"[yellow]interrupted{by}[/]"
+
+
+def stopped_code() -> int:
+    return 128 + signals.received()  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 def command(name: str | None = None) -> Callable[[F], F]:
@@ -209,7 +221,7 @@ def phases(title: str) -> render.Phases:
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
+    stdout.write_json(value)
 
 
 @command()
@@ -503,6 +515,9 @@ def train(
     eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = T.eval_rows,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = T.save_steps,
     save_total_limit: Annotated[int, typer.Option(help="Checkpoints kept.")] = T.save_total_limit,
+    dataloader_workers: Annotated[
+        int, typer.Option(help="Processes that decode and resize the next batches' photos while a step runs.")
+    ] = T.dataloader_workers,
     load_in_4bit: Annotated[
         bool, typer.Option("--load-in-4bit/--no-load-in-4bit", metavar="", help="QLoRA: the base in 4 bits on CUDA.")
     ] = T.load_in_4bit,
@@ -541,15 +556,21 @@ def train(
     if wanted > 1 and not devices.launched():
         stage.preflight(ws, settings, dry_run=False)  # one clear line here rather than one per process
         with ws.writing("train"):  # held here for the workers, who inherit it
-            raise typer.Exit(devices.relaunch(wanted, sys.argv[1:]))
+            try:
+                code = devices.relaunch(wanted, sys.argv[1:], stdout.real_stdout())
+            except KeyboardInterrupt:
+                raise typer.Exit(stopped_code()) from None  # rank 0 has said what was kept
+            raise typer.Exit(code)
     live = render.TrainProgress(err, quiet=global_option("quiet"))
     try:
         result = stage.train(ws, loaded, settings, on_summary=lambda s, plan: live.start(s, plan), on_step=live.step)
-    except KeyboardInterrupt:
+    except stage.TrainingInterrupted as stop:
         live.close()
-        again = [*sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])]
-        err.print(f"[yellow]interrupted[/]: a checkpoint was saved; continue with\n  {shlex.join(['skinvlm', *again])}")
-        raise typer.Exit(130) from None
+        if devices.is_main_process():  # one line, not one per DDP rank
+            again = [*sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])]
+            line = render.training_interrupted(stop.checkpoint, stop.saved_now, shlex.join(["skinvlm", *again]))
+            err.print(line.replace("[yellow]interrupted[/]", interrupted()))
+        raise typer.Exit(stopped_code()) from None
     live.close()
     if devices.is_main_process():
         print_json(result.as_json()) if as_json else render.train_result(out, result)
@@ -618,16 +639,21 @@ def serve(
             return print_json(printed)
         sys.stdout.write(printed["shell"] + "\n")
         return
-    process, endpoint = stage.start(folder, settings)
-    out.print(
-        f"[green]ready[/]: {endpoint} (model name {settings.served_model_name!r}); Ctrl-C stops it\n"
-        f"{stage.curl_example(endpoint, settings.served_model_name)}",
-        highlight=False,
-    )
+    process = None
     try:
-        process.wait()
-    finally:
-        stage.stop(process)
+        process, endpoint = stage.start(folder, settings)  # a server interrupted while starting is stopped there
+        out.print(
+            f"[green]ready[/]: {endpoint} (model name {settings.served_model_name!r}); Ctrl-C stops it\n"
+            f"{stage.curl_example(endpoint, settings.served_model_name)}",
+            highlight=False,
+        )
+        code = process.wait()
+    except KeyboardInterrupt:
+        if process is not None:
+            stage.stop(process)
+        err.print(f"{interrupted()}: the vLLM server is stopped, its processes ended and its port released")
+        raise typer.Exit(stopped_code()) from None
+    raise SkinvlmError(f"the vLLM server exited by itself with code {code}")
 
 
 E = EvalSettings  # the defaults below are its fields'
@@ -661,7 +687,13 @@ def eval_(
     max_tokens: Annotated[int, typer.Option()] = E.max_tokens,
     temperature: Annotated[float, typer.Option()] = E.temperature,
     detail: DetailOpt = Detail(E.detail),
-    max_side: MaxSideOpt = E.max_side,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Photos go to a server as PNG at this resolution (default: the workspace model's trained one; "
+            "none known: the original size)."
+        ),
+    ] = None,
     backoff: Annotated[float, typer.Option(help="Base seconds of the retry backoff.")] = E.backoff,
     max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request on 429/5xx/timeouts.")] = E.max_attempts,
     wait: Annotated[
@@ -745,6 +777,25 @@ def demo(
     render.demo_closing(out, result, load_rules(rules_path))
 
 
+def show_our_warnings(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """skinvlm's own warnings as one `warning:` line; the libraries' keep Python's format (file and line)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = show_our_warnings
     app()

@@ -159,8 +159,8 @@ def check_provenance(
 # -- one request -----------------------------------------------------------------------------
 async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, Any]:
     s = ctx.settings
-    side = min(s.max_side, 512) if s.detail == "low" else s.max_side
-    url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, side)
+    encode = openai_api.describe_encoding(s.max_side, s.detail)
+    url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, encode)
     user_text = ctx.prompt.user_text(ctx.rules, task.label, task.view, task.restate)
     messages = openai_api.chat_messages(ctx.prompt.system, user_text, url, s.detail)
     estimate = estimate_prompt_tokens(ctx.prompt, user_text, s.model, width, height, s.detail) + s.max_tokens
@@ -278,8 +278,11 @@ def describe(
         elif tasks:
             ctx = run_context(ws, settings, rules, prompt, api_key)
             asyncio.run(run_requests(tasks, ingested, ctx, journal, stats, progress))
-    finally:
-        statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
+    except BaseException:
+        if stats.done:  # what this run finished is made current; a run refused at once (401) leaves all as it was
+            materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
+        raise
+    statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
     if stats.done and stats.failed == stats.done:
         reasons = "; ".join(f"{reason} ({n}x)" for reason, n in Counter(stats.reasons).most_common(3))
         raise SkinvlmError(

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from skinvlm.errors import SkinvlmError
 
@@ -74,8 +75,10 @@ def processes_wanted(processes: int | None, gpu: str | None) -> int:
     return processes or max(1, len(gpu_ids(gpu)))
 
 
-def relaunch(processes: int, argv: list[str]) -> int:
+def relaunch(processes: int, argv: list[str], stdout: Any = None) -> int:
     """Run `skinvlm ARGV` as `processes` DDP workers under torchrun; their exit code.
+
+    `stdout`: where the workers' stdout goes (under --json, the real stdout that rank 0's document needs).
 
     Ctrl-C reaches torchrun with the rest of the process group; it stops its workers, so here we
     only wait for it (and kill it if it hangs).
@@ -91,7 +94,7 @@ def relaunch(processes: int, argv: list[str]) -> int:
         *argv,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_count() // processes)))}
-    child = subprocess.Popen(command, env=env)
+    child = subprocess.Popen(command, env=env, stdout=stdout)
     try:
         return child.wait()
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ re-run of the same --name reuses exactly the answers whose key still matches and
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import time
@@ -31,8 +32,18 @@ from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, p
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
-from skinvlm.vlm import read_settings
-from skinvlm.workspace import Workspace, fingerprint, manifest, now_iso, stage_fingerprint, write_manifest, writes
+from skinvlm.vlm import MIN_PIXELS, read_settings
+from skinvlm.workspace import (
+    Workspace,
+    fingerprint,
+    manifest,
+    now_iso,
+    stage_fingerprint,
+    write_json,
+    write_manifest,
+    write_text,
+    writes,
+)
 
 UNPARSED = "unparsed"
 LABELS_ONLY_TOKENS = 24  # room for the longest label and its tags; generation stops at </label> before
@@ -52,7 +63,7 @@ class EvalSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     detail: str = "auto"
-    max_side: int = 1024
+    max_pixels: int | None = None  # photos sent to a server: default, the workspace model's trained resolution
     max_attempts: int = 6
     backoff: float = 1.0
     model_dir: str | None = None
@@ -67,6 +78,8 @@ class EvalSettings:
         check_choice("--detail", self.detail, openai_api.Detail)
         if self.limit is not None and self.limit < 1:
             raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
+        if self.max_pixels is not None and self.max_pixels < MIN_PIXELS:
+            raise SkinvlmError(f"--max-pixels must be at least {MIN_PIXELS} (56x56), not {self.max_pixels}")
 
 
 LOCAL_SERVER = "http://127.0.0.1:8000/v1"  # `skinvlm serve`'s default
@@ -104,7 +117,16 @@ def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
         made = stage_fingerprint(folder) or fingerprint(weights)
         return {"model_dir": str(folder), "made": made, "max_pixels": read_settings(folder).get("max_pixels")}
     url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
-    return {"endpoint": redact_text(url), "model": settings.model, "max_side": settings.max_side}
+    sent = {"encoding": "png", "max_pixels": served_resolution(ws, settings)}
+    return {"endpoint": redact_text(url), "model": settings.model, "image": sent}
+
+
+def served_resolution(ws: Workspace, settings: EvalSettings) -> int | None:
+    """The resolution photos are sent to a server at: --max-pixels, else the one the workspace's model was trained
+    at (models/merged, else models/adapter), else None: the original size (an API model)."""
+    if settings.max_pixels:
+        return settings.max_pixels
+    return next((found for f in (ws.merged, ws.adapter) if (found := read_settings(f).get("max_pixels"))), None)
 
 
 def ask_key(who: dict[str, Any], prompt: str, settings: EvalSettings) -> str:
@@ -157,17 +179,26 @@ def label_distribution(tokens: Tokens | None, classes: list[str]) -> dict[str, f
 
 
 def normalised(alternatives: list[tuple[bytes, float]], classes: list[str]) -> dict[str, float] | None:
+    """Each class's share of the alternatives' probability, in log space (a log-probability of -1e4 or a wild
+    one must not overflow). A value no log-probability can take (above 0, NaN, infinite) makes this photo's
+    probabilities unknown (None), never the whole run's."""
     import math
 
     names = {c: c.encode() for c in classes}
-    mass = dict.fromkeys(classes, 0.0)
+    logs: dict[str, list[float]] = {c: [] for c in classes}
     for alt, logprob in alternatives:
+        if not isinstance(logprob, int | float) or not math.isfinite(logprob) or logprob > 1e-3:
+            return None
         alt = alt.strip()
         matching = [c for c, name in names.items() if alt and (name.startswith(alt) or alt.startswith(name))]
         if len(matching) == 1:
-            mass[matching[0]] += math.exp(logprob)
+            logs[matching[0]].append(logprob)
+    if not any(logs.values()):
+        return None
+    top = max(v for values in logs.values() for v in values)
+    mass = {c: sum(math.exp(v - top) for v in values) for c, values in logs.items()}
     total = sum(mass.values())
-    return {c: round(m / total, 6) for c, m in mass.items()} if total > 0 else None
+    return {c: round(m / total, 6) for c, m in mass.items()}
 
 
 # -- predictions -----------------------------------------------------------------------------
@@ -202,11 +233,13 @@ async def ask_server(
     ep = openai_api.endpoint(ws, url, api_key, settings.model, settings.timeout)
     client = ep.client()
     queue = list(reversed(items))
+    max_pixels = served_resolution(ws, settings)
 
     async def worker() -> None:
         while queue:
             item = queue.pop()
-            url, _, _ = await openai_api.row_image_url(ds, item.index, settings.max_side)
+            encode = functools.partial(openai_api.lossless_data_url, max_pixels=max_pixels)
+            url, _, _ = await openai_api.row_image_url(ds, item.index, encode)
             messages = openai_api.chat_messages(None, prompt, url, settings.detail)
             start = time.perf_counter()
             reply = await openai_api.complete(
@@ -221,6 +254,7 @@ async def ask_server(
             )
             latency = time.perf_counter() - start
             record = prediction(item, closed(reply.text, settings), latency, rules, reply.error, reply.cut)
+            record["prompt_tokens"] = reply.prompt_tokens  # the server's count, image included
             if settings.probabilities:
                 record["probabilities"] = label_distribution(reply.tokens, rules.class_names)
             sink(record)
@@ -540,6 +574,7 @@ def evaluate(
     todo = [i for i in items if not reusable(done.get(i.id), key, i)]
     started, clock = now_iso(), time.perf_counter()
     answered: set[str] = set()
+    got_answers: list[str] = []  # answered without error: what a stopped run must keep
     try:
         with path.open("a", encoding="utf-8") as handle:
 
@@ -549,6 +584,8 @@ def evaluate(
                 handle.flush()
                 done[record["id"]] = record
                 answered.add(record["id"])
+                if not record["error"]:
+                    got_answers.append(record["id"])
                 if progress:
                     progress(len(cached) + len(answered), len(items))
 
@@ -560,7 +597,9 @@ def evaluate(
         records = [done[i.id] for i in items if i.id in done and done[i.id].get("key") == key]
         require_an_answer(records)
     except BaseException:
-        if fresh:  # a run that got no answer leaves no folder behind
+        # Every answer is kept, on any exit (Ctrl-C, SIGTERM, an error): a re-run asks only the rest. Only a new
+        # run that got no answer at all (nothing asked, or every request failed) leaves no folder behind.
+        if fresh and not got_answers:
             shutil.rmtree(run, ignore_errors=True)
         raise
     wall = time.perf_counter() - clock
@@ -577,8 +616,8 @@ def evaluate(
     }
     if settings.probabilities and result["probabilities"] is None:
         result["notes"] = ["the endpoint returned no logprobs: no class probabilities, AUC or calibration"]
-    (run / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-    (run / "report.md").write_text(report_markdown(result, rules), encoding="utf-8")
+    write_json(run / "metrics.json", result)
+    write_text(run / "report.md", report_markdown(result, rules))
     if settings.confusion_matrix:
         plot_confusion(result, rules, run / "confusion_matrix.png")
     if result["probabilities"]:

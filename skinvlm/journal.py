@@ -54,9 +54,12 @@ class Task:
     restate: bool = False  # re-asked because the earlier <label> named another class
 
 
-def last_by_id(path: Path) -> dict[str, dict[str, Any]]:
+def last_by_id(
+    path: Path, keeps: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None
+) -> dict[str, dict[str, Any]]:
     """The last record per id of a JSON-lines file appended to as work finishes (describe's journal, eval's
-    predictions); the torn last line of a killed run is left out."""
+    predictions), unless `keeps(earlier, later)` says the earlier one stays; the torn last line of a killed run
+    is left out."""
     records: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return records
@@ -66,18 +69,27 @@ def last_by_id(path: Path) -> dict[str, dict[str, Any]]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            records[record["id"]] = record
+            earlier = records.get(record["id"])
+            if earlier is None or keeps is None or not keeps(earlier, record):
+                records[record["id"]] = record
     return records
 
 
+def good_answer_stays(earlier: dict[str, Any], later: dict[str, Any]) -> bool:
+    """A paid, good answer is replaced only by a newer good one, never by a failure (`--redo ok` against an
+    endpoint that has gone down)."""
+    return earlier["status"] == "ok" and later["status"] != "ok"
+
+
 class Journal:
-    """Append-only JSON lines, one per finished record; the last line for an id wins."""
+    """Append-only JSON lines, one per finished record; the last line for an id wins, but a good answer gives
+    way only to a newer good one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def read(self) -> dict[str, dict[str, Any]]:
-        return last_by_id(self.path)
+        return last_by_id(self.path, good_answer_stays)
 
     def open(self) -> Any:
         self.path.parent.mkdir(parents=True, exist_ok=True)

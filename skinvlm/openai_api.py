@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,6 +31,7 @@ RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # max_tokens cannot fill the journal or the predictions with megabytes per image.
 MAX_ANSWER_CHARS = 20_000
 MAX_RETRY_AFTER = 120.0
+MAX_BODY_BYTES = 8 * 2**20  # a response with 20 log-probabilities per token of a long answer is well under 1 MiB
 
 
 def setting(ws: Workspace, name: str, given: str | None = None) -> str | None:
@@ -83,15 +86,38 @@ def endpoint(ws: Workspace, base_url: str | None, api_key: str | None, model: st
     return Endpoint(url, key, model, timeout)
 
 
-def image_data_url(image: Any, max_side: int) -> tuple[str, int, int]:
-    """JPEG (quality 90) data URL of an RGB image scaled to fit max_side; also its sent size."""
+Encoded = tuple[str, int, int]  # a data URL, and the width and height it carries
+
+
+def image_data_url(image: Any, max_side: int) -> Encoded:
+    """describe's cost-aware encoding: JPEG (quality 90) of the RGB image scaled to fit max_side."""
     image = as_rgb(image)
     if max(image.size) > max_side:
         image = image.copy()  # as_rgb may hand back the stored image itself
         image.thumbnail((max_side, max_side))
+    return data_url(image, "JPEG", quality=90)
+
+
+def describe_encoding(max_side: int, detail: str) -> Callable[[Any], Encoded]:
+    """describe's encoder: JPEG within --max-side, and within 512 px at --detail low (all the API looks at)."""
+    side = min(max_side, 512) if detail == "low" else max_side
+    return lambda image: image_data_url(image, side)
+
+
+def lossless_data_url(image: Any, max_pixels: int | None) -> Encoded:
+    """eval's encoding: PNG, at the resolution the model was trained at (`vlm.as_model_input`), so the server's
+    processor has nothing left to resize; at the original size where none is known (an API model)."""
+    from skinvlm.vlm import as_model_input
+
+    image = as_rgb(image)
+    return data_url(as_model_input(image, max_pixels) if max_pixels else image, "PNG")
+
+
+def data_url(image: Any, fmt: str, **options: Any) -> Encoded:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), image.width, image.height
+    image.save(buffer, format=fmt, **options)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:image/{fmt.lower()};base64,{encoded}", image.width, image.height
 
 
 # Decoding is the memory peak of describe and eval (a 49 MP photo is ~150 MB of pixels): however many
@@ -100,15 +126,15 @@ def image_data_url(image: Any, max_side: int) -> tuple[str, int, int]:
 DECODING = devices.PixelBudget(64 * 2**20)
 
 
-async def row_image_url(ds: Any, index: int, max_side: int) -> tuple[str, int, int]:
-    """Decode row `index`'s image and encode it as a data URL, off the event loop."""
+async def row_image_url(ds: Any, index: int, encode: Callable[[Any], Encoded]) -> Encoded:
+    """Decode row `index`'s image and `encode` it as a data URL, off the event loop."""
 
-    def encode() -> tuple[str, int, int]:
+    def decode_and_encode() -> Encoded:
         size = ds.select_columns(["width", "height"])[index]
         with DECODING.hold(size["width"] * size["height"]):
-            return image_data_url(ds[index]["image"], max_side)
+            return encode(ds[index]["image"])
 
-    return await asyncio.to_thread(encode)
+    return await asyncio.to_thread(decode_and_encode)
 
 
 def chat_messages(system: str | None, user_text: str, data_url: str, detail: str) -> list[dict[str, Any]]:
@@ -161,12 +187,11 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    import json
-
     import openai
 
     # A garbled body (bad JSON) is a server hiccup like a 5xx, not a verdict on the request.
     transient = (
+        TimeoutError,  # the whole request outlived --timeout
         openai.APITimeoutError,
         openai.APIConnectionError,
         openai.APIResponseValidationError,
@@ -247,42 +272,80 @@ async def complete(
         return after if after is not None else jitter(state)
 
     attempts = 0
+    request = {"model": ep.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_retryable), wait=wait, stop=stop_after_attempt(max_attempts), reraise=True
         ):
             with attempt:
                 attempts += 1
-                response = await client.chat.completions.create(
-                    model=ep.model, messages=messages, max_tokens=max_tokens, temperature=temperature, **(extra or {})
-                )
+                payload = await bounded_completion(client, ep.timeout, request | (extra or {}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record or a fatal line
         fatal = fatal_message(exc, ep)
         if fatal:
             raise SkinvlmError(fatal) from None
         return Reply(None, 0, 0, attempts, redact_text(f"{type(exc).__name__}: {exc}", ep.api_key)[:500])
-    usage = getattr(response, "usage", None)
-    choices = getattr(response, "choices", None) or []
-    text = choices[0].message.content if choices and choices[0].message else None
+    return reply_of(payload, attempts)
+
+
+class AnswerTooLarge(Exception):
+    """A response body far beyond any answer: the peer is broken (or hostile); asking again would not help."""
+
+
+async def bounded_completion(client: Any, timeout: float, request: dict[str, Any]) -> dict[str, Any]:
+    """One chat completion's JSON body, bounded as a whole: in time (`timeout` for the whole request, where the
+    client's own timeout bounds each read, so a peer sending a byte a second, or streaming without end, never
+    finishes) and in bytes (MAX_BODY_BYTES, so an endless or huge body cannot fill memory). Read as raw JSON:
+    the OpenAI protocol's fields are all we need, and a server that leaves some out still answers."""
+
+    async def read() -> bytes:
+        async with client.chat.completions.with_streaming_response.create(**request) as response:
+            body = bytearray()
+            async for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise AnswerTooLarge(
+                        f"the response body passed {MAX_BODY_BYTES // 2**20} MiB; no answer is that long"
+                    )
+            return bytes(body)
+
+    try:
+        raw = await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no whole answer within {timeout:g}s") from None
+    payload = json.loads(raw)
+    if not isinstance(payload, dict):
+        raise json.JSONDecodeError("not a JSON object", raw.decode(errors="replace")[:40], 0)
+    return payload
+
+
+def reply_of(payload: dict[str, Any], attempts: int) -> Reply:
+    usage = payload.get("usage") or {}
+    choices = payload.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    text = (choice.get("message") or {}).get("content")
+    text = text if isinstance(text, str) else None
     cut = text is not None and len(text) > MAX_ANSWER_CHARS
     return Reply(
         text[:MAX_ANSWER_CHARS] if text is not None else None,
-        getattr(usage, "prompt_tokens", 0) or 0,
-        getattr(usage, "completion_tokens", 0) or 0,
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
         attempts,
         None if text is not None else "the answer had no message content",
         cut,
-        answer_tokens(choices[0]) if choices else None,
+        answer_tokens(choice),
     )
 
 
-def answer_tokens(choice: Any) -> list[tuple[bytes, list[tuple[bytes, float]]]] | None:
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
+def answer_tokens(choice: dict[str, Any]) -> list[tuple[bytes, list[tuple[bytes, float]]]] | None:
+    content = (choice.get("logprobs") or {}).get("content")
     if not content:
         return None
-    return [(token_bytes(t), [(token_bytes(top), top.logprob) for top in (t.top_logprobs or [])]) for t in content]
+    return [
+        (token_bytes(t), [(token_bytes(top), top["logprob"]) for top in t.get("top_logprobs") or []]) for t in content
+    ]
 
 
-def token_bytes(token: Any) -> bytes:
+def token_bytes(token: dict[str, Any]) -> bytes:
     """A token's bytes as the endpoint gives them (a token may end inside a UTF-8 character), else its text."""
-    return bytes(token.bytes) if getattr(token, "bytes", None) else token.token.encode()
+    return bytes(token["bytes"]) if token.get("bytes") else str(token.get("token", "")).encode()

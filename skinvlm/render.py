@@ -556,7 +556,13 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
 
 
 def train_result(out: Console, result: Any) -> None:
-    vram = f", peak VRAM {result.peak_vram_mb:,.0f} MiB" if result.peak_vram_mb is not None else ""
+    vram = (
+        f", peak VRAM {result.peak_vram_mb:,.0f} MiB ({result.peak_vram_reserved_mb:,.0f} MiB reserved)"
+        if result.peak_vram_mb is not None
+        else ""
+    )
+    if result.vision_forward_calls is not None:
+        vram += f"; the vision tower ran {result.vision_forward_calls:,} times"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "none logged"
     out.print(
         f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable and {result.mismatched} "
@@ -565,6 +571,15 @@ def train_result(out: Console, result: Any) -> None:
         f"{result.seconds:.0f}s; final loss {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
         highlight=False,
     )
+
+
+def training_interrupted(checkpoint: str | None, saved_now: bool, resume: str) -> str:
+    """The one line after Ctrl-C or SIGTERM in training: what was kept, and how to go on."""
+    if checkpoint is None:
+        return "[yellow]interrupted[/] before the first checkpoint: nothing to resume; run the command again"
+    step = checkpoint.rsplit("-", 1)[-1]
+    kept = "a checkpoint was saved" if saved_now else "the newest checkpoint (steps after it are redone)"
+    return f"[yellow]interrupted[/]: {kept} at step {step}; continue with\n  {escape(resume)}"
 
 
 def doctor_report(out: Console, report: Any) -> None:

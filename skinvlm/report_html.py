@@ -18,6 +18,7 @@ from typing import Any
 from skinvlm import devices
 from skinvlm.images import as_rgb
 from skinvlm.rules import Rules
+from skinvlm.workspace import write_text
 
 THUMBNAIL_SIDE = 112
 UNPARSED = "unparsed"
@@ -43,7 +44,7 @@ def thumbnails(ds: Any, indices: dict[str, int]) -> dict[str, str]:
 def write_report(
     path: Path, result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]
 ) -> None:
-    path.write_text(page(result, records, rules, images), encoding="utf-8")
+    write_text(path, page(result, records, rules, images))
 
 
 def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]) -> str:

@@ -10,6 +10,7 @@ stand-in server in tests, or a vllm in another virtual environment).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -138,20 +139,23 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, timeout: float) -> 
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
+    """vLLM and every process it started (its engine cores, workers under tensor parallelism): they share the
+    process group `start` gave it. SIGINT first, as vLLM shuts down cleanly on it; SIGKILL after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left, the server's own children too
+    process.wait()
 
 
 def start(model: Path, s: ServeSettings) -> tuple[subprocess.Popen[bytes], str]:
     check_model(model)
     check_runtime()
     command = build_command(model, s)
-    process = subprocess.Popen(command, env=os.environ | launch_env(s))
+    # Its own session and process group: a terminal's Ctrl-C or a signal to serve alone reaches serve, which
+    # stops the whole group; vLLM never outlives serve holding the GPU and the port.
+    process = subprocess.Popen(command, env=os.environ | launch_env(s), start_new_session=True)
     try:
         wait_healthy(process, endpoint(s).removesuffix("/v1") + "/health", s.startup_timeout)
     except BaseException:

@@ -41,6 +41,7 @@ LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 # Vision blocks, and the merger MLP that projects image features into the language model.
 VISION_TARGETS = r".*visual\.(blocks.*\.(qkv|attn\.proj|gate_proj|up_proj|down_proj)|merger\.mlp\.[02])"
 UNSLOTH_ZOO_PIN = "unsloth_zoo==2026.10.9"
+KEPT_16BIT = ("visual", "lm_head")  # modules (by name part) that 4-bit loading leaves in 16 bits
 
 
 class Backend(StrEnum):
@@ -68,6 +69,7 @@ LOWEST = {
     "eval_rows": 0,
     "save_steps": 1,
     "save_total_limit": 1,
+    "dataloader_workers": 0,
 }
 
 
@@ -96,6 +98,7 @@ class TrainSettings:
     eval_rows: int = 64
     save_steps: int = 200
     save_total_limit: int = 3
+    dataloader_workers: int = 2
     resume: bool = False
     keep_mismatches: bool = False
     report_to: str = "none"
@@ -133,7 +136,9 @@ class TrainResult:
     final_loss: float | None
     seconds: float
     peak_rss_mb: float
-    peak_vram_mb: float | None
+    peak_vram_mb: float | None  # the most held by tensors at once
+    peak_vram_reserved_mb: float | None  # the most PyTorch's allocator took from the GPU (what nvidia-smi sees)
+    vision_forward_calls: int | None  # forward calls of the vision tower while training (None: no tower found)
     world_size: int
     effective_batch_size: int
     summary: Summary
@@ -169,6 +174,7 @@ def preflight(ws: Workspace, settings: TrainSettings, dry_run: bool) -> Plan:
     devices.select_gpus(settings.gpu)
     cuda = devices.check_gpus(settings.gpu)
     backend = pick_backend(settings.backend, cuda, dry_run)
+    settings.model = base_for_precision(settings.model, settings.load_in_4bit)
     check_base_model(settings.model, cuda, dry_run)
     if settings.report_to != "none" and importlib.util.find_spec(settings.report_to) is None:
         raise SkinvlmError(f"--report-to {settings.report_to} needs `pip install {settings.report_to}`")
@@ -183,19 +189,42 @@ def preflight(ws: Workspace, settings: TrainSettings, dry_run: bool) -> Plan:
     return Plan(backend, cuda, output, resume_from, changed_since(output, settings) if settings.resume else {})
 
 
+def is_prequantized(name: str) -> bool:
+    """A base whose weights are stored in 4 bits: a local folder whose config says so, or an Unsloth 4-bit name."""
+    from skinvlm.merge import UNSLOTH_4BIT_SUFFIXES
+
+    config = Path(name) / "config.json"
+    if Path(name).exists():
+        return config.is_file() and '"quantization_config"' in config.read_text(encoding="utf-8")
+    return name.endswith(UNSLOTH_4BIT_SUFFIXES)
+
+
+def base_for_precision(name: str, load_in_4bit: bool) -> str:
+    """--no-load-in-4bit asks for 16-bit weights: a pre-quantized Hub base gives way to its 16-bit twin
+    (loading it would silently train in 4 bits); a pre-quantized local folder has none, so it stops."""
+    from skinvlm.merge import sixteen_bit_twin
+
+    if load_in_4bit or not is_prequantized(name):
+        return name
+    if Path(name).exists():
+        raise SkinvlmError(
+            f"--no-load-in-4bit: {name} holds 4-bit weights; pass --model with its 16-bit original "
+            "(e.g. Qwen/Qwen2.5-VL-7B-Instruct) or drop --no-load-in-4bit"
+        )
+    twin = sixteen_bit_twin(name)
+    import warnings
+
+    warnings.warn(f"--no-load-in-4bit: training the 16-bit {twin} instead of the 4-bit {name}", stacklevel=2)
+    return twin
+
+
 def check_base_model(name: str, cuda: bool, dry_run: bool) -> None:
     """The base model can be found (a local folder, the Hugging Face cache, or the Hub), and a 4-bit base is
     only trained where CUDA is (bitsandbytes has no CPU kernels for training)."""
-    from skinvlm.merge import UNSLOTH_4BIT_SUFFIXES
-
     folder = Path(name)
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise SkinvlmError(f"--model {folder} holds no model (config.json missing)")
-        quantized = '"quantization_config"' in (folder / "config.json").read_text(encoding="utf-8")
-    else:
-        quantized = name.endswith(UNSLOTH_4BIT_SUFFIXES)
-    if quantized and not cuda and not dry_run:
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise SkinvlmError(f"--model {folder} holds no model (config.json missing)")
+    if is_prequantized(name) and not cuda and not dry_run:
         raise SkinvlmError(
             f"{name} is a 4-bit (bitsandbytes) model, which trains only on CUDA: here, train a 16-bit base with "
             "--backend hf --model Qwen/Qwen2.5-VL-7B-Instruct (slow on a CPU), or make a smoke run on the tiny "
@@ -348,11 +377,7 @@ def load_hf(settings: TrainSettings, cuda: bool) -> tuple[Any, Any]:
     if cuda:
         kwargs["device_map"] = {"": devices.local_rank()}
     if quantized:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        kwargs["quantization_config"] = quantization_config()
     model = AutoModelForImageTextToText.from_pretrained(settings.model, **kwargs)
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -369,10 +394,27 @@ def load_hf(settings: TrainSettings, cuda: bool) -> tuple[Any, Any]:
     return get_peft_model(model, lora), load_processor(settings.model)
 
 
+def quantization_config() -> Any:
+    """QLoRA's 4-bit NF4 for the language model only: the vision tower, its merger and the output head stay
+    16-bit, as Unsloth keeps them, so both backends train the same model (and the merge into a 16-bit
+    tower does not drift). The skip list replaces transformers' default, which holds only lm_head."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=list(KEPT_16BIT),
+    )
+
+
 def load_unsloth(settings: TrainSettings) -> tuple[Any, Any]:
     from unsloth import FastVisionModel
 
-    model, processor = FastVisionModel.from_pretrained(
+    # Unsloth's own processor is set aside for ours: one loader for both backends, the dry run, merge and eval,
+    # so all see the same processor (for one it cannot resolve, Unsloth falls back to a text-only tokenizer).
+    model, _ = FastVisionModel.from_pretrained(
         settings.model,
         load_in_4bit=settings.load_in_4bit,
         max_seq_length=settings.max_length,
@@ -392,7 +434,7 @@ def load_unsloth(settings: TrainSettings) -> tuple[Any, Any]:
         random_state=settings.seed,
     )
     FastVisionModel.for_training(model)
-    return model, processor
+    return model, load_processor(settings.model)
 
 
 def shape_only_model(name: str) -> Any:
@@ -436,6 +478,12 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
     if plan.backend == "unsloth":
         import_unsloth(plan.cuda)
     rows = training_rows(ws, rules, settings.keep_mismatches)
+    if plan.cuda and not dry_run:
+        import torch
+
+        # Each DDP rank's CUDA context on its own GPU: loading with device_map {"": rank} alone leaves the
+        # current device at cuda:0, where every rank would open a context.
+        torch.cuda.set_device(devices.local_rank())
     model, processor = load(settings, plan.backend, plan.cuda, dry_run)
     set_image_resolution(processor, settings.max_pixels)
     check_chat_template(processor)
@@ -491,7 +539,9 @@ def sft_config(settings: TrainSettings, output: Path, backend: str, cuda: bool, 
         bf16=cuda,
         use_cpu=not cuda,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        # PNG decoding and the processor's resize run in these processes, beside the training step.
+        dataloader_num_workers=settings.dataloader_workers,
+        dataloader_persistent_workers=settings.dataloader_workers > 0,
         # Unsloth sets up its own gradient checkpointing; the trainer's would replace it.
         **checkpointing_args(cuda and backend == "hf"),
         ddp_find_unused_parameters=False,
@@ -535,17 +585,46 @@ def log_callback(path: Path, on_step: Callable[[dict[str, Any]], None] | None) -
 
     class JsonlLog(TrainerCallback):
         """Every logged step as one flushed JSON line (rank 0 only), so a crash keeps the curve so far;
-        and handed to `on_step`, which draws the live progress."""
+        and handed to `on_step`, which draws the live progress. `seconds` since training began on each
+        line gives the steady-state speed (benchmarks leave out the warm-up steps)."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.began = time.perf_counter()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if state.is_world_process_zero:
-                entry = {"step": state.global_step, **(logs or {})}
+                seconds = round(time.perf_counter() - getattr(self, "began", time.perf_counter()), 3)
+                entry = {"step": state.global_step, **(logs or {}), "seconds": seconds}
                 with path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(entry) + "\n")
                 if on_step:
                     on_step(entry | {"max_steps": state.max_steps})
 
     return JsonlLog()
+
+
+class VisionCalls:
+    """Counts forward calls of the vision tower during training: the proof that images reach the model
+    (a collator that dropped them would still train, on text alone)."""
+
+    def __init__(self, model: Any) -> None:
+        self.calls = 0
+        tower = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "visual"), None)
+        self.found = tower is not None
+        if tower is not None:
+            tower.register_forward_hook(self.count)
+
+    def count(self, *_: Any) -> None:
+        self.calls += 1
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training, with what can be resumed: the newest checkpoint (None: none) and
+    whether it was saved just now (one process saves at once; under DDP the last periodic one stands)."""
+
+    def __init__(self, checkpoint: str | None, saved_now: bool) -> None:
+        super().__init__()
+        self.checkpoint, self.saved_now = checkpoint, saved_now
 
 
 def newest_checkpoint(output: Path) -> str | None:
@@ -581,12 +660,14 @@ def train(
 
     trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
     trainer.add_callback(log_callback(log_path, on_step))
+    vision = VisionCalls(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=plan.resume_from)
     except KeyboardInterrupt:
-        if devices.world_size() == 1:  # one process: save so --resume continues from here
+        alone = devices.world_size() == 1
+        if alone and trainer.state.global_step > 0:  # one process: save so --resume continues from here
             trainer._save_checkpoint(trainer.model, trial=None)
-        raise
+        raise TrainingInterrupted(newest_checkpoint(plan.output), alone and trainer.state.global_step > 0) from None
     trainer.save_model(str(plan.output))  # the trainer writes on rank 0 only
     log = read_log(log_path) if main else []  # rank 0 writes the log; the others return without it
     if main:
@@ -603,6 +684,8 @@ def train(
         round(time.perf_counter() - clock, 1),
         peak_rss_mb(),
         peak_vram_mb() if plan.cuda else None,
+        peak_vram_mb(reserved=True) if plan.cuda else None,
+        vision.calls if vision.found else None,
         setup.summary.world_size,
         setup.summary.effective_batch_size,
         setup.summary,
@@ -661,10 +744,11 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def peak_vram_mb() -> float:
+def peak_vram_mb(reserved: bool = False) -> float:
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    peak = torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()
+    return round(peak / 2**20, 1)
 
 
 def plot_loss(log: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -10,7 +10,9 @@ they come from the functions here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,37 @@ def write_settings(folder: Path, settings: dict[str, Any]) -> None:
     (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+PATCH_FACTOR = 28  # 14 px patches merged 2x2: the processor resizes to multiples of this
+
+
+def model_input_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) the Qwen2-VL processor resizes a photo to at this resolution cap: both sides multiples of
+    28, aspect ratio kept, pixels within `pixel_bounds`. Its `smart_resize` rule, kept here because eval against a
+    server runs without transformers (the train extra); a test holds it equal to the processor's own."""
+    bounds = pixel_bounds(max_pixels)
+    factor = PATCH_FACTOR
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > bounds["max_pixels"]:
+        beta = math.sqrt(height * width / bounds["max_pixels"])
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < bounds["min_pixels"]:
+        beta = math.sqrt(bounds["min_pixels"] / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return w, h
+
+
+def as_model_input(image: Any, max_pixels: int) -> Any:
+    """The photo at the size the processor would give it, resized as the processor does (bicubic): a server's
+    processor then leaves it as it is, so a served model sees the pixels training did."""
+    from PIL import Image
+
+    size = model_input_size(image.width, image.height, max_pixels)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+
 def pixel_bounds(max_pixels: int) -> dict[str, int]:
     """The one image-resolution setting as min/max pixels: for our processors and for vLLM's processor kwargs."""
     return {"min_pixels": min(MIN_PIXELS, max_pixels), "max_pixels": max_pixels}
@@ -98,7 +131,9 @@ def set_image_resolution(processor: Any, max_pixels: int | None) -> None:
 
     `size` (a SizeDict in transformers 5) is what the processor reads; the old `min_pixels` /
     `max_pixels` attributes are cleared, since newer transformers passes them on every call (with a
-    deprecation warning) and lets them override `size`.
+    deprecation warning) and lets them override `size`. Where they are read-only views of `size` (the
+    torchvision-backed processor on a GPU machine with transformers 5.17 and Unsloth), there is nothing
+    to clear; either way the cap is then checked on the processor's own count of vision tokens.
     """
     from transformers.image_utils import SizeDict
 
@@ -109,7 +144,14 @@ def set_image_resolution(processor: Any, max_pixels: int | None) -> None:
     image_processor.size = SizeDict(shortest_edge=bounds["min_pixels"], longest_edge=bounds["max_pixels"])
     for legacy in ("min_pixels", "max_pixels"):
         if getattr(image_processor, legacy, None) is not None:
-            setattr(image_processor, legacy, None)
+            with contextlib.suppress(AttributeError):  # a property without a setter: derived from `size`
+                setattr(image_processor, legacy, None)
+    side = 4 * int(math.sqrt(max_pixels))  # a photo far over the cap, which must be scaled down to it
+    if vision_tokens(processor, side, side) * 28 * 28 > max_pixels:
+        raise SkinvlmError(
+            f"{type(image_processor).__name__} ignores the image resolution cap of {max_pixels} pixels: "
+            "report this with your transformers version"
+        )
 
 
 def vision_tokens(processor: Any, width: int, height: int) -> int:

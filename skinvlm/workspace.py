@@ -390,11 +390,19 @@ def manifest(
 
 
 def write_json(path: Path, content: Any) -> None:
-    """Readers see the old file or the new one, never half of either."""
+    write_text(path, json.dumps(content, ensure_ascii=False, indent=2, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of either (a full disk leaves the old one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_manifest(folder: Path, content: dict[str, Any]) -> None:

@@ -14,7 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from skinvlm.cli import app
+from skinvlm.demo.pipeline import tiny_train_flags
 from skinvlm.demo.synthetic import image_bytes, write_tree
+from skinvlm.demo.tiny import build
+from skinvlm.rules import default_rules_path
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +121,43 @@ def ugly_tree(clean_tree: Path) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real `skinvlm` in a fresh Python process: for what must not share this one (import order, torchrun)."""
     return subprocess.run([sys.executable, "-m", "skinvlm", *map(str, args)], capture_output=True, text=True)
+
+
+# -- the tiny model and workspaces to train it on -----------------------------------------------
+FAST = tiny_train_flags()  # the tiny recipe, as `train` flags
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL (224k parameters), built offline once per test session."""
+    return build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def short_rules(path: Path) -> Path:
+    """The shipped rule file with one-line features and templates: short sequences train fast on a CPU."""
+    text = default_rules_path().read_text(encoding="utf-8")
+    text = re.sub(r'features = ".*"', 'features = "색으로 구분"', text)
+    text = re.sub(r'template = ".*"', 'template = "사진에서 해당 소견이 보입니다."', text)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def describe_tree(cli, workspace: Path, src: Path, per_folder: dict[str, int], size: int) -> Path:
+    write_tree(src, per_folder, size=size)
+    cli("ingest", src)
+    cli("describe", "--template")
+    cli("fix")
+    return workspace
+
+
+@pytest.fixture
+def described(cli, tmp_path: Path, workspace: Path) -> Path:
+    """~60 train and 24 held-out class-coloured 112px images, described offline from templates."""
+    short_rules(workspace / "postprocess.toml")
+    return describe_tree(cli, workspace, tmp_path / "src", {"train": 5, "test": 2}, 112)
+
+
+@pytest.fixture
+def photos(cli, tmp_path: Path, workspace: Path) -> Path:
+    """1024x1024 photos as in the AI Hub set (12 train, 12 test), described offline with the shipped rules."""
+    return describe_tree(cli, workspace, tmp_path / "src", {"train": 1, "test": 1}, 1024)

@@ -15,17 +15,11 @@ from conftest import error_line
 
 from skinvlm import __version__
 from skinvlm.cli import app
-from skinvlm.demo.tiny import build
 from skinvlm.describe import DescribeSettings
 from skinvlm.evaluate import EvalSettings
 from skinvlm.rules import default_rules_path
 from skinvlm.serve import ServeSettings
 from skinvlm.train import TrainSettings
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture

@@ -76,10 +76,17 @@ def test_a_bad_key_stops_at_once_and_never_prints(cli, ingested: Path, workspace
     assert result.exit_code == 1
     assert "refused the API key (401)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert server.requests <= 4, "a 401 must stop the run after a handful of requests"
-    everything = result.stdout + result.stderr + (workspace / "datasets" / "described" / "manifest.json").read_text()
     journal = workspace / "journal" / "describe.jsonl"
-    everything += journal.read_text() if journal.exists() else ""
+    everything = result.stdout + result.stderr + (journal.read_text() if journal.exists() else "")
     assert KEY not in everything
+    assert not (workspace / "datasets" / "described").exists(), "a refused run makes no stage"
+    with FakeOpenAI(key=KEY) as good:
+        describe(cli, good, "--limit", "6")
+    manifest = (workspace / "datasets" / "described" / "manifest.json").read_text()
+    with FakeOpenAI(key="sk-another-one") as refusing:
+        describe(cli, refusing, "--redo", "all", ok=False)
+    assert (workspace / "datasets" / "described" / "manifest.json").read_text() == manifest, "left as it was"
+    assert refusing.url not in manifest
 
 
 def test_key_from_workspace_env_file(cli, ingested: Path) -> None:
@@ -168,3 +175,18 @@ def test_batch_api_submits_once_and_a_rerun_collects(cli, ingested: Path) -> Non
     assert done["dollars"] == pytest.approx(48 * (100 * 0.15 + 50 * 0.60) / 1e6 / 2), "the Batch API costs half"
     rows = journal_lines(ingested)
     assert all(r["batch"] and r["status"] == "ok" for r in rows)
+
+
+def test_a_redo_against_a_failing_endpoint_keeps_the_good_answers(cli, ingested: Path) -> None:
+    def rows() -> list[dict]:
+        return [row for split in described(ingested).values() for row in split]
+
+    with FakeOpenAI(key=KEY) as server:
+        describe(cli, server)
+    before = rows()
+    assert {row["status"] for row in before} == {"ok"}
+    for redo in ("ok", "all"):
+        with FakeOpenAI(key=KEY, default="500") as down:
+            describe(cli, down, "--redo", redo, "--max-attempts", "2", ok=False)
+        assert [(r["status"], r["output"]) for r in rows()] == [(r["status"], r["output"]) for r in before]
+    assert {line["status"] for line in journal_lines(ingested)} == {"ok", "failed"}, "the failures are journalled"

@@ -279,3 +279,16 @@ def test_label_probabilities_are_read_from_token_bytes() -> None:
     assert found["주사"] == found["지루"] == found["정상"] == 0
     assert label_distribution([(b"no label here", [])], classes) is None
     assert label_distribution(None, classes) is None
+
+
+def test_a_wild_logprob_loses_that_photos_probabilities_only() -> None:
+    """A server once sent a log-probability of 1e308 (math.exp overflowed and the whole eval stopped)."""
+    classes = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
+
+    def tokens(*alternatives: tuple[str, float]) -> list:
+        return [(b"<label>", []), ("건".encode(), [(a.encode(), lp) for a, lp in alternatives]), (b"</label>", [])]
+
+    for wild in (1e308, float("nan"), float("inf"), 5.0):
+        assert label_distribution(tokens(("건", -0.1), ("아", wild)), classes) is None
+    tiny = label_distribution(tokens(("건", -1e4), ("아", -1e4 - math.log(3))), classes)
+    assert tiny is not None and tiny["건선"] == pytest.approx(0.75) and tiny["아토피"] == pytest.approx(0.25)

@@ -241,3 +241,58 @@ def test_publishing_without_the_hub_is_one_line(cli, ingested: Path) -> None:
         skinvlm("publish", "me/offline", "-w", ingested, "--yes", env=env | {"HF_HUB_OFFLINE": "1"})
     )
     assert code == 1 and "HF_HUB_OFFLINE is set" in err
+
+
+# -- a stopped eval keeps what it paid for ---------------------------------------------------
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_first_eval_stopped_midway_keeps_every_answer(cli, ingested: Path, stop: signal.Signals) -> None:
+    with FakeOpenAI(key=KEY, latency=0.4) as server:
+        args = ("eval", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--name", "first")
+        process = skinvlm(*args, "--concurrency", "1", "--no-probabilities")
+        predictions = ingested / "eval" / "first" / "predictions.jsonl"
+        deadline = time.time() + 60
+        while not (predictions.exists() and len(predictions.read_text().splitlines()) >= 3):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(stop)
+        code, _, err = finished(process)
+        kept = len(predictions.read_text().splitlines())
+        assert code == 128 + stop and "finished work is saved" in err and kept >= 3
+        asked = server.requests
+        again = cli.json("eval", "--base-url", server.url, "--api-key", KEY, "--name", "first", "--no-probabilities")
+    assert again["from_cache"] == kept and server.requests - asked == 12 - kept, "only the rest is asked"
+
+
+def test_a_disk_full_while_eval_writes_its_report_leaves_no_half_file(cli, ingested: Path) -> None:
+    with FakeOpenAI(key=KEY) as server:
+        args = ("eval", "-w", ingested, "--base-url", server.url, "--api-key", KEY, "--name", "full")
+        code, _, err = finished(skinvlm(*args, preexec_fn=limit_file_size(24_000)))
+    run = ingested / "eval" / "full"
+    assert code == 1 and "grew past the largest file allowed here" in err and "Traceback" not in err
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 12, "every answer kept"
+    assert not (run / "report.html").exists() and not list(run.glob(".*.tmp")), "no half-written page"
+
+
+# -- no peer can hang a run or fill its memory -----------------------------------------------
+@pytest.mark.parametrize("fault", ["endless", "trickle", "huge"])
+def test_a_peer_that_never_finishes_its_answer_cannot_hang_describe_or_eval(cli, ingested: Path, fault: str) -> None:
+    """An endless stream, a byte a second, a 300 MB body: --timeout bounds each whole request (it bounded each
+    read) and a body stops being read past MAX_BODY_BYTES, so the run ends in seconds with bounded memory."""
+    import psutil
+
+    with FakeOpenAI(key=KEY, default=fault) as server:
+        args = ("-w", ingested, "--base-url", server.url, "--api-key", KEY, "--timeout", "2", "--max-attempts", "2")
+        started = time.monotonic()
+        for command in (
+            ("describe", "--limit", "4", "--backoff", "0.01"),
+            ("eval", "--limit", "4", "--backoff", "0.01"),
+        ):
+            process = skinvlm(command[0], *args, *command[1:])
+            peak = 0
+            while process.poll() is None:
+                peak = max(peak, psutil.Process(process.pid).memory_info().rss)
+                assert time.monotonic() - started < 90, f"{command[0]} hangs on a {fault} peer"
+                time.sleep(0.1)
+            code, _, err = finished(process)
+            assert code == 1 and "requests failed" in err and "Traceback" not in err, err
+            assert peak < 700 * 2**20, f"{command[0]} held {peak / 2**20:.0f} MiB"

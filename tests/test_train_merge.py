@@ -10,55 +10,16 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import FAST, run_cli
 
-from skinvlm.demo.pipeline import tiny_train_flags
 from skinvlm.demo.synthetic import write_tree
-from skinvlm.demo.tiny import build
-from skinvlm.rules import default_rules_path
 from skinvlm.train import DEFAULT_MAX_PIXELS
 from skinvlm.workspace import Workspace
 
-FAST = tiny_train_flags()
 needs_unsloth_zoo = pytest.mark.skipif(
     importlib.util.find_spec("unsloth_zoo") is None,
     reason="unsloth_zoo is not installed here; .ci/run installs it in its pinned GPU-stack environment",
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def short_rules(path: Path) -> Path:
-    """The shipped rule file with one-line features and templates: short sequences train fast on a CPU."""
-    text = default_rules_path().read_text(encoding="utf-8")
-    text = re.sub(r'features = ".*"', 'features = "색으로 구분"', text)
-    text = re.sub(r'template = ".*"', 'template = "사진에서 해당 소견이 보입니다."', text)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def describe_tree(cli, workspace: Path, src: Path, per_folder: dict[str, int], size: int) -> Path:
-    write_tree(src, per_folder, size=size)
-    cli("ingest", src)
-    cli("describe", "--template")
-    cli("fix")
-    return workspace
-
-
-@pytest.fixture
-def described(cli, tmp_path: Path, workspace: Path) -> Path:
-    """~60 train and 24 held-out class-coloured 112px images, described offline from templates."""
-    short_rules(workspace / "postprocess.toml")
-    return describe_tree(cli, workspace, tmp_path / "src", {"train": 5, "test": 2}, 112)
-
-
-@pytest.fixture
-def photos(cli, tmp_path: Path, workspace: Path) -> Path:
-    """1024x1024 photos as in the AI Hub set (12 train, 12 test), described offline with the shipped rules."""
-    return describe_tree(cli, workspace, tmp_path / "src", {"train": 1, "test": 1}, 1024)
 
 
 def answers(workspace: Path) -> list[str]:

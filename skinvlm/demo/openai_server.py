@@ -4,7 +4,8 @@ It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-ali
 and the Batch API: POST /v1/files (multipart), POST /v1/batches, GET /v1/batches (list),
 GET /v1/batches/ID, GET /v1/files/ID/content.
 `plan` is consumed one entry per chat request, then `default` applies:
-ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset.
+ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset | endless (a body streamed without end) |
+trickle (a byte a second) | huge (a 300 MB body).
 An `answer` function may return "!500" (any status) to fail that request.
 The default answer is label-conditioned (it reads the diagnosis from the prompt); pass `answer`
 to answer otherwise, e.g. from the image colour for eval tests.
@@ -284,6 +285,30 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def stream_forever(self, how: str) -> None:
+                """Bodies no answer has: endless (chunked, no end), a byte a second, or 300 MB; until the client
+                hangs up."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if how == "endless":
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(300 * 2**20 if how == "huge" else 10_000))
+                self.end_headers()
+                block = b" " * (2**16 if how != "trickle" else 1)
+                sent = 0
+                try:
+                    while how == "endless" or sent < (300 * 2**20 if how == "huge" else 10_000):
+                        if how == "endless":
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                        else:
+                            self.wfile.write(block)
+                        sent += len(block)
+                        if how == "trickle":
+                            time.sleep(1)
+                except OSError:
+                    self.close_connection = True
+
             def do_GET(self) -> None:
                 parts = self.path.split("/")
                 if self.path.split("?")[0].endswith("/batches"):
@@ -340,6 +365,8 @@ class FakeOpenAI:
                     return self.send(status, {"error": {"message": message, "type": "test"}}, headers)
                 if action == "badjson":
                     return self.send(200, b"{not json")
+                if action in ("endless", "trickle", "huge"):
+                    return self.stream_forever(action)
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
                 if text.startswith("!"):  # an answer function may ask for an HTTP error: "!500"
                     return self.send(int(text[1:]), {"error": {"message": "injected", "type": "test"}})
