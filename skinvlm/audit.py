@@ -31,6 +31,13 @@ SCRIPTS = {  # runs of each script, so --suggest can propose a rule per word
     "Devanagari": re.compile(r"[\u0900-\u097f]+"),
 }
 EXAMPLES = 2
+# Modifiers a word swap gets wrong (`severe 염증` wants `심한 염증`): --suggest proposes a [[rewrite]] for
+# these and for every English adverb (-ly), a [[term]] for the rest.
+MODIFIER_WORDS = (
+    "severe mild moderate diffuse scattered multiple localized generalized chronic acute bilateral "
+    "symmetric symmetrical prominent slight marked extensive small large numerous few several faint dense patchy"
+)
+MODIFIERS = frozenset(MODIFIER_WORDS.split())
 
 
 @dataclass
@@ -45,6 +52,8 @@ class AuditReport:
     mismatch_pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
     script_runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (script, characters): for --suggest
     statuses: Counter[str] = field(default_factory=Counter)
+    english_records: int = 0  # records with any English word
+    script_records: int = 0  # records with any other script
     missing_label: int = 0
     missing_summary: int = 0
     invalid: int = 0
@@ -103,6 +112,8 @@ class AuditReport:
             "too_short": self.too_short,
             "summary_length": self.length_stats(),
             "reused_summaries": [{"summary": text, "count": n} for text, n in self.reused],
+            "english_records": self.english_records,
+            "script_records": self.script_records,
             "problems": self.problems,
         }
 
@@ -139,20 +150,24 @@ def check_record(
         report.empty += 1
         return True
     text = TAGS.sub(" ", output)
+    english = False
     for match in ENGLISH_WORD.finditer(text):
         word = match.group().lower()
         if word not in allow:
             report.english_words[word] += 1
             report.example(f"en:{word}", snippet(text, match.start()))
-            flagged = True
+            english = True
+    scripts = False
     for script, pattern in SCRIPTS.items():
         runs = list(pattern.finditer(text))
         if runs:
             report.foreign_scripts[script] += 1
             report.example(f"script:{script}", snippet(text, runs[0].start()))
             report.script_runs.update((script, run.group()) for run in runs)
-            flagged = True
-    return check_tags(report, row, output, rules, summaries) or flagged
+            scripts = True
+    report.english_records += english
+    report.script_records += scripts
+    return check_tags(report, row, output, rules, summaries) or flagged or english or scripts
 
 
 def check_tags(report: AuditReport, row: dict[str, Any], output: str, rules: Rules, summaries: Counter[str]) -> bool:
@@ -210,20 +225,24 @@ def toml_string(text: str) -> str:
 def suggest(report: AuditReport, rules: Rules) -> str:
     """TOML stanzas (and commands) for every kind of problem the audit found, most frequent first."""
     lines = [
-        "# Suggestions from `skinvlm audit --suggest`: fill in the empty values, then merge into",
-        "# postprocess.toml. Adjectives and adverbs (severe, mild, diffuse, ...) need a [[rewrite]]",
-        "# phrase rule that rewrites the whole phrase in natural Korean, not a word swap.",
+        "# Suggestions from `skinvlm audit --suggest`: fill in every empty value, then append the whole of it",
+        "# to postprocess.toml (`>>`): [[term]], [[alias]] and [[rewrite]] entries may be added any number of",
+        "# times. Modifiers (severe, mild, diffuse, ...) get a [[rewrite]]: write the whole phrase in Korean.",
     ]
-    missing = [(w, n) for w, n in report.english_words.most_common() if w not in rules.terms]
-    if missing:
-        lines += ["", "[terms]"]
-        for word, n in missing:
-            example = report.examples.get(f"en:{word}", [""])[0]
-            lines.append(f'{toml_string(word)} = ""  # {n}x  e.g. {toml_string(example)}')
+    covered = [w for w in report.english_words if any(r.regex.search(f"{w} ") for r in rules.rewrites)]
+    missing = [(w, n) for w, n in report.english_words.most_common() if w not in rules.terms and w not in covered]
+    for word, n in missing:
+        example = toml_string(report.examples.get(f"en:{word}", [""])[0])
+        if word in MODIFIERS or word.endswith("ly"):
+            pattern = toml_string(f"(?i)\\b{re.escape(word)}\\s+")
+            lines += ["", f"# {n}x  e.g. {example}", "[[rewrite]]", f"pattern = {pattern}", 'replace = ""']
+            lines.append(f"note = {toml_string(word)}")
+        else:
+            lines += ["", f"# {n}x  e.g. {example}", "[[term]]", f"english = {toml_string(word)}", 'korean = ""']
     tags = [(tag, n) for tag, n in report.not_class_tags.most_common() if tag != rules.unreadable]
-    if tags:
-        lines += ["", "[labels.aliases]", f"# map each to one of: {', '.join(rules.class_names)}"]
-        lines += [f'{toml_string(tag)} = ""  # {n}x' for tag, n in tags]
+    for tag, n in tags:
+        lines += ["", f"# {n}x; class is one of: {', '.join(rules.class_names)}", "[[alias]]"]
+        lines += [f"tag = {toml_string(tag)}", 'class = ""']
     for (script, run), n in report.script_runs.most_common():
         lines += [
             "",

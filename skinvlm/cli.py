@@ -100,7 +100,8 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         dir_okay=False,
-        help="TOML file with a table for this command ([train], [describe], [eval], [serve]); flags win.",
+        # Escaped: rich reads [train] as markup and would print "(, , , )".
+        help="TOML file with a table for this command (\\[train], \\[describe], \\[eval], \\[serve]); flags win.",
     ),
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
@@ -200,8 +201,16 @@ def fail(line: str) -> None:
     raise typer.Exit(1)
 
 
-def open_workspace(workspace: Path | None, rules: Path | None = None) -> tuple[Workspace, Rules]:
+def existing_workspace(workspace: Path | None) -> Workspace:
+    """The workspace a command reads or writes: a mistyped -w is one line naming it, from every command."""
     ws = Workspace.open(workspace)
+    ws.require_root()
+    return ws
+
+
+def open_workspace(workspace: Path | None, rules: Path | None = None, new: bool = False) -> tuple[Workspace, Rules]:
+    """The workspace (`new`: it may not exist yet, for ingest) and its rule file."""
+    ws = Workspace.open(workspace) if new else existing_workspace(workspace)
     return ws, load_rules(resolve_rules_path(rules, ws.root))
 
 
@@ -249,7 +258,7 @@ def ingest(
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
     from skinvlm.ingest import ingest as run_ingest
 
-    ws, loaded = open_workspace(workspace, rules)
+    ws, loaded = open_workspace(workspace, rules, new=True)
     with counting("checking images") as progress:
         result = run_ingest(
             ws,
@@ -274,7 +283,7 @@ def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the workspace holds, stage by stage, and which stages are stale."""
     from skinvlm.workspace import stage_status
 
-    ws = Workspace.open(workspace)
+    ws = existing_workspace(workspace)
     stages = stage_status(ws)
     if as_json:
         return print_json({"workspace": str(ws.root), "stages": [render.stage_json(s) for s in stages]})
@@ -592,7 +601,7 @@ def merge(
     """Merge the LoRA adapter into a 16-bit model folder that transformers and vLLM load, and verify it."""
     from skinvlm.merge import merge as run_merge
 
-    ws = Workspace.open(workspace)
+    ws = existing_workspace(workspace)
     with phases("merge") as phase:
         result = run_merge(ws, adapter=adapter, output=output, base=base, dtype=dtype.value, gpu=gpu, phase=phase)
     print_json(result.as_json()) if as_json else render.merge_result(out, result)
@@ -629,7 +638,7 @@ def serve(
     """Serve models/merged with vLLM's OpenAI-compatible server (CUDA); Ctrl-C stops it."""
     from skinvlm import serve as stage
 
-    ws = Workspace.open(workspace)
+    ws = Workspace.open(workspace) if model_dir else existing_workspace(workspace)
     folder = model_dir or ws.merged
     settings = settings_of(ctx, ServeSettings, "serve", config_file)
     if print_command:
@@ -773,7 +782,11 @@ def demo(
     out.rule("[bold]skinvlm demo")
     say = lambda line: out.print(f"\n[bold cyan]{line}[/]")  # noqa: E731
     show = lambda kind, result: render.demo_step(out, err, kind, result, load_rules(rules_path))  # noqa: E731
-    result = run_demo(folder, say, show, per_folder=per_folder, steps=steps)
+    live = render.TrainProgress(err, quiet=global_option("quiet"))
+    try:
+        result = run_demo(folder, say, show, per_folder=per_folder, steps=steps, progress=live)
+    finally:
+        live.close()
     render.demo_closing(out, result, load_rules(rules_path))
 
 
@@ -795,7 +808,15 @@ def show_our_warnings(
 PYTHON_SHOWWARNING = warnings.showwarning
 
 
+LIBRARIES = r"(transformers|peft|trl|accelerate|torch|datasets|huggingface_hub)(\.|$)"
+
+
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.showwarning = show_our_warnings
+    # The libraries' deprecation notices speak to their developers (a renamed argument skinvlm passes), not to
+    # someone training a model: they stay out of the output (PYTHONWARNINGS=default brings them back).
+    if not os.environ.get("PYTHONWARNINGS"):
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     app()

@@ -8,12 +8,13 @@ the command line left at its default, so a value never has two origins that disa
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_user_text
 
 T = TypeVar("T")
 SECTIONS = ("train", "describe", "eval", "serve")
@@ -26,11 +27,16 @@ def check_choice(flag: str, value: str, choices: type[StrEnum]) -> None:
         raise SkinvlmError(f"{flag} must be {', '.join(others)} or {last}, not {value!r}")
 
 
+def check_seconds(flag: str, value: float) -> None:
+    """A duration: a finite number of seconds above 0 (`nan` and `inf` parse as floats)."""
+    if not (math.isfinite(value) and value > 0):
+        raise SkinvlmError(f"{flag} must be a number of seconds above 0, not {value}")
+
+
 def read_config(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        raise SkinvlmError(f"config file {path} does not exist")
+    text = read_user_text(path, "config file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SkinvlmError(f"config file {path} is not valid TOML: {err}") from None
     unknown = [name for name, table in data.items() if name not in SECTIONS or not isinstance(table, dict)]

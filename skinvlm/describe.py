@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, openai_api, pricing
-from skinvlm.config import check_choice
+from skinvlm.config import check_choice, check_seconds
 from skinvlm.errors import SkinvlmError
 from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
@@ -71,6 +71,7 @@ class DescribeSettings:
             raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
         if self.max_side < 64:
             raise SkinvlmError("--max-side must be at least 64")
+        check_seconds("--timeout", self.timeout)
 
 
 @dataclass

@@ -25,6 +25,8 @@ def gpu_ids(gpu: str | None) -> list[str]:
     ids = [g.strip() for g in gpu.split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids):
         raise SkinvlmError(f"--gpu takes GPU numbers like 0 or 0,1; got {gpu!r}")
+    if len(set(ids)) < len(ids):
+        raise SkinvlmError(f"--gpu {gpu} names a GPU twice: each GPU holds one process or shard")
     return ids
 
 

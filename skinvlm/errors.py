@@ -4,12 +4,39 @@ errors (a full disk, a read-only folder) turned into such a line too."""
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 class SkinvlmError(Exception):
     """Something the user must fix: bad input, a missing stage, a bad setting, a refused request."""
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A file the user hands us (rule file, --config, --prompt-file, .env) as text, or one line saying why not."""
+    if not path.is_file():
+        raise SkinvlmError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SkinvlmError(
+            f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+            "save it as UTF-8"
+        ) from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object skinvlm or a library wrote (metrics.json, config.json, adapter_config.json), or one line
+    naming the damaged file: a half-copied or hand-edited one must not surface as a library's traceback."""
+    try:
+        value = json.loads(read_user_text(path, what))
+    except json.JSONDecodeError as err:
+        raise SkinvlmError(f"{what} {path} is damaged (not valid JSON: {err.msg} at line {err.lineno})") from None
+    if not isinstance(value, dict):
+        raise SkinvlmError(f"{what} {path} is damaged (not a JSON object)")
+    return value
 
 
 def machine_problem(exc: BaseException, where: Path) -> str | None:

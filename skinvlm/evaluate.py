@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, openai_api
-from skinvlm.config import check_choice
-from skinvlm.errors import SkinvlmError
+from skinvlm.config import check_choice, check_seconds
+from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.images import as_rgb
 from skinvlm.journal import last_by_id
 from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
@@ -78,6 +78,7 @@ class EvalSettings:
         check_choice("--detail", self.detail, openai_api.Detail)
         if self.limit is not None and self.limit < 1:
             raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
+        check_seconds("--timeout", self.timeout)
         if self.max_pixels is not None and self.max_pixels < MIN_PIXELS:
             raise SkinvlmError(f"--max-pixels must be at least {MIN_PIXELS} (56x56), not {self.max_pixels}")
 
@@ -289,6 +290,7 @@ def ask_local(
     folder = Path(settings.model_dir or "")
     if not (folder / "config.json").exists():
         raise SkinvlmError(f"--model-dir {folder} holds no model (config.json missing)")
+    read_json_object(folder / "config.json", "the model's")
     processor = load_processor(folder)
     set_image_resolution(processor, read_settings(folder).get("max_pixels"))
     processor.tokenizer.padding_side = "left"
@@ -469,7 +471,7 @@ def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str
             axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=11, color=colour)
     figure.suptitle(
         f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, "
-        f"n={result['n']} ({result['backend']})",
+        f"n={result['n']} ({short_backend(result['backend'])})",
         fontsize=14,
     )
     figure.tight_layout()
@@ -503,6 +505,11 @@ def plot_reliability(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def short_backend(backend: str) -> str:
+    """A picture's title names the model folder, not its absolute path (which says where a clinic keeps files)."""
+    return f"model dir {Path(backend.removeprefix('model dir ')).name}" if backend.startswith("model dir ") else backend
 
 
 def report_markdown(result: dict[str, Any], rules: Rules) -> str:
@@ -614,8 +621,7 @@ def evaluate(
         "key": key,
         "output_dir": str(run),
     }
-    if settings.probabilities and result["probabilities"] is None:
-        result["notes"] = ["the endpoint returned no logprobs: no class probabilities, AUC or calibration"]
+    result["notes"] = run_notes(result, records, settings)
     write_json(run / "metrics.json", result)
     write_text(run / "report.md", report_markdown(result, rules))
     if settings.confusion_matrix:
@@ -634,8 +640,27 @@ def evaluate(
         "model": settings.model_dir or settings.model,
     }
 
-    write_manifest(run, manifest("eval", asdict(settings), inputs, {"n": len(records)}, started))
+    used = asdict(settings) | {"name": name, "base_url": None if settings.model_dir else who["endpoint"]}
+    write_manifest(run, manifest("eval", used, inputs, {"n": len(records)}, started))
     return result
+
+
+def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
+    """What a reader of the figures must know: most answers unparsed (the model knew more than the format let it
+    say when the probabilities disagree), no log-probabilities from the endpoint."""
+    notes = []
+    unparsed = [r for r in records if r["predicted"] == UNPARSED and not r["error"]]
+    if len(unparsed) * 2 > len(records):
+        auc = (result.get("probabilities") or {}).get("macro_auc")
+        known = f"; yet the class probabilities give macro AUC {auc:.3f}" if auc is not None else ""
+        example = " ".join(unparsed[0]["raw"].split())[:120]
+        notes.append(
+            f"{len(unparsed)} of {len(records)} answers have no <label> naming a class{known}: the accuracy reflects "
+            f"the answer format more than the model's judgement; e.g. {example!r}"
+        )
+    if settings.probabilities and result["probabilities"] is None:
+        notes.append("the endpoint returned no logprobs: no class probabilities, AUC or calibration")
+    return notes
 
 
 def compare(ws: Workspace, names: list[str], rules: Rules) -> dict[str, Any]:
@@ -648,7 +673,7 @@ def load_run(ws: Workspace, name: str) -> dict[str, Any]:
     path = ws.eval_run(name) / "metrics.json"
     if not path.exists():
         raise SkinvlmError(f"no eval run {name!r} in {ws.eval_root} (metrics.json missing)")
-    return dict(json.loads(path.read_text(encoding="utf-8")))
+    return read_json_object(path, f"eval run {name!r}:")
 
 
 def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]:

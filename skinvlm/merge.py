@@ -24,7 +24,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.config import check_choice
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.prompts import conversation, format_answer
 from skinvlm.vlm import END_OF_TURN, load_processor, read_settings, set_image_resolution, write_settings
 from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, staged, write_manifest, writes
@@ -61,6 +61,7 @@ class MergeResult:
 def adapter_settings(adapter: Path) -> dict[str, Any]:
     if not (adapter / "adapter_config.json").exists():
         raise SkinvlmError(f"{adapter} holds no adapter: run `skinvlm train` first")
+    read_json_object(adapter / "adapter_config.json", "the adapter's")
     return read_settings(adapter)
 
 
@@ -159,7 +160,11 @@ def merge_into(
     from peft import PeftModel
 
     phase(f"loading {base} and the adapter in {dtype}")
-    model = PeftModel.from_pretrained(load_model(base, dtype, cuda), str(adapter)).eval()
+    try:
+        model = PeftModel.from_pretrained(load_model(base, dtype, cuda), str(adapter)).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # a damaged or foreign adapter file
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise SkinvlmError(f"the adapter in {adapter} cannot be loaded onto {base}: {reason}") from None
     with_adapter = logits(model, sample)
     with model.disable_adapter():
         without_adapter = logits(model, sample)

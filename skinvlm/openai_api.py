@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from skinvlm import devices
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_user_text
 from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation
 from skinvlm.redaction import redact_text
@@ -43,7 +43,8 @@ def setting(ws: Workspace, name: str, given: str | None = None) -> str | None:
     if ws.env_file.is_file():
         from dotenv import dotenv_values
 
-        return dotenv_values(ws.env_file).get(name) or None
+        text = read_user_text(ws.env_file, "the workspace's .env file")
+        return dotenv_values(stream=io.StringIO(text)).get(name) or None
     return None
 
 
@@ -223,15 +224,16 @@ def fatal_message(exc: BaseException, ep: Endpoint) -> str | None:
     return None
 
 
-async def check_server(client: Any, ep: Endpoint, wait: float = 0.0) -> None:
+async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> None:
     """Fail in seconds, not after every retry of every request, when nothing answers at the endpoint.
 
-    Asks GET /models, polling for up to `wait` seconds (a server still starting); a refused key stops
-    here too. An endpoint that answers anything else is up: some servers do not list models.
+    Asks GET /models, polling for up to `wait` seconds (a server still starting; None: the command has no
+    --wait and asks once); a refused key stops here too. An endpoint that answers anything else is up: some
+    servers do not list models.
     """
     import openai
 
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + (wait or 0.0)
     while True:
         try:
             await client.with_options(timeout=10.0).models.list()
@@ -239,9 +241,10 @@ async def check_server(client: Any, ep: Endpoint, wait: float = 0.0) -> None:
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             if time.monotonic() >= deadline:
                 waited = f" within {wait:.0f}s" if wait else ""
+                later = "" if wait is None else ", or give it time with --wait SECONDS"
                 raise SkinvlmError(
-                    f"nothing answers at {ep.where}{waited} ({type(exc).__name__}): start the server, check "
-                    "--base-url, or give it time with --wait SECONDS"
+                    f"nothing answers at {ep.where}{waited} ({type(exc).__name__}): start the server or check "
+                    f"--base-url{later}"
                 ) from None
             await asyncio.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
         except openai.APIStatusError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_user_text
 from skinvlm.rules import Rules
 
 LABEL_START, LABEL_END = "<label>", "</label>"  # eval stops at LABEL_END and scores labels after LABEL_START
@@ -139,9 +139,7 @@ def load_describe_prompt(path: Path | None, rules: Rules) -> DescribePrompt:
     default = default_describe_prompt(rules)
     if path is None:
         return default
-    if not path.is_file():
-        raise SkinvlmError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path, "prompt file")
     if path.suffix.lower() != ".toml":
         return DescribePrompt(text.strip(), default.user, str(path))
     try:

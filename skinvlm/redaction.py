@@ -18,6 +18,8 @@ SECRET_VALUES = (
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),
 )
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
+# A secret-named query parameter (`?api_key=...`, `&token=...`, `key=`): its value.
+QUERY_SECRET = re.compile(r"(?i)([?&](?:[\w-]*[_-])?(?:api[_-]?key|key|token|secret|password|sig|signature)=)[^&#\s]+")
 HIDDEN = "***"
 
 
@@ -28,6 +30,7 @@ def redact_text(text: str, *known: str | None) -> str:
             text = text.replace(secret, HIDDEN)
     for pattern in SECRET_VALUES:
         text = pattern.sub(HIDDEN, text)
+    text = QUERY_SECRET.sub(rf"\g<1>{HIDDEN}", text)
     return URL_CREDENTIALS.sub(f"{HIDDEN}@", text)
 
 

@@ -132,6 +132,8 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
     summary = _table(f"audit of {report.stage}: {report.records:,} records", "check", "records")
     stats = report.length_stats()
     for name, value in (
+        ("English words", report.english_records),
+        ("other scripts", report.script_records),
         ("not a class (tag)", sum(report.not_class_tags.values())),
         ("mismatches", report.mismatches),
         ("missing <label>/<summary>", report.invalid),
@@ -139,10 +141,11 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
         ("summary too short", report.too_short),
         ("describe status not ok", sum(n for s, n in report.statuses.items() if s != "ok")),
         ("summary length min/median/max", "/".join(str(stats.get(k, "-")) for k in ("min", "median", "max"))),
-        ("records with problems", report.problems),
+        ("records with problems (each once)", report.problems),
     ):
         summary.add_row(name, str(value))
     out.print(summary)
+    out.print("a record with several problems is in several rows above and once in the last", style="dim")
 
 
 def _mapped(report: Any, tag: str) -> str:
@@ -464,6 +467,10 @@ class TrainProgress:
             self.console.print(
                 f"[yellow]resuming with a changed setting[/]: {name} {then!r} -> {now!r}", highlight=False
             )
+        self.begin()
+
+    def begin(self) -> None:
+        """The clock and the bar (or, in a log, the sparse lines), without the summary a caller shows itself."""
         self.started = time.perf_counter()
         if self.quiet or not self.console.is_terminal:
             return

@@ -8,6 +8,7 @@ Every problem in a file is reported at once, each naming its table and key.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import unicodedata
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_user_text
 
 RULES_FILENAME = "postprocess.toml"
 
@@ -122,15 +123,11 @@ def resolve_rules_path(explicit: Path | None, workspace_root: Path) -> Path:
 
 
 def load_rules(path: Path) -> Rules:
-    if not path.is_file():
-        raise SkinvlmError(f"rule file {path} does not exist")
+    text = read_user_text(path, "rule file")
     try:
-        text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SkinvlmError(f"rule file {path} is not valid TOML: {err}") from None
-    except UnicodeDecodeError:
-        raise SkinvlmError(f"rule file {path} is not UTF-8 text") from None
     problems: list[str] = []
     rewrite_lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip().startswith("[[rewrite]]")]
     rules = _parse(path, raw, problems, rewrite_lines)
@@ -163,13 +160,30 @@ def _string_map(data: dict[str, Any], where: str, problems: list[str]) -> dict[s
     return out
 
 
+def _pairs(items: Any, name: str, keys: tuple[str, str], problems: list[str]) -> dict[str, str]:
+    """`[[term]]` (english, korean) and `[[alias]]` (tag, class) entries: the same rules as [terms] and
+    [labels.aliases], in a form that may be appended to a file any number of times (a TOML table may be declared
+    only once, so `audit --suggest >> postprocess.toml` writes these)."""
+    if not isinstance(items, list):
+        problems.append(f"[[{name}]] must be an array of tables")
+        return {}
+    table: dict[str, str] = {}
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or set(item) - {*keys, "note"}:
+            problems.append(f"[[{name}]] #{number} takes {keys[0]} and {keys[1]} (and a note)")
+            continue
+        table |= _string_map({str(item.get(keys[0], "")): item.get(keys[1])}, f"{name} #{number}", problems)
+    return table
+
+
 def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: list[int]) -> Rules:
-    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit"}, problems)
+    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit", "term", "alias"}, problems)
     labels = _table(raw, "labels", "labels", problems)
     _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
     classes = _parse_classes(_table(labels, "classes", "labels", problems), problems)
     names = {c.name for c in classes}
     aliases = _string_map(_table(labels, "aliases", "labels", problems), "labels.aliases", problems)
+    aliases |= _pairs(raw.get("alias", []), "alias", ("tag", "class"), problems)
     for alias, target in aliases.items():
         if target not in names:
             problems.append(f"[labels.aliases] '{alias}' maps to '{target}', which is not a class")
@@ -181,6 +195,7 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: 
     if not views:
         problems.append('[views] must name at least one view, e.g. 정면 = "front"')
     terms = _string_map(_table(raw, "terms", "top level", problems), "terms", problems)
+    terms |= _pairs(raw.get("term", []), "term", ("english", "korean"), problems)
     return Rules(
         path=path,
         classes=tuple(classes),
@@ -214,6 +229,19 @@ def _parse_classes(table: dict[str, Any], problems: list[str]) -> list[ClassInfo
     return classes
 
 
+MAX_REPLACEMENT_CHARS = 500  # a phrase, not a document: every match in every answer becomes this
+
+
+def replacement_problem(replace: str, groups: int) -> str | None:
+    """What is wrong with a [[rewrite]] replacement, found when the rules load rather than midway through fix."""
+    if len(replace) > MAX_REPLACEMENT_CHARS:
+        return f"is {len(replace):,} characters long; at most {MAX_REPLACEMENT_CHARS} are allowed"
+    referenced = [int(n) for n in re.findall(r"(?<!\\)\\(\d)", replace)]
+    if referenced and max(referenced) > groups:
+        return f"refers to group \\{max(referenced)}, but the pattern has {groups} group(s)"
+    return None
+
+
 def _parse_rewrites(items: Any, problems: list[str], lines: list[int]) -> tuple[Rewrite, ...]:
     """`lines`: where each [[rewrite]] table starts in the file, for the messages."""
     if not isinstance(items, list):
@@ -230,12 +258,15 @@ def _parse_rewrites(items: Any, problems: list[str], lines: list[int]) -> tuple[
         if not isinstance(pattern, str) or not pattern or not isinstance(replace, str):
             problems.append(f"[{where}] needs a non-empty 'pattern' and a string 'replace'")
             continue
+        line = f" (line {lines[number - 1]})" if number <= len(lines) else ""
         try:
-            linear_regex(pattern)
+            groups = linear_regex(pattern).groups
         except Exception as err:  # noqa: BLE001 - re2.error, or a TypeError for odd input
-            line = f" (line {lines[number - 1]})" if number <= len(lines) else ""
             reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
             problems.append(f"[{where}]{line} 'pattern' {pattern!r} is not a linear-time (RE2) regex: {reason}")
+            continue
+        if problem := replacement_problem(replace, groups):
+            problems.append(f"[{where}]{line} 'replace' {problem}")
             continue
         rewrites.append(Rewrite(nfc(pattern), nfc(replace), str(item.get("note", ""))))
     return tuple(rewrites)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices
-from skinvlm.config import check_choice
+from skinvlm.config import check_choice, check_seconds
 from skinvlm.errors import SkinvlmError
 from skinvlm.vlm import pixel_bounds, read_settings
 
@@ -62,6 +62,13 @@ def build_command(model: Path, s: ServeSettings) -> list[str]:
     check_choice("--dtype", s.dtype, Dtype)
     if not 0 < s.port < 65536:
         raise SkinvlmError(f"--port must be 1-65535, not {s.port}")
+    if s.max_model_len < 256:
+        raise SkinvlmError(
+            f"--max-model-len must be at least 256 tokens (an image alone takes up to 1,024), not {s.max_model_len}"
+        )
+    check_seconds("--startup-timeout", s.startup_timeout)
+    if s.tensor_parallel_size is not None and s.tensor_parallel_size < 1:
+        raise SkinvlmError(f"--tensor-parallel-size must be at least 1, not {s.tensor_parallel_size}")
     if not 0 < s.gpu_memory_utilization <= 1:
         raise SkinvlmError(f"--gpu-memory-utilization is a share of the GPU in (0, 1], not {s.gpu_memory_utilization}")
     try:

@@ -176,6 +176,9 @@ def preflight(ws: Workspace, settings: TrainSettings, dry_run: bool) -> Plan:
     backend = pick_backend(settings.backend, cuda, dry_run)
     settings.model = base_for_precision(settings.model, settings.load_in_4bit)
     check_base_model(settings.model, cuda, dry_run)
+    # From here the settings say what will run, not what was asked: the dry run shows them, the manifest keeps them.
+    settings.backend = backend
+    settings.optim, settings.load_in_4bit = what_runs(settings, backend, cuda)
     if settings.report_to != "none" and importlib.util.find_spec(settings.report_to) is None:
         raise SkinvlmError(f"--report-to {settings.report_to} needs `pip install {settings.report_to}`")
     output = Path(settings.output).resolve() if settings.output else ws.adapter
@@ -216,6 +219,16 @@ def base_for_precision(name: str, load_in_4bit: bool) -> str:
 
     warnings.warn(f"--no-load-in-4bit: training the 16-bit {twin} instead of the 4-bit {name}", stacklevel=2)
     return twin
+
+
+def what_runs(settings: TrainSettings, backend: str, cuda: bool) -> tuple[str, bool]:
+    """The optimizer and the 4-bit loading that will run: 8-bit and paged optimizers and the hf backend's 4-bit
+    loading need bitsandbytes on CUDA (Unsloth brings its own); without it, AdamW in full precision and 16 bits."""
+    bitsandbytes = cuda and importlib.util.find_spec("bitsandbytes") is not None
+    needs_bitsandbytes = "8bit" in settings.optim or "paged" in settings.optim
+    optim = settings.optim if bitsandbytes or not needs_bitsandbytes else "adamw_torch"
+    four_bit = settings.load_in_4bit and cuda and (backend == "unsloth" or bitsandbytes)
+    return optim, four_bit
 
 
 def check_base_model(name: str, cuda: bool, dry_run: bool) -> None:
@@ -373,7 +386,7 @@ def load_hf(settings: TrainSettings, cuda: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    quantized = cuda and settings.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None
+    quantized = settings.load_in_4bit  # what_runs left it on only where bitsandbytes can load it
     if cuda:
         kwargs["device_map"] = {"": devices.local_rank()}
     if quantized:
@@ -513,7 +526,6 @@ def dry_run(ws: Workspace, rules: Rules, settings: TrainSettings) -> Summary:
 def sft_config(settings: TrainSettings, output: Path, backend: str, cuda: bool, has_eval: bool) -> Any:
     from trl import SFTConfig
 
-    optim = settings.optim if cuda and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
     return SFTConfig(
         output_dir=str(output / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,
@@ -523,7 +535,7 @@ def sft_config(settings: TrainSettings, output: Path, backend: str, cuda: bool, 
         lr_scheduler_type="cosine",
         warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay,
-        optim=optim,
+        optim=settings.optim,
         max_grad_norm=settings.max_grad_norm,
         max_steps=settings.max_steps if settings.epochs is None else -1,
         num_train_epochs=settings.epochs or 1.0,

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.prompts import conversation
 
 SETTINGS_FILE = "skinvlm.json"  # image resolution and instruction, beside the weights
@@ -77,12 +77,7 @@ def load_processor(path: Path | str, **overrides: Any) -> Any:
 
 def read_settings(folder: Path) -> dict[str, Any]:
     path = Path(folder) / SETTINGS_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SkinvlmError(f"{path} is not valid JSON: {err.msg}") from None
+    return read_json_object(path, "skinvlm's settings file") if path.exists() else {}
 
 
 def write_settings(folder: Path, settings: dict[str, Any]) -> None:

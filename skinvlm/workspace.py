@@ -109,9 +109,17 @@ class Workspace:
     def eval_root(self) -> Path:
         return self.root / "eval"
 
+    def require_root(self) -> None:
+        """The workspace folder exists: every command but ingest (which starts one) and doctor needs it."""
+        if not self.root.is_dir():
+            raise SkinvlmError(
+                f"no workspace at {self.root}: check -w, or start one with `skinvlm ingest SRC -w {self.root}`"
+            )
+
     def eval_run(self, name: str) -> Path:
-        if not re.fullmatch(r"[\w.\-]+", name):
-            raise SkinvlmError(f"run name {name!r} may hold only letters, digits, '.', '-' and '_'")
+        if not re.fullmatch(r"[\w.\-]{1,100}", name) or name in (".", ".."):
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            raise SkinvlmError(f"run name {shown!r} must be 1-100 letters, digits, '.', '-' or '_'")
         return self.eval_root / name
 
     @property
@@ -214,10 +222,14 @@ def writing(ws: Workspace, command: str) -> Iterator[None]:
     if os.environ.get(HELD_FOR) == str(ws.root):  # our parent (torchrun's launcher) holds it for us
         yield
         return
-    if not ws.root.is_dir() and command != "ingest":  # a mistyped -w must not leave a folder behind
-        raise SkinvlmError(f"no workspace at {ws.root}: check -w, or start one with `skinvlm ingest SRC -w {ws.root}`")
+    if command != "ingest":  # a mistyped -w must not leave a folder behind
+        ws.require_root()
     ws.root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(ws.root / LOCK_FILE, timeout=0)
+    path = ws.root / LOCK_FILE
+    if path.is_dir() or (path.is_symlink() and not path.exists()):
+        kind = "a folder" if path.is_dir() else "a link to nothing"
+        raise SkinvlmError(f"{path} is {kind}, where skinvlm keeps its lock file: remove it and run again")
+    lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
     except Timeout:

@@ -92,15 +92,35 @@ def test_audit_counts_every_defect(cli, described: Path) -> None:
     assert "erythema" in table and "Han" in table and "주사성 피부염" in table
 
 
-def test_suggest_is_valid_toml_for_what_the_rules_miss(cli, described: Path) -> None:
+def test_suggest_is_toml_that_appends_to_the_rule_file(cli, described: Path) -> None:
     text = cli("audit", "--suggest").stdout
     stanzas = tomllib.loads(text)
-    assert set(stanzas["terms"]) == {"severe", "cannot", "help", "with", "that"}, "erythema, papules: in [terms]"
-    assert list(stanzas["terms"])[0] == "severe", "most frequent first"
-    assert stanzas["labels"]["aliases"] == {"주사성 피부염": ""}
+    # erythema and papules have [terms]; severe has the shipped [[rewrite]]: none is suggested again.
+    assert [t["english"] for t in stanzas["term"]] == ["cannot", "help", "with", "that"]
+    assert stanzas["alias"] == [{"tag": "주사성 피부염", "class": ""}]
     assert stanzas["rewrite"] == [{"pattern": "紅斑", "replace": "", "note": "Han 紅斑"}], "Han gets a rule too"
     for command in ("describe --redo mismatch", "fix --drop-mismatches", "describe --redo failed,invalid"):
         assert command in text, "what no rule mends is named as the command that does"
+    filled = text.replace('korean = ""', 'korean = "번역"').replace('class = ""', 'class = "주사"')
+    filled = filled.replace('replace = ""', 'replace = "홍반"')
+    rules = described / "postprocess.toml"
+    rules.write_text(default_rules_path().read_text(encoding="utf-8") + "\n" + filled + "\n" + filled, "utf-8")
+    fixed = cli.json("fix")  # appended twice as the header says: the file still loads, and the rules apply
+    assert fixed["hits"]["label: 주사성 피부염 -> 주사"] == 3 and fixed["hits"]["term: cannot"] == 1
+
+
+def test_suggest_gives_modifiers_a_phrase_rule_and_the_summary_adds_up(cli, described: Path) -> None:
+    from skinvlm.audit import audit_rows, suggest
+    from skinvlm.rules import load_rules
+
+    rules = load_rules(default_rules_path())
+    rows = [{"label": "아토피", "output": "<label>아토피</label>\n<summary>diffuse 홍반과 slightly 붉은 판</summary>"}]
+    stanzas = tomllib.loads(suggest(audit_rows("described", rows, rules), rules))
+    assert [r["note"] for r in stanzas["rewrite"]] == ["diffuse", "slightly"] and "term" not in stanzas
+    report = cli.json("audit")
+    assert report["script_records"] == 2 and 0 < report["english_records"] <= report["problems"]
+    table = cli("audit").stdout
+    assert "English words" in table and "other scripts" in table and "once in the last" in table
 
 
 def test_audit_of_a_stage_without_text_is_a_usage_error(cli, described: Path) -> None:

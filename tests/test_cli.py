@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_a_config_file_gives_what_the_flags_leave_at_their_defaults(cli, fixed: 
     settings = cli.json("train", "--config", config, "--model", tiny, "--dry-run")["settings"]
     assert (settings["max_steps"], settings["learning_rate"], settings["lora_r"]) == (7, 1e-3, 8)
     assert settings["model"] == str(tiny), "a relative or absolute --model is stored absolute"
+    # What will run on this CPU, not what was asked (auto, adamw_8bit and 4 bits by default).
+    assert (settings["backend"], settings["optim"], settings["load_in_4bit"]) == ("hf", "adamw_torch", False)
     flags_win = cli.json("train", "--config", config, "--model", tiny, "--dry-run", "--max-steps", "3")
     assert flags_win["settings"]["max_steps"] == 3
     config.write_text("[train]\nmax_stepz = 7\n", encoding="utf-8")
@@ -115,7 +118,9 @@ def test_known_bad_inputs_are_one_line_and_exit_1(cli, tmp_path: Path, args: tup
 
 def test_a_mistyped_workspace_is_one_line_and_leaves_nothing_behind(cli, tmp_path: Path) -> None:
     typo = tmp_path / "my-workspcae"
-    for command in (["fix"], ["describe", "--template"], ["train"], ["eval"], ["merge"]):
+    commands = [["fix"], ["describe", "--template"], ["train"], ["eval"], ["merge"], ["status"], ["audit"]]
+    commands += [["eval", "--compare", "a", "b"], ["publish", "me/x", "--dry-run"], ["serve", "--print-command"]]
+    for command in commands:
         refused = cli.runner.invoke(app, ["-w", str(typo), *command])
         assert refused.exit_code == 1 and f"no workspace at {typo}" in error_line(refused.stderr), command
         assert not typo.exists(), command
@@ -144,3 +149,84 @@ def test_serve_prints_its_command_as_json(cli, workspace: Path) -> None:
     assert shown["command"][:3] == ["vllm", "serve", str(model)] and "8123" in shown["command"]
     assert shown["env"] == {"CUDA_VISIBLE_DEVICES": "1"} and shown["shell"].startswith("CUDA_VISIBLE_DEVICES=1 vllm")
     assert (shown["endpoint"], shown["model"]) == ("http://127.0.0.1:8123/v1", "skinvlm")
+
+
+def write_bad_inputs(ws: Path, tmp: Path) -> None:
+    """The damaged files of the third fault pass: non-UTF-8 user files, corrupt JSON of ours and of libraries,
+    a lock path that is no file, rule files whose replacements cannot work."""
+    (tmp / "latin1.toml").write_bytes(b"[train]\nmax_steps = 5  # caf\xe9\n")
+    (tmp / "latin1.txt").write_bytes(b"Describe the photo, caf\xe9.\n")
+    for run in ("a", "b"):
+        (ws / "eval" / run).mkdir(parents=True)
+        (ws / "eval" / run / "metrics.json").write_text('{"name": "a", "accuracy": 0.5', encoding="utf-8")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{not json", encoding="utf-8")
+    (ws / "models" / "adapter").mkdir(parents=True)
+    (ws / "models" / "adapter" / "adapter_config.json").write_text('{"r": 8,', encoding="utf-8")
+    (ws / "models" / "merged").mkdir(parents=True)
+    (ws / "models" / "merged" / "config.json").write_text("{}", encoding="utf-8")
+    shipped = default_rules_path().read_text(encoding="utf-8")
+    (tmp / "group.toml").write_text(shipped + '\n[[rewrite]]\npattern = "(a)b"\nreplace = "\\\\3"\n', encoding="utf-8")
+    big = "가" * 1_000_000
+    (tmp / "big.toml").write_text(shipped + f'\n[[rewrite]]\npattern = "ab"\nreplace = "{big}"\n', encoding="utf-8")
+
+
+FAULT_PASS_3 = [
+    (("train", "--config", "{tmp}/latin1.toml", "--dry-run"), "is not UTF-8 text (byte 0xe9"),
+    (("describe", "--prompt-file", "{tmp}/latin1.txt", "--dry-run"), "is not UTF-8 text"),
+    (("eval", "--compare", "a", "b"), "is damaged (not valid JSON"),
+    (("eval", "--model-dir", "{tmp}/model"), "config.json is damaged"),
+    (("merge",), "adapter_config.json is damaged"),
+    (("eval", "--name", "x" * 300), "must be 1-100 letters"),
+    (("eval", "--timeout", "nan"), "--timeout must be a number of seconds above 0, not nan"),
+    (("describe", "--timeout", "inf"), "--timeout must be a number of seconds above 0, not inf"),
+    (("serve", "--print-command", "--gpu", "0,0"), "names a GPU twice"),
+    (("serve", "--print-command", "--max-model-len", "-1"), "--max-model-len must be at least 256"),
+    (("describe", "--template", "--rules", "{tmp}/group.toml"), "refers to group \\3, but the pattern has 1"),
+    (("describe", "--template", "--rules", "{tmp}/big.toml"), "is 1,000,000 characters long"),
+]
+
+
+@pytest.mark.parametrize("args,said", FAULT_PASS_3, ids=lambda v: " ".join(v)[:40] if isinstance(v, tuple) else "")
+def test_damaged_and_odd_inputs_are_one_line(cli, ingested: Path, tmp_path: Path, args: tuple, said: str) -> None:
+    write_bad_inputs(ingested, tmp_path)
+    refused = cli(*(arg.format(tmp=tmp_path) for arg in args), ok=False)
+    assert refused.exit_code == 1, refused.stdout + refused.stderr
+    line = error_line(refused.stderr)
+    assert line.startswith("error: ") and said in line and "internal error" not in line, line
+
+
+def test_a_damaged_env_file_and_lock_path_are_one_line(cli, ingested: Path) -> None:
+    (ingested / ".env").write_bytes(b"OPENAI_API_KEY=caf\xe9\n")
+    refused = cli("describe", ok=False)
+    assert refused.exit_code == 1 and "the workspace's .env file" in error_line(refused.stderr)
+    (ingested / ".env").unlink()
+    lock = ingested / ".skinvlm.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    refused = cli("describe", "--template", ok=False)
+    assert "is a folder, where skinvlm keeps its lock file" in error_line(refused.stderr)
+    lock.rmdir()
+    lock.symlink_to(ingested / "nowhere")
+    assert "is a link to nothing" in error_line(cli("describe", "--template", ok=False).stderr)
+
+
+def test_secrets_in_a_urls_query_are_masked() -> None:
+    from skinvlm.redaction import redact_text
+
+    url = "http://host:8000/v1?api_key=abc123def&model=x&token=t0k3n&sig=zz"
+    assert redact_text(f"{url} does not know model 'x' (404)") == (
+        "http://host:8000/v1?api_key=***&model=x&token=***&sig=*** does not know model 'x' (404)"
+    )
+
+
+def test_help_shows_the_config_tables_and_describe_offers_no_flag_it_lacks(cli, ingested: Path) -> None:
+    shown = cli.runner.invoke(app, ["train", "-h"], env={"COLUMNS": "250"}).stdout
+    assert "([train], [describe], [eval], [serve])" in shown
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    described = cli("describe", "--base-url", dead, "--api-key", "sk-x", ok=False)
+    assert "nothing answers" in error_line(described.stderr) and "--wait" not in described.stderr
+    evaluated = cli("eval", "--base-url", dead, "--api-key", "sk-x", ok=False)
+    assert "give it time with --wait SECONDS" in error_line(evaluated.stderr)

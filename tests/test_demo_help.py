@@ -44,3 +44,4 @@ def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
         assert (ws / made).exists(), made
     assert "broken-truncated.png" in result.stderr and "skinvlm demo done" in result.stdout
     assert "audit problems" in result.stdout and "-> 0" in result.stdout
+    assert "step 1/12  loss" in result.stderr and "step 12/12  loss" in result.stderr, "training progress in a log"

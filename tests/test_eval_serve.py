@@ -292,3 +292,13 @@ def test_a_wild_logprob_loses_that_photos_probabilities_only() -> None:
         assert label_distribution(tokens(("건", -0.1), ("아", wild)), classes) is None
     tiny = label_distribution(tokens(("건", -1e4), ("아", -1e4 - math.log(3))), classes)
     assert tiny is not None and tiny["건선"] == pytest.approx(0.75) and tiny["아토피"] == pytest.approx(0.25)
+
+
+def test_an_eval_of_mostly_unparsed_answers_says_so_and_its_manifest_names_the_run(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=lambda body: "피부가 붉어 보입니다. 아마도 염증 같습니다.") as server:
+        result = run_eval(cli, server, "--limit", "6")
+    assert result["accuracy"] == 0 and result["unparsed"] == 6
+    assert any(note.startswith("6 of 6 answers have no <label>") and "피부가 붉어" in note for note in result["notes"])
+    manifest = json.loads((Path(result["output_dir"]) / "manifest.json").read_text())
+    assert manifest["settings"]["name"] == result["name"] and manifest["settings"]["base_url"] == server.url
+    assert "6 of 6 answers have no <label>" in cli("eval", "--compare", result["name"]).stdout + json.dumps(result)

@@ -92,8 +92,15 @@ def write_broken_files(images: Path) -> None:
 
 
 def run_demo(
-    root: Path, say: Callable[[str], None], show: Callable[[str, Any], None], per_folder: int = 5, steps: int = 160
+    root: Path,
+    say: Callable[[str], None],
+    show: Callable[[str, Any], None],
+    per_folder: int = 5,
+    steps: int = 160,
+    progress: Any = None,
 ) -> DemoResult:
+    """`progress`: a render.TrainProgress for the training steps (a bar on a terminal, a line every 10 steps in a
+    log), or None."""
     from skinvlm import audit, describe, evaluate, fix, ingest, merge, train
     from skinvlm.demo import tiny
     from skinvlm.demo.synthetic import write_tree
@@ -121,7 +128,17 @@ def run_demo(
     model_dir = tiny.build(root / "tiny-model", rules)
     for folder in (ws.adapter, ws.merged):
         shutil.rmtree(folder, ignore_errors=True)  # a demo re-run starts its model afresh
-    trained = train.train(ws, rules, demo_train_settings(model_dir, steps), on_summary=lambda s, _: show("batch", s))
+
+    def summary(batch: Any, _: Any) -> None:
+        show("batch", batch)
+        if progress is not None:
+            progress.begin()
+
+    trained = train.train(
+        ws, rules, demo_train_settings(model_dir, steps), summary, progress.step if progress is not None else None
+    )
+    if progress is not None:
+        progress.close()
     show("train", trained)
     merged = merge.merge(ws, dtype="bfloat16")
     show("merge", merged)
