@@ -16,16 +16,14 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skinvlm import openai_api
+from skinvlm.describe_settings import RunContext
 from skinvlm.errors import SkinvlmError
 from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import parse_answer
 from skinvlm.workspace import crash_point, write_json
-
-if TYPE_CHECKING:  # describe runs batch; batch needs only the type of what describe hands it
-    from skinvlm.describe import RunContext
 
 MAX_FILE_BYTES = 190 * 2**20
 MAX_FILE_LINES = 50_000

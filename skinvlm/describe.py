@@ -13,12 +13,12 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, openai_api, pricing
-from skinvlm.config import check_choice, check_seconds
+from skinvlm.describe_settings import STATUSES, DescribeSettings, RunContext
 from skinvlm.errors import SkinvlmError
 from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
@@ -26,52 +26,8 @@ from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
 from skinvlm.workspace import Workspace, manifest, now_iso, stage_fingerprint, writes
 
-STATUSES = ("ok", "invalid", "failed")
-# --redo also takes: all; changed (made by another model or prompt); mismatch (<label> is not the folder's class)
-REDO_CHOICES = (*STATUSES, "all", "changed", "mismatch")
 TEMPLATE_MODEL = "template"
 DEFAULT_COMPLETION_TOKENS = 300
-
-
-@dataclass
-class DescribeSettings:
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    concurrency: int = 16
-    rpm: int | None = None
-    tpm: int | None = None
-    timeout: float = 120.0
-    max_tokens: int = 512
-    temperature: float = 0.2
-    max_side: int = 1024
-    detail: str = "auto"
-    format_retries: int = 1
-    max_attempts: int = 6
-    limit: int | None = None
-    seed: int = 42
-    redo: tuple[str, ...] = ()
-    splits: tuple[str, ...] = ("train", "test")
-    template: bool = False
-    backoff: float = 1.0
-    batch: bool = False
-    submit_only: bool = False  # with --batch: submit and return; a re-run collects
-    poll_seconds: float = 30.0
-
-    def __post_init__(self) -> None:
-        self.redo, self.splits = tuple(self.redo), tuple(self.splits)  # lists from the CLI or a config file
-
-    def check(self) -> None:
-        if self.concurrency < 1:
-            raise SkinvlmError("--concurrency must be at least 1")
-        check_choice("--detail", self.detail, openai_api.Detail)
-        bad = set(self.redo) - set(REDO_CHOICES)
-        if bad:
-            raise SkinvlmError(f"--redo takes {', '.join(REDO_CHOICES)}; not {', '.join(sorted(bad))}")
-        if self.limit is not None and self.limit < 1:
-            raise SkinvlmError(f"--limit must be at least 1, not {self.limit}")
-        if self.max_side < 64:
-            raise SkinvlmError("--max-side must be at least 64")
-        check_seconds("--timeout", self.timeout)
 
 
 @dataclass
@@ -193,21 +149,6 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
     error = reply.error or (None if status == "ok" else "answer lacks <label> or <summary>")
     done = record(task, status, output, s.model, attempts, prompt_tokens, completion_tokens, error, ctx.prompt.hash)
     return done | {"cut": reply.cut}
-
-
-@dataclass
-class RunContext:
-    settings: DescribeSettings
-    rules: Rules
-    prompt: DescribePrompt
-    endpoint: openai_api.Endpoint
-    client: Any
-    rpm: openai_api.RateLimiter = field(init=False)
-    tpm: openai_api.RateLimiter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rpm = openai_api.RateLimiter(self.settings.rpm)
-        self.tpm = openai_api.RateLimiter(self.settings.tpm)
 
 
 async def run_requests(

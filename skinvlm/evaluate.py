@@ -403,7 +403,8 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
         "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
         "answers_cut": sum(1 for rec in records if rec.get("cut")),
-        "intervals": stats.bootstrap(truth, predicted, classes),
+        "intervals": stats.bootstrap(truth, predicted, classes)
+        | {"per_view": {view: stats.proportion_interval(hits) for view, hits in sorted(views.items())}},
         "probabilities": probability_summary(records, classes),
     }
 
@@ -427,7 +428,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def hangul_font() -> bool:
-    """Whether matplotlib can draw Hangul here (koreanize-matplotlib registers a font; the `fonts` extra)."""
+    """Whether matplotlib can draw Hangul here (koreanize-matplotlib, a dependency, registers a font)."""
     try:
         import koreanize_matplotlib  # noqa: F401
 
@@ -537,7 +538,9 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
             f"top-2 accuracy {probabilities['top2_accuracy']}, expected calibration error {probabilities['ece']}",
         ]
     lines += ["", "| view | accuracy |", "|---|---|"]
-    lines += [f"| {view} | {acc:.3f} |" for view, acc in result["per_view"].items()]
+    per_view = result["intervals"].get("per_view", {})
+    lines += [f"| {view} | {acc:.3f} ({bounds(per_view[view])}) |" if view in per_view else f"| {view} | {acc:.3f} |"
+              for view, acc in result["per_view"].items()]  # fmt: skip
     lines += [
         "",
         "Confusion matrix (rows: true, columns: predicted)",

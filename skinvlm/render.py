@@ -346,18 +346,20 @@ def stage_json(s: Any) -> dict[str, Any]:
         "inputs": s.inputs,
         "stale": bool(s.rerun),
         "rerun": s.rerun,
+        "figures": s.figures,
     }
 
 
 def status_table(out: Console, ws: Any, stages: list[Any]) -> None:
     table = Table(title=f"workspace {ws.root}")
-    for column in ("stage", "present", "rows", "finished", "from", "current"):
+    for column in ("stage", "present", "rows", "figures", "finished", "from", "current"):
         table.add_column(column)
     for s in stages:
         rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
         when = s.finished[:16].replace("T", " ")
         current = f"[yellow]stale[/]: run {' then '.join(s.rerun)}" if s.rerun else ("yes" if s.present else "")
-        table.add_row(s.name, "[green]yes[/]" if s.present else "[dim]no[/]", rows, when, escape(s.inputs), current)
+        present = "[green]yes[/]" if s.present else "[dim]no[/]"
+        table.add_row(s.name, present, rows, escape(s.figures), when, escape(s.inputs), current)
     out.print(table)
 
 

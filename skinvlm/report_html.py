@@ -3,13 +3,15 @@
 The headline figures with their intervals, the confusion matrix (each cell shows its photos), per-class and
 per-view tables, and every photo as a small inlined thumbnail with its true and predicted label, the class
 probabilities and the model's whole answer; errors are shown first and alone until a cell or a filter asks
-for others. No network, no external script or font: it opens from a USB stick in a clinic.
+for others. No network, no external script or font: it opens from a USB stick in a clinic. Hangul is drawn
+with an embedded font cut to the page's own characters, so a machine without Korean fonts shows no empty boxes.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import Path
@@ -44,7 +46,40 @@ def thumbnails(ds: Any, indices: dict[str, int]) -> dict[str, str]:
 def write_report(
     path: Path, result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]
 ) -> None:
-    write_text(path, page(result, records, rules, images))
+    html = page(result, records, rules, images)
+    write_text(path, html.replace("</style>", hangul_font_face(html) + "</style>", 1))
+
+
+HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
+HANGUL_RANGES = "U+1100-11FF, U+3130-318F, U+AC00-D7A3"
+
+
+def hangul_font_face(html: str) -> str:
+    """@font-face for Hangul: NanumGothic (SIL Open Font License, the copy koreanize-matplotlib ships) cut by
+    fontTools to the syllables this page uses (tens of KB, not 4 MB), as a data URL; used for Hangul only
+    (unicode-range), Latin text keeps the system font. Empty where the font is not installed."""
+    try:
+        import koreanize_matplotlib
+        from fontTools import subset
+    except ImportError:
+        return ""
+    source = Path(koreanize_matplotlib.__file__).parent / "fonts" / "NanumGothic.ttf"
+    characters = "".join(sorted(set(HANGUL.findall(html))))
+    if not (source.is_file() and characters):
+        return ""
+    options = subset.Options()
+    options.flavor = "woff"  # zlib-compressed; woff2 would need brotli
+    font = subset.load_font(str(source), options)
+    cutter = subset.Subsetter(options)
+    cutter.populate(text=characters)
+    cutter.subset(font)
+    buffer = io.BytesIO()
+    subset.save_font(font, buffer, options)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return (
+        f"@font-face {{ font-family: SkinvlmHangul; src: url(data:font/woff;base64,{data}) format('woff'); "
+        f"unicode-range: {HANGUL_RANGES}; }}\n"
+    )
 
 
 def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]) -> str:
@@ -127,7 +162,7 @@ def per_class(result: dict[str, Any], rules: Rules) -> str:
     auc = (result.get("probabilities") or {}).get("auc", {})
     rows = "".join(
         f"<tr><td>{class_name(c, rules)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-        f"<td>{m['f1']:.3f} {span(result['intervals']['f1'][c])}</td><td>{auc.get(c, '')}</td>"
+        f"<td>{m['f1']:.3f} {span(result['intervals']['f1'][c])}</td><td>{auc_cell(auc, c, result)}</td>"
         f"<td>{m['support']}</td></tr>"
         for c, m in result["per_class"].items()
     )
@@ -135,13 +170,28 @@ def per_class(result: dict[str, Any], rules: Rules) -> str:
     return f'<table class="numbers">{head}{rows}</table>'
 
 
+def auc_cell(auc: dict[str, float], c: str, result: dict[str, Any]) -> str:
+    """A class's AUC, or a dash that says why there is none."""
+    if c in auc and auc[c] is not None:
+        return str(auc[c])
+    if not result.get("probabilities"):
+        why = "no class probabilities in this run (the endpoint gave no logprobs, or --no-probabilities)"
+    else:
+        why = "AUC needs held-out photos of this class and of others, each with probabilities"
+    return f'<span class="ci" title="{escape(why)}">&mdash; {escape(why)}</span>'
+
+
 def span(bounds: list[float]) -> str:
     return f'<span class="ci">{bounds[0]:.3f}&ndash;{bounds[1]:.3f}</span>'
 
 
 def per_view(result: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{escape(view)}</td><td>{acc:.3f}</td></tr>" for view, acc in result["per_view"].items())
-    return f'<table class="numbers"><tr><th>view</th><th>accuracy</th></tr>{rows}</table>'
+    bounds = result["intervals"].get("per_view", {})
+    rows = "".join(
+        f"<tr><td>{escape(view)}</td><td>{acc:.3f} {span(bounds[view]) if view in bounds else ''}</td></tr>"
+        for view, acc in result["per_view"].items()
+    )
+    return f'<table class="numbers"><tr><th>view</th><th>accuracy (95% CI)</th></tr>{rows}</table>'
 
 
 def filters(result: dict[str, Any]) -> str:
@@ -174,7 +224,7 @@ def figure(record: dict[str, Any], image: str, rules: Rules) -> str:
 
 
 STYLE = """
-body { font-family: system-ui, "Noto Sans CJK KR", "Malgun Gothic", "Apple SD Gothic Neo", sans-serif;
+body { font-family: SkinvlmHangul, system-ui, "Noto Sans CJK KR", "Malgun Gothic", "Apple SD Gothic Neo", sans-serif;
        margin: 2rem; color: #1b1b1b; max-width: 1400px; }
 h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; }
 .cards { display: flex; flex-wrap: wrap; gap: 1rem; }

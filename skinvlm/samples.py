@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation
+from skinvlm.train_settings import TrainSettings
 from skinvlm.vlm import END_OF_TURN, IMAGE_TOKEN, INSTRUCTION_MARKER, RESPONSE_MARKER, vision_tokens
-
-if TYPE_CHECKING:
-    from skinvlm.train import TrainSettings
 
 IGNORE = -100  # the label value the loss skips
 

@@ -58,6 +58,13 @@ def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
     return [round(float(low), 4), round(float(high), 4)]
 
 
+def proportion_interval(hits: list[bool], resamples: int = RESAMPLES, seed: int = SEED) -> list[float]:
+    """95% percentile interval of a share (a view's accuracy): its photos resampled with replacement."""
+    values = np.asarray(hits, dtype=float)
+    drawn = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    return interval(values[drawn].mean(axis=1))
+
+
 def bootstrap(
     truth: list[str], predicted: list[str], classes: list[str], resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, Any]:

@@ -482,11 +482,20 @@ class StageStatus:
     finished: str
     inputs: str
     rerun: list[str]  # what to re-run because its input changed since; [] when current
+    figures: str = ""  # the headline of a model or eval run: steps and loss, merge error, accuracy and macro F1
 
 
 def stage_status(ws: Workspace) -> list[StageStatus]:
     """What each stage folder holds, read from the manifests the stages wrote."""
     folders = [(s, ws.dataset(s)) for s in DATASET_STAGES] + [("adapter", ws.adapter), ("merged", ws.merged)]
+    models = ws.root / "models"
+    if models.is_dir():  # adapters and merged models trained with --output elsewhere under models/
+        known = {ws.adapter.name, ws.merged.name}
+        folders += [
+            (f"models/{p.name}", p)
+            for p in sorted(models.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and p.name not in known and (p / MANIFEST).exists()
+        ]
     if ws.eval_root.is_dir():
         folders += [(f"eval/{p.name}", p) for p in sorted(ws.eval_root.iterdir()) if p.is_dir()]
     out = []
@@ -499,5 +508,25 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
         source = inputs.get("src") or inputs.get("stage") or inputs.get("model") or ""
         present = path.is_dir() and any(path.iterdir())
         rerun = out_of_date(ws, path) if found else []
-        out.append(StageStatus(name, path, present, rows, (found or {}).get("finished", ""), str(source), rerun))
+        finished = (found or {}).get("finished", "")
+        out.append(StageStatus(name, path, present, rows, finished, str(source), rerun, headline(found, path)))
     return out
+
+
+def headline(found: dict[str, Any] | None, path: Path) -> str:
+    """The figures a list of runs shows (as `gh run list` or `llm logs` do): from an eval run's metrics.json, or
+    the counts a train or merge manifest keeps."""
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        try:
+            m = json.loads(metrics.read_text(encoding="utf-8"))
+            return f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, {m['n']:,} photos"
+        except (ValueError, KeyError, TypeError):
+            return "metrics.json damaged"
+    counts = (found or {}).get("counts", {})
+    if (found or {}).get("stage") == "train":
+        loss = counts.get("final_loss")
+        return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
+    if (found or {}).get("stage") == "merge" and isinstance(counts.get("merge_error"), float):
+        return f"merge error {counts['merge_error']:.3g} (tolerance {counts.get('tolerance', 0):.3g})"
+    return ""

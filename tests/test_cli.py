@@ -16,11 +16,11 @@ from conftest import error_line
 
 from skinvlm import __version__
 from skinvlm.cli import app
-from skinvlm.describe import DescribeSettings
+from skinvlm.describe_settings import DescribeSettings
 from skinvlm.evaluate import EvalSettings
 from skinvlm.rules import default_rules_path
 from skinvlm.serve import ServeSettings
-from skinvlm.train import TrainSettings
+from skinvlm.train_settings import TrainSettings
 
 
 @pytest.fixture
@@ -230,3 +230,44 @@ def test_help_shows_the_config_tables_and_describe_offers_no_flag_it_lacks(cli, 
     assert "nothing answers" in error_line(described.stderr) and "--wait" not in described.stderr
     evaluated = cli("eval", "--base-url", dead, "--api-key", "sk-x", ok=False)
     assert "give it time with --wait SECONDS" in error_line(evaluated.stderr)
+
+
+def test_no_module_of_the_package_imports_itself_back() -> None:
+    """Each import between skinvlm's modules (at the top, in a function, or for type checking only) goes one
+    way: settings live in modules of their own (describe_settings, train_settings) so stages never import
+    each other in a circle."""
+    import ast
+    import graphlib
+
+    import skinvlm
+
+    package = Path(skinvlm.__file__).parent
+    modules = {
+        ".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("skinvlm"):
+                imported |= {node.module or ""} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = {m for m in imported if m in modules and m != name and m != "skinvlm"}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+def test_every_example_recipe_loads_checks_and_keeps_the_effective_batch(recipe: Path) -> None:
+    from skinvlm import config
+    from skinvlm.devices import gpu_ids
+
+    train = config.resolve(TrainSettings, "train", recipe, {}, set())
+    train.check()
+    assert train.batch_size * train.grad_accum * max(1, len(gpu_ids(train.gpu))) == 8, "8 photos a step"
+    config.resolve(ServeSettings, "serve", recipe, {}, set())
+    assert recipe.read_text(encoding="utf-8").startswith("# "), "each says what it is for"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,7 @@ def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
     assert "broken-truncated.png" in result.stderr and "skinvlm demo done" in result.stdout
     assert "audit problems" in result.stdout and "-> 0" in result.stdout
     assert "step 1/12  loss" in result.stderr and "step 12/12  loss" in result.stderr, "training progress in a log"
+    listed = json.loads(cli.runner.invoke(app, ["-w", str(ws), "status", "--json"]).stdout)
+    figures = {stage["name"]: stage["figures"] for stage in listed["stages"]}
+    assert figures["adapter"].startswith("12 steps, final loss ") and figures["merged"].startswith("merge error ")
+    assert figures["eval/demo"].startswith("accuracy ") and figures["eval/demo"].endswith(", 24 photos")

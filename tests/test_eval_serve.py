@@ -76,6 +76,11 @@ def test_metrics_equal_hand_computed_values(cli, ingested: Path) -> None:
     }
     lines = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert set(lines[0]) >= {"id", "label", "view", "predicted", "raw", "latency"}
+    for view, accuracy in result["per_view"].items():
+        low, high = result["intervals"]["per_view"][view]
+        assert low <= accuracy <= high and high - low > 0, "six photos a view: a wide interval"
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "accuracy (95% CI)" in page and "no class probabilities in this run" in page, "empty AUC cells say why"
 
 
 def test_the_server_gets_the_chat_layout_of_training(cli, ingested: Path) -> None:

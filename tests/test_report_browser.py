@@ -42,6 +42,9 @@ def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.on("request", lambda request: request.url.startswith("http") and problems.append(request.url))
         page.goto(path.as_uri())
+        # Hangul from the font embedded in the page (a machine without Korean fonts would show empty boxes).
+        faces = page.evaluate("document.fonts.load('16px SkinvlmHangul', '건선 아토피').then(f => f.length)")
+        assert faces == 1 and path.stat().st_size < 400_000, "one subset face, a few tens of KB"
         assert page.text_content("#n") == str(metrics["n"])
         assert page.text_content("#accuracy") == f"{metrics['accuracy']:.4f}"
         assert page.text_content("#macro-auc") == str(metrics["probabilities"]["macro_auc"])

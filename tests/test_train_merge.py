@@ -13,7 +13,7 @@ import pytest
 from conftest import FAST, run_cli
 
 from skinvlm.demo.synthetic import write_tree
-from skinvlm.train import DEFAULT_MAX_PIXELS
+from skinvlm.train_settings import DEFAULT_MAX_PIXELS
 from skinvlm.workspace import Workspace
 
 needs_unsloth_zoo = pytest.mark.skipif(

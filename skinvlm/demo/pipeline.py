@@ -64,7 +64,7 @@ def tiny_train_flags() -> list[str]:
 
 
 def demo_train_settings(model: Path, steps: int) -> Any:
-    from skinvlm.train import TrainSettings
+    from skinvlm.train_settings import TrainSettings
 
     return TrainSettings(model=str(model), max_steps=steps, **TINY_RECIPE)
 
@@ -104,6 +104,7 @@ def run_demo(
     from skinvlm import audit, describe, evaluate, fix, ingest, merge, train
     from skinvlm.demo import tiny
     from skinvlm.demo.synthetic import write_tree
+    from skinvlm.describe_settings import DescribeSettings
     from skinvlm.prompts import default_describe_prompt
 
     clock = time.perf_counter()
@@ -116,9 +117,7 @@ def run_demo(
     ingested = ingest.ingest(ws, root / "extracted_data", rules, force=True)
     show("ingest", ingested)
     say("2/5 describing every image offline from the rule file's templates (describe --template)")
-    describe.describe(
-        ws, rules, describe.DescribeSettings(template=True, redo=("all",)), default_describe_prompt(rules)
-    )
+    describe.describe(ws, rules, DescribeSettings(template=True, redo=("all",)), default_describe_prompt(rules))
     say("3/5 audit -> fix -> audit")
     before = audit.audit(ws, rules, "described")
     show("audit", before)
