@@ -187,8 +187,9 @@ async def run_batch(
                         continue
                     for file_id in (batch.output_file_id, batch.error_file_id):
                         if file_id:
-                            content = await ctx.client.files.content(file_id)
-                            merge_output(content.text, by_id, ctx, handle, stats, progress)
+                            timeout = ctx.endpoint.timeout
+                            text = await openai_api.bounded_file(ctx.client, file_id, entry["requests"], timeout)
+                            merge_output(text, by_id, ctx, handle, stats, progress)
                     entry["merged"], entry["status"] = True, batch.status
                     write_json(path, state)
                 if all(b["merged"] for b in state["batches"]):

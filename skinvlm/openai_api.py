@@ -322,6 +322,33 @@ async def bounded_completion(client: Any, timeout: float, request: dict[str, Any
     return payload
 
 
+RESULT_LINE_BYTES = 64 * 2**10  # a Batch API result line: one answer (at most 20,000 characters) and its envelope
+
+
+async def bounded_file(client: Any, file_id: str, requests: int, timeout: float) -> str:
+    """A Batch API result file, bounded as an answer is: in bytes by the requests it answers (RESULT_LINE_BYTES
+    each, plus 1 MiB) and in time (`timeout` for each of them, an hour at most), so a broken endpoint cannot stream
+    without end or fill memory."""
+    limit = requests * RESULT_LINE_BYTES + 2**20
+
+    async def read() -> bytes:
+        async with client.files.with_streaming_response.content(file_id) as response:
+            body = bytearray()
+            async for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise SkinvlmError(
+                        f"batch result file {file_id} passed {limit // 2**20} MiB for {requests} requests: the "
+                        "endpoint is broken; nothing of it was kept, run again to retry"
+                    )
+            return bytes(body)
+
+    try:
+        return (await asyncio.wait_for(read(), min(3600.0, timeout * max(1, requests)))).decode(errors="replace")
+    except TimeoutError:
+        raise SkinvlmError(f"batch result file {file_id} did not arrive whole in time; run again to retry") from None
+
+
 def reply_of(payload: dict[str, Any], attempts: int) -> Reply:
     usage = payload.get("usage") or {}
     choices = payload.get("choices") or [{}]

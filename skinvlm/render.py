@@ -1,4 +1,4 @@
-"""Rich renderings of stage results, kept out of cli.py so commands stay short."""
+"""Rich renderings of stage results, kept out of the cli package so commands stay short."""
 
 from __future__ import annotations
 

@@ -508,6 +508,8 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
         source = inputs.get("src") or inputs.get("stage") or inputs.get("model") or ""
         present = path.is_dir() and any(path.iterdir())
         rerun = out_of_date(ws, path) if found else []
+        if name.startswith("eval/") and not (path / "metrics.json").is_file():
+            rerun = [f"eval --name {path.name}"]  # stopped before its figures: the answers kept, the run not done
         finished = (found or {}).get("finished", "")
         out.append(StageStatus(name, path, present, rows, finished, str(source), rerun, headline(found, path)))
     return out
@@ -517,6 +519,10 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
     """The figures a list of runs shows (as `gh run list` or `llm logs` do): from an eval run's metrics.json, or
     the counts a train or merge manifest keeps."""
     metrics = path / "metrics.json"
+    if (path / "predictions.jsonl").is_file() and not metrics.is_file():
+        with (path / "predictions.jsonl").open("rb") as answers:
+            kept = sum(1 for line in answers if line.strip())
+        return f"unfinished: {kept:,} answers kept"
     if metrics.is_file():
         try:
             m = json.loads(metrics.read_text(encoding="utf-8"))

@@ -271,3 +271,16 @@ def test_every_example_recipe_loads_checks_and_keeps_the_effective_batch(recipe:
     assert train.batch_size * train.grad_accum * max(1, len(gpu_ids(train.gpu))) == 8, "8 photos a step"
     config.resolve(ServeSettings, "serve", recipe, {}, set())
     assert recipe.read_text(encoding="utf-8").startswith("# "), "each says what it is for"
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    from typer.core import TyperOption
+
+    group = typer.main.get_command(app)
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in group.commands.items()  # type: ignore[attr-defined]
+        for param in command.params
+        if isinstance(param, TyperOption) and not (param.help or "").strip()
+    ]
+    assert missing == [], missing

@@ -258,6 +258,8 @@ def test_a_first_eval_stopped_midway_keeps_every_answer(cli, ingested: Path, sto
         code, _, err = finished(process)
         kept = len(predictions.read_text().splitlines())
         assert code == 128 + stop and "finished work is saved" in err and kept >= 3
+        listed = {s["name"]: s for s in cli.json("status")["stages"]}["eval/first"]
+        assert listed["stale"] and listed["figures"] == f"unfinished: {kept} answers kept", "not shown as current"
         asked = server.requests
         again = cli.json("eval", "--base-url", server.url, "--api-key", KEY, "--name", "first", "--no-probabilities")
     assert again["from_cache"] == kept and server.requests - asked == 12 - kept, "only the rest is asked"
@@ -296,3 +298,17 @@ def test_a_peer_that_never_finishes_its_answer_cannot_hang_describe_or_eval(cli,
             code, _, err = finished(process)
             assert code == 1 and "requests failed" in err and "Traceback" not in err, err
             assert peak < 700 * 2**20, f"{command[0]} held {peak / 2**20:.0f} MiB"
+
+
+def test_a_batch_result_file_without_end_is_one_line_and_pays_for_nothing_twice(cli, ingested: Path) -> None:
+    with FakeOpenAI(key=KEY) as server:
+        server.result_files = "endless"
+        args = ("--base-url", server.url, "--api-key", KEY, "--batch", "--poll-seconds", "0.01", "--limit", "4")
+        started = time.monotonic()
+        refused = cli("describe", *args, ok=False)
+        assert time.monotonic() - started < 60 and refused.exit_code == 1
+        assert "batch result file" in error_line(refused.stderr) and "run again to retry" in refused.stderr
+        server.result_files = "ok"
+        done = cli.json("describe", *args)
+        assert len(server.batches) == 1, "the batch is collected, not submitted again"
+    assert done["statuses"]["ok"] == 4

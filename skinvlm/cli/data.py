@@ -120,7 +120,9 @@ def describe(
         float, typer.Option(help="Seconds per request before it is retried.")
     ] = DescribeSettings.timeout,
     max_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DescribeSettings.max_tokens,
-    temperature: Annotated[float, typer.Option()] = DescribeSettings.temperature,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature of the describer (0: always its likeliest words).")
+    ] = DescribeSettings.temperature,
     max_side: MaxSideOpt = DescribeSettings.max_side,
     detail: Annotated[Detail, typer.Option(help="Image detail the API is asked for.")] = Detail(
         DescribeSettings.detail

@@ -56,10 +56,14 @@ def train(
     ] = Backend(T.backend),
     max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored with --epochs).")] = T.max_steps,
     epochs: Annotated[float | None, typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
-    learning_rate: Annotated[float, typer.Option()] = T.learning_rate,
-    lora_r: Annotated[int, typer.Option()] = T.lora_r,
-    lora_alpha: Annotated[int, typer.Option()] = T.lora_alpha,
-    lora_dropout: Annotated[float, typer.Option()] = T.lora_dropout,
+    learning_rate: Annotated[
+        float, typer.Option(help="Peak learning rate (cosine schedule after --warmup-steps).")
+    ] = T.learning_rate,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank: the size of the adapter.")] = T.lora_r,
+    lora_alpha: Annotated[
+        int, typer.Option(help="LoRA scale (alpha / r multiplies the adapter's update).")
+    ] = T.lora_alpha,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA layers' input, in [0, 1).")] = T.lora_dropout,
     finetune_vision: Annotated[
         bool, typer.Option("--finetune-vision/--no-finetune-vision", metavar="", help="LoRA on the vision tower.")
     ] = T.finetune_vision,
@@ -68,10 +72,10 @@ def train(
     ] = T.finetune_language,
     batch_size: Annotated[int, typer.Option(help="Per-device batch size.")] = T.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = T.grad_accum,
-    warmup_steps: Annotated[int, typer.Option()] = T.warmup_steps,
-    weight_decay: Annotated[float, typer.Option()] = T.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")] = T.warmup_steps,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = T.weight_decay,
     optim: Annotated[str, typer.Option(help="Optimizer (adamw_torch where bitsandbytes is missing).")] = T.optim,
-    max_grad_norm: Annotated[float, typer.Option()] = T.max_grad_norm,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradients are clipped to this norm.")] = T.max_grad_norm,
     max_pixels: Annotated[
         int,
         typer.Option(
@@ -81,7 +85,7 @@ def train(
     max_length: Annotated[
         int, typer.Option(help="Tokens per sample at most (image included); longer ones are cut.")
     ] = T.max_length,
-    seed: Annotated[int, typer.Option()] = T.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the sample, the shuffling and the LoRA initialisation.")] = T.seed,
     eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = T.eval_steps,
     eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = T.eval_rows,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = T.save_steps,
@@ -178,16 +182,27 @@ def serve(
     workspace: WorkspaceOpt = None,
     config_file: ConfigOpt = None,
     model_dir: Annotated[Path | None, typer.Option(help="Model folder (default: models/merged).")] = None,
-    host: Annotated[str, typer.Option()] = S.host,
-    port: Annotated[int, typer.Option()] = S.port,
+    host: Annotated[
+        str,
+        typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network it is on)."),
+    ] = S.host,
+    port: Annotated[int, typer.Option(help="Port of the OpenAI-compatible server.")] = S.port,
     gpu: GpuOpt = None,
-    dtype: Annotated[ServeDtype, typer.Option()] = ServeDtype(S.dtype),
-    max_model_len: Annotated[int, typer.Option()] = S.max_model_len,
-    gpu_memory_utilization: Annotated[float, typer.Option()] = S.gpu_memory_utilization,
+    dtype: Annotated[ServeDtype, typer.Option(help="Weights as vLLM loads them (auto: as saved).")] = ServeDtype(
+        S.dtype
+    ),
+    max_model_len: Annotated[
+        int, typer.Option(help="Tokens per request at most (image, prompt and answer).")
+    ] = S.max_model_len,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(help="Share of each GPU's memory vLLM may take, in (0, 1].")
+    ] = S.gpu_memory_utilization,
     tensor_parallel_size: Annotated[
         int | None, typer.Option(help="GPUs to shard the model over (default: one per --gpu id).")
     ] = None,
-    served_model_name: Annotated[str, typer.Option()] = S.served_model_name,
+    served_model_name: Annotated[
+        str, typer.Option(help="The model name clients ask for (eval's --model).")
+    ] = S.served_model_name,
     limit_mm_per_prompt: Annotated[str, typer.Option(help="JSON, e.g. '{\"image\":1}'.")] = S.limit_mm_per_prompt,
     generation_config_vllm: Annotated[
         bool,
@@ -241,7 +256,7 @@ def eval_(
     limit: Annotated[
         int | None, typer.Option(min=1, help="A seeded sample of N images, stratified by label and view.")
     ] = None,
-    seed: Annotated[int, typer.Option()] = E.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = E.seed,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -254,9 +269,11 @@ def eval_(
         str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = E.concurrency,
-    timeout: Annotated[float, typer.Option()] = E.timeout,
-    max_tokens: Annotated[int, typer.Option()] = E.max_tokens,
-    temperature: Annotated[float, typer.Option()] = E.temperature,
+    timeout: Annotated[float, typer.Option(help="Seconds for each whole request to the server.")] = E.timeout,
+    max_tokens: Annotated[int, typer.Option(help="Answer tokens at most.")] = E.max_tokens,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (0: greedy, as the figures assume).")
+    ] = E.temperature,
     detail: DetailOpt = Detail(E.detail),
     max_pixels: Annotated[
         int | None,

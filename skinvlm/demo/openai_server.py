@@ -122,6 +122,7 @@ class FakeOpenAI:
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_polls = 1  # retrieves that answer "in_progress" before a batch completes
         self.batch_outcome = "completed"  # or "expired": then every request comes back in the error file
+        self.result_files = "ok"  # or endless | trickle | huge: how GET /files/ID/content answers
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -317,6 +318,8 @@ class FakeOpenAI:
                 if "/batches/" in self.path:
                     return self.send(200, fake.poll_batch(parts[-1]))
                 if self.path.endswith("/content"):
+                    if fake.result_files != "ok":  # a Batch API result file without end
+                        return self.stream_forever(fake.result_files)
                     data = fake.files[parts[-2]]
                     self.send_response(200)
                     self.send_header("Content-Type", "application/octet-stream")
