@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -61,7 +62,9 @@ def resolve(cls: type[T], section: str, config: Path | None, params: dict[str, A
                 values[key] = coerce(value, fields[key])
             except TypeError as err:
                 raise SkinvlmError(f"{config}: [{section}] {err}") from None
-    return cls(**{k: str(v.resolve()) if isinstance(v, Path) else v for k, v in values.items()})
+    # Absolute, but links kept: `models/merged` stays that name in headers and manifests (resolving it would show
+    # the stage's internal version folder); whoever needs a file's identity resolves it there.
+    return cls(**{k: os.path.abspath(v) if isinstance(v, Path) else v for k, v in values.items()})
 
 
 def coerce(value: Any, field: dataclasses.Field[Any]) -> Any:

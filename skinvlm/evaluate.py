@@ -28,6 +28,7 @@ from skinvlm.config import check_choice, check_seconds
 from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.images import as_rgb
 from skinvlm.journal import last_by_id
+from skinvlm.numbers import rate, score, seconds
 from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
 from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
@@ -522,8 +523,8 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
         f"- macro F1: {result['macro_f1']:.4f} (95% CI {bounds(result['intervals']['macro_f1'])}); "
         f"weighted F1: {result['weighted_f1']:.4f}",
         f"- unparsed answers: {result['unparsed']}",
-        f"- latency p50/p95: {result['latency_p50']}s / {result['latency_p95']}s; "
-        f"throughput {result['throughput']} images/s",
+        f"- latency p50/p95: {seconds(result['latency_p50'])} / {seconds(result['latency_p95'])}; "
+        f"throughput {rate(result['throughput'])}",
         "",
         "| class | precision | recall | F1 (95% CI) | support |",
         "|---|---|---|---|---|",
@@ -534,8 +535,9 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
     if probabilities := result.get("probabilities"):
         lines += [
             "",
-            f"Class probabilities ({probabilities['n']} images): macro AUC {probabilities['macro_auc']}, "
-            f"top-2 accuracy {probabilities['top2_accuracy']}, expected calibration error {probabilities['ece']}",
+            f"Class probabilities ({probabilities['n']} images): macro AUC {score(probabilities['macro_auc'])}, "
+            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, "
+            f"expected calibration error {score(probabilities['ece'])}",
         ]
     lines += ["", "| view | accuracy |", "|---|---|"]
     per_view = result["intervals"].get("per_view", {})

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skinvlm.ingest import IngestResult
+from skinvlm.numbers import p_value, rate, score, seconds
 from skinvlm.rules import Rules
 
 
@@ -209,13 +210,14 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
         f"accuracy {result['accuracy']:.4f} {span(ci['accuracy'])}  macro F1 {result['macro_f1']:.4f} "
         f"{span(ci['macro_f1'])}  (95% CI, {ci['resamples']:,} bootstrap resamples stratified by class)\n"
         f"weighted F1 {result['weighted_f1']:.4f}  unparsed {result['unparsed']}  per view: {views}\n"
-        f"latency p50 {result['latency_p50']}s p95 {result['latency_p95']}s, {result['throughput']} images/s",
+        f"latency p50 {seconds(result['latency_p50'])}, p95 {seconds(result['latency_p95'])}; "
+        f"{rate(result['throughput'])}",
         highlight=False,
     )
     if probabilities := result.get("probabilities"):
         out.print(
-            f"class probabilities ({probabilities['n']} images): macro AUC {probabilities['macro_auc']}, "
-            f"top-2 accuracy {probabilities['top2_accuracy']}, ECE {probabilities['ece']}",
+            f"class probabilities ({probabilities['n']} images): macro AUC {score(probabilities['macro_auc'])}, "
+            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, ECE {score(probabilities['ece'])}",
             highlight=False,
         )
     for note in result.get("notes", []):
@@ -269,7 +271,7 @@ def compare_runs(out: Console, compared: dict[str, Any], rules: Any) -> None:
             f"McNemar's exact test, {pair['second']} vs {pair['first']} on {pair['n']} photos both answered: "
             f"only {pair['first']} right {m['only_first_right']}, only {pair['second']} right "
             f"{m['only_second_right']} (both right {m['both_right']}, both wrong {m['both_wrong']}); "
-            f"p = {m['p_value']:.4g}",
+            f"p {'' if m['p_value'] < 1e-4 else '= '}{p_value(m['p_value'])}",
             highlight=False,
         )
 

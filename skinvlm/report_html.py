@@ -19,6 +19,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.images import as_rgb
+from skinvlm.numbers import score
 from skinvlm.rules import Rules
 from skinvlm.workspace import write_text
 
@@ -126,9 +127,12 @@ def headline(result: dict[str, Any]) -> str:
     ]
     if probabilities := result.get("probabilities"):
         cards += [
-            ("macro AUC", f'<b id="macro-auc">{probabilities["macro_auc"]}</b>'),
-            ("top-2 accuracy", f'<b id="top2">{probabilities["top2_accuracy"]}</b>'),
-            ("calibration error", f'<b id="ece">{probabilities["ece"]}</b><span class="ci">ECE, top class</span>'),
+            ("macro AUC", f'<b id="macro-auc">{score(probabilities["macro_auc"])}</b>'),
+            ("top-2 accuracy", f'<b id="top2">{score(probabilities["top2_accuracy"])}</b>'),
+            (
+                "calibration error",
+                f'<b id="ece">{score(probabilities["ece"])}</b><span class="ci">ECE, top class</span>',
+            ),
         ]
     return '<div class="cards">' + "".join(f"<div><i>{k}</i>{v}</div>" for k, v in cards) + "</div>"
 
@@ -173,7 +177,7 @@ def per_class(result: dict[str, Any], rules: Rules) -> str:
 def auc_cell(auc: dict[str, float], c: str, result: dict[str, Any]) -> str:
     """A class's AUC, or a dash that says why there is none."""
     if c in auc and auc[c] is not None:
-        return str(auc[c])
+        return score(auc[c])
     if not result.get("probabilities"):
         why = "no class probabilities in this run (the endpoint gave no logprobs, or --no-probabilities)"
     else:

@@ -138,7 +138,7 @@ def test_limit_takes_a_stratified_sample_and_compare_pairs_runs_on_the_same_phot
     with FakeOpenAI(answer=perfect_answers) as server:
         run_eval(cli, server, "--name", "perfect")
     table = cli("eval", "--compare", "twelve", "perfect").stdout
-    assert "twelve" in table and "perfect - twelve" in table and "McNemar" in table and "p = 0.125" in table
+    assert "twelve" in table and "perfect - twelve" in table and "McNemar" in table and "p = 0.1250" in table
     both = cli.json("eval", "--compare", "twelve", "--compare", "perfect")
     (pair,) = both["paired"]
     # 11 photos both answered (one request of "twelve" failed): 7 right in both, 4 only in "perfect".

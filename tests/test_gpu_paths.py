@@ -169,6 +169,9 @@ def test_an_adapter_of_two_steps_merges(cli, described: Path, tiny: Path) -> Non
     cli("train", "--model", tiny, *FAST, "--max-steps", "2", "--learning-rate", "1e-4")
     merged = cli.json("merge")
     assert merged["merge_error"] <= merged["tolerance"] and merged["changed_weights"] == merged["lora_targets"] > 0
+    folder = described / "models" / "merged"  # a link to the stage's current version folder
+    shown = cli.json("eval", "--model-dir", folder, "--name", "short", "--limit", "6", "--max-tokens", "4")
+    assert shown["backend"] == f"model dir {folder}", "headers name the folder given, not .merged.v1"
 
 
 def test_no_load_in_4bit_takes_the_16bit_twin_or_stops(cli, described: Path, tiny: Path, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[
         assert faces == 1 and path.stat().st_size < 400_000, "one subset face, a few tens of KB"
         assert page.text_content("#n") == str(metrics["n"])
         assert page.text_content("#accuracy") == f"{metrics['accuracy']:.4f}"
-        assert page.text_content("#macro-auc") == str(metrics["probabilities"]["macro_auc"])
+        assert page.text_content("#macro-auc") == f"{metrics['probabilities']['macro_auc']:.3f}", "3 decimals"
         labels = metrics["labels"]
         for cell in page.query_selector_all(".cell"):
             truth, predicted = cell.get_attribute("data-true"), cell.get_attribute("data-pred")

@@ -49,3 +49,12 @@ def test_probability_metrics_of_a_sure_and_right_model() -> None:
     assert found["macro_auc"] == 1.0 and found["top2_accuracy"] == 1.0 and found["ece"] == 0.0
     hesitant = [[0.5 if c == t else 0.1 for c in CLASSES] for t in truth]
     assert stats.probability_metrics(truth, hesitant, CLASSES)["ece"] == pytest.approx(0.5)
+
+
+def test_figures_are_written_one_way_everywhere() -> None:
+    from skinvlm.numbers import p_value, rate, score, seconds
+
+    assert (score(1.0), score(0.9623), score(None)) == ("1.000", "0.962", "-")
+    assert (seconds(0.4668), seconds(1.53)) == ("0.47 s", "1.53 s")
+    assert (p_value(0.0), p_value(3e-7), p_value(0.125)) == ("< 0.0001", "< 0.0001", "0.1250")
+    assert rate(32.456) == "32.5 images/s"
