@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import typer
 from conftest import error_line
@@ -284,3 +285,15 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         if isinstance(param, TyperOption) and not (param.help or "").strip()
     ]
     assert missing == [], missing
+
+
+def test_help_fits_an_80_column_terminal_without_cutting_words(cli) -> None:
+    """Env var names, paths and flag names must survive a narrow terminal whole (typer's rich table cut them)."""
+    group = typer.main.get_command(app)
+    for name, command in [("", group), *group.commands.items()]:  # type: ignore[attr-defined]
+        shown = cli.runner.invoke(app, [name, "-h"] if name else ["-h"], env={"COLUMNS": "80"}).stdout
+        assert "…" not in shown, name
+        assert max(map(len, shown.splitlines())) <= 80, name
+        for param in command.params:
+            for opt in param.opts if isinstance(param, click.Option) else []:
+                assert opt in shown, f"{name} {opt}"

@@ -53,6 +53,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    # click's plain help wraps long words; typer's rich table cuts them with "…" in an 80-column terminal
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console(soft_wrap=True)
@@ -90,8 +92,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         dir_okay=False,
-        # Escaped: rich reads [train] as markup and would print "(, , , )".
-        help="TOML file with a table for this command (\\[train], \\[describe], \\[eval], \\[serve]); flags win.",
+        help="TOML file with a table for this command ([train], [describe], [eval], [serve]); flags win.",
     ),
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
