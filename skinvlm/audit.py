@@ -1,7 +1,8 @@
 """`skinvlm audit`: what is wrong with the generated text, counted, with examples.
 
 Checks English words, other scripts, `<label>` tags (raw and after aliases), label mismatches,
-tags that are no class, malformed/empty/failed records, summary length and reuse. A record with
+tags that are no class, malformed/empty/failed records, summary length and reuse, and personal data
+(names, phone, resident and chart numbers, e-mail: `personal.py`; shown masked, never whole). A record with
 any problem counts once in `problems`; reused summaries are reported but are not a problem by
 themselves (template answers repeat on purpose).
 """
@@ -15,6 +16,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from skinvlm import personal
 from skinvlm.prompts import parse_answer
 from skinvlm.rules import Rules, nfc
 
@@ -59,6 +61,9 @@ class AuditReport:
     invalid: int = 0
     empty: int = 0
     too_short: int = 0
+    personal_kinds: Counter[str] = field(default_factory=Counter)  # occurrences per kind
+    personal_records: int = 0
+    personal_examples: list[dict[str, str]] = field(default_factory=list)  # record id, kind, masked value
     lengths: list[int] = field(default_factory=list)
     reused: list[tuple[str, int]] = field(default_factory=list)
     problems: int = 0
@@ -112,6 +117,9 @@ class AuditReport:
             "too_short": self.too_short,
             "summary_length": self.length_stats(),
             "reused_summaries": [{"summary": text, "count": n} for text, n in self.reused],
+            "personal_data": self.personal_records,
+            "personal_data_by_kind": dict(self.personal_kinds.most_common()),
+            "personal_data_examples": self.personal_examples,
             "english_records": self.english_records,
             "script_records": self.script_records,
             "problems": self.problems,
@@ -133,9 +141,8 @@ def audit_rows(stage: str, rows: list[dict[str, Any]], rules: Rules) -> AuditRep
     for row in rows:
         flagged = check_record(report, row, rules, allow, summaries)
         report.problems += flagged
-    report.reused = [(text, n) for text, n in summaries.most_common() if n >= max(2, rules.audit.repeated_summary_min)][
-        :10
-    ]
+    common = [(text, n) for text, n in summaries.most_common() if n >= max(2, rules.audit.repeated_summary_min)]
+    report.reused = [(personal.mask_all(text), n) for text, n in common[:10]]
     return report
 
 
@@ -149,28 +156,43 @@ def check_record(
     if not output.strip():
         report.empty += 1
         return True
-    text = TAGS.sub(" ", output)
+    found = check_personal(report, row, output)
+    shown = personal.mask_all(output) if found else output  # examples never show personal data (same length)
+    text, shown_text = TAGS.sub(" ", output), TAGS.sub(" ", shown)
     english = False
     for match in ENGLISH_WORD.finditer(text):
         word = match.group().lower()
         if word not in allow:
             report.english_words[word] += 1
-            report.example(f"en:{word}", snippet(text, match.start()))
+            report.example(f"en:{word}", snippet(shown_text, match.start()))
             english = True
     scripts = False
     for script, pattern in SCRIPTS.items():
         runs = list(pattern.finditer(text))
         if runs:
             report.foreign_scripts[script] += 1
-            report.example(f"script:{script}", snippet(text, runs[0].start()))
+            report.example(f"script:{script}", snippet(shown_text, runs[0].start()))
             report.script_runs.update((script, run.group()) for run in runs)
             scripts = True
     report.english_records += english
     report.script_records += scripts
-    return check_tags(report, row, output, rules, summaries) or flagged or english or scripts
+    return check_tags(report, row, output, shown, rules, summaries) or flagged or english or scripts or found
 
 
-def check_tags(report: AuditReport, row: dict[str, Any], output: str, rules: Rules, summaries: Counter[str]) -> bool:
+def check_personal(report: AuditReport, row: dict[str, Any], output: str) -> bool:
+    findings = personal.find(output)
+    for finding in findings:
+        report.personal_kinds[finding.kind] += 1
+        if sum(e["kind"] == finding.kind for e in report.personal_examples) < personal.EXAMPLES_PER_KIND:
+            report.personal_examples.append({"id": row.get("id", ""), "kind": finding.kind, "value": finding.masked})
+    report.personal_records += bool(findings)
+    return bool(findings)
+
+
+def check_tags(
+    report: AuditReport, row: dict[str, Any], output: str, shown: str, rules: Rules, summaries: Counter[str]
+) -> bool:
+    """`shown`: the output as examples may show it (personal data masked)."""
     answer = parse_answer(output)
     flagged = False
     if answer.tag is None:
@@ -179,7 +201,7 @@ def check_tags(report: AuditReport, row: dict[str, Any], output: str, rules: Rul
         report.missing_summary += 1
     if not answer.well_formed:
         report.invalid += 1
-        report.example("invalid", output[:80].replace("\n", " "))
+        report.example("invalid", shown[:80].replace("\n", " "))
         flagged = True
     if answer.tag is not None:
         tag = " ".join(nfc(answer.tag).split())
@@ -190,7 +212,7 @@ def check_tags(report: AuditReport, row: dict[str, Any], output: str, rules: Rul
             report.not_class_tags[tag] += 1
         if mapped != row["label"]:
             report.mismatch_pairs[(row["label"], mapped or tag)] += 1
-            report.example(f"mismatch:{row['label']}:{mapped or tag}", output[:80].replace("\n", " "))
+            report.example(f"mismatch:{row['label']}:{mapped or tag}", shown[:80].replace("\n", " "))
             flagged = True
     if answer.summary is not None:
         summary = answer.summary.strip()
@@ -198,7 +220,7 @@ def check_tags(report: AuditReport, row: dict[str, Any], output: str, rules: Rul
         summaries[summary] += 1
         if len(summary) < rules.audit.min_summary_chars:
             report.too_short += 1
-            report.example("too_short", summary)
+            report.example("too_short", personal.mask_all(summary))
             flagged = True
     return flagged
 
@@ -261,6 +283,12 @@ def suggest(report: AuditReport, rules: Rules) -> str:
 def command_hints(report: AuditReport, rules: Rules) -> list[str]:
     """What no rule can mend, as the commands that do."""
     hints = []
+    if report.personal_records:
+        kinds = ", ".join(f"{personal.LABELS[k]} {n}" for k, n in report.personal_kinds.most_common())
+        hints += [
+            f"# {report.personal_records} records hold personal data ({kinds}): `skinvlm fix` redacts it with the",
+            "#   shipped rule file's [[rewrite]] rules (copy them into yours if it lacks them); publish refuses it",
+        ]
     if report.mismatches:
         pairs = ", ".join(f"{label} -> {tag}: {n}" for (label, tag), n in report.mismatch_pairs.most_common(5))
         hints += [

@@ -149,6 +149,7 @@ def merge_output(
             usage.get("completion_tokens", 0),
             error,
             ctx.prompt.hash,
+            endpoint=ctx.endpoint.where,
         )
         done["batch"] = True
         finish(handle, done, stats, progress)

@@ -147,7 +147,18 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
         status = "ok" if parse_answer(reply.text).well_formed else "invalid"
         output = reply.text or ""
     error = reply.error or (None if status == "ok" else "answer lacks <label> or <summary>")
-    done = record(task, status, output, s.model, attempts, prompt_tokens, completion_tokens, error, ctx.prompt.hash)
+    done = record(
+        task,
+        status,
+        output,
+        s.model,
+        attempts,
+        prompt_tokens,
+        completion_tokens,
+        error,
+        ctx.prompt.hash,
+        endpoint=ctx.endpoint.where,
+    )
     return done | {"cut": reply.cut}
 
 
@@ -279,6 +290,7 @@ TEXT_COLUMNS = (
     "status",
     "model",
     "prompt_hash",
+    "endpoint",
     "attempts",
     "prompt_tokens",
     "completion_tokens",
@@ -289,6 +301,7 @@ PENDING: dict[str, Any] = {
     "output": "",
     "model": "",
     "prompt_hash": "",
+    "endpoint": "",
     "attempts": 0,
     "prompt_tokens": 0,
     "completion_tokens": 0,
@@ -311,24 +324,26 @@ def materialise(
     kinds = {"attempts": "int32", "prompt_tokens": "int32", "completion_tokens": "int32"}
     feats = Features({c: Value(kinds.get(c, "string")) for c in TEXT_COLUMNS})
     statuses: Counter[str] = Counter()
-    made_by: Counter[tuple[str, str]] = Counter()
+    made_by: Counter[tuple[str, str, str]] = Counter()
     splits = {}
     rows: dict[str, dict[str, list[Any]]] = {split: {c: [] for c in TEXT_COLUMNS} for split in ingested}
     for task in rows_of(ingested, ingested):
         found = answer_for(task, journal) or PENDING
         statuses[found["status"]] += 1
         if found["model"]:
-            made_by[(found["model"], found.get("prompt_hash") or "")] += 1
+            made_by[(found["model"], found.get("prompt_hash") or "", found.get("endpoint") or "")] += 1
         for column in TEXT_COLUMNS:
             rows[task.split][column].append(task.id if column == "id" else found.get(column))
     for split, columns in rows.items():
         splits[split] = Dataset.from_dict(columns, features=feats)
-    template_made = sum(n for (model, _), n in made_by.items() if model == TEMPLATE_MODEL)
+    template_made = sum(n for (model, _, _), n in made_by.items() if model == TEMPLATE_MODEL)
     used = {k: v for k, v in asdict(settings).items() if k != "limit"} | {"prompt_source": prompt.source}
     counts = {
         "splits": {s: d.num_rows for s, d in splits.items()},
         "statuses": dict(statuses),
-        "made_by": [{"model": m, "prompt_hash": h, "records": n} for (m, h), n in made_by.most_common()],
+        "made_by": [
+            {"model": m, "prompt_hash": h, "endpoint": e, "records": n} for (m, h, e), n in made_by.most_common()
+        ],
         "template_made": template_made,
         "this_run": asdict(stats),
     }

@@ -129,7 +129,8 @@ def fix(
     hits: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
     rows_for_audit: list[dict[str, Any]] = []
-    splits, changed, dropped = {}, 0, 0
+    splits, changed = {}, 0
+    dropped_by: Counter[str] = Counter()
     for split, ds in described.items():
         phase(f"rewriting {split} ({ds.num_rows} records)")
         label_of = dict(zip(labels[split]["id"], labels[split]["label"], strict=True))
@@ -146,14 +147,15 @@ def fix(
             for r, o, s in zip(table["id"], fixed, table["status"], strict=True)
         ]
         if drop_invalid or drop_mismatches:
-            keep = [i for i, row in enumerate(rows) if kept(row, rules, drop_invalid, drop_mismatches)]
-            dropped += len(rows) - len(keep)
+            reasons = [drop_reason(row, rules, drop_invalid, drop_mismatches) for row in rows]
+            dropped_by.update(reason for reason in reasons if reason)
+            keep = [i for i, reason in enumerate(reasons) if reason is None]
             table, rows = table.select(keep), [rows[i] for i in keep]
         splits[split] = table
         rows_for_audit += rows
     phase("auditing the result")
     report = audit_rows("fixed", rows_for_audit, rules)
-    result = FixResult(hits, changed, dropped, examples, report, written=not dry_run)
+    result = FixResult(hits, changed, sum(dropped_by.values()), examples, report, written=not dry_run)
     if not dry_run:
         data = DatasetDict(splits).flatten_indices()
         settings = {
@@ -166,7 +168,8 @@ def fix(
         counts = {
             "splits": {s: d.num_rows for s, d in data.items()},
             "changed": changed,
-            "dropped": dropped,
+            "dropped": result.dropped,
+            "dropped_by": dict(dropped_by),
             "hits": dict(hits),
             "problems_after": report.problems,
         }
@@ -176,9 +179,10 @@ def fix(
     return result
 
 
-def kept(row: dict[str, Any], rules: Rules, drop_invalid: bool, drop_mismatches: bool) -> bool:
+def drop_reason(row: dict[str, Any], rules: Rules, drop_invalid: bool, drop_mismatches: bool) -> str | None:
+    """Why --drop-invalid or --drop-mismatches leaves the record out ('invalid', 'mismatch'), or None to keep it."""
     usable = row["status"] in (None, "ok") and parse_answer(row["output"]).well_formed
     if drop_invalid and not usable:
-        return False
+        return "invalid"
     # A malformed answer names no class: it is a mismatch only when it is a well-formed one.
-    return not (drop_mismatches and usable and not agrees(row["output"], row["label"], rules))
+    return "mismatch" if drop_mismatches and usable and not agrees(row["output"], row["label"], rules) else None

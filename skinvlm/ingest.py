@@ -23,9 +23,7 @@ import os
 import random
 import re
 import stat
-import struct
 import time
-import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices
+from skinvlm import devices, metadata
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.rules import Rules, nfc
@@ -80,6 +78,7 @@ class IngestResult:
     duplicates: list[list[str]]
     cross_split_duplicates: list[list[str]]
     seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)  # kept, or how many files were cleaned and turned
     settings: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -91,6 +90,7 @@ class IngestResult:
             "ignored": self.ignored,
             "duplicates": self.duplicates,
             "cross_split_duplicates": self.cross_split_duplicates,
+            "metadata": self.metadata,
             "seconds": self.seconds,
         }
 
@@ -246,13 +246,20 @@ def stratified_split(files: list[ImageFile], test_size: float, seed: int) -> lis
 
 # -- checking images (runs in worker threads) -----------------------------------------------
 def inspect_image(
-    path: Path, max_side: int | None, max_pixels: int, budget: devices.PixelBudget, deep: bool = False
+    path: Path,
+    max_side: int | None,
+    max_pixels: int,
+    budget: devices.PixelBudget,
+    deep: bool = False,
+    keep_metadata: bool = False,
 ) -> dict[str, Any]:
     """Check one image; return the bytes to store and their facts, or {"error": reason}.
 
     By default the check is structural, as fast as copying: the header (format, size, mode), every PNG
     chunk's CRC up to IEND, a JPEG's end marker; that catches empty, truncated, fake and corrupt files.
-    `deep` decodes every pixel too. Images that must change (--max-side) are decoded either way."""
+    `deep` decodes every pixel too. Metadata is removed losslessly (`metadata.py`) unless `keep_metadata`;
+    images that must change (--max-side, an EXIF orientation, a format that cannot be cleaned) are decoded
+    and stored as PNG. `width`/`height` are as the photo is shown; `sha256` is of the source file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -275,82 +282,93 @@ def inspect_image(
             if pixels > max_pixels:
                 return {"error": f"{image.width}x{image.height} = {pixels:,} pixels, over --max-pixels-in "
                                  f"{max_pixels:,} (raise it to take this image)"}  # fmt: skip
-            resize = reduced or (max_side is not None and max(image.size) > max_side)
-            if problem := structural_problem(data, image.format):
+            png, problem = structural_check(data, image.format)
+            if problem:
                 return {"error": problem}
-            if not (deep or resize or image.format not in STRUCTURAL_FORMATS):
-                return {"bytes": data, "width": image.width, "height": image.height, "sha256": sha256(data)}
+            turn = metadata.orientation(image, data, png)
+            clean = None if keep_metadata else metadata.cleaned(data, image.format, png)
+            resize = reduced or (max_side is not None and max(image.size) > max_side)
+            redraw = resize or (not keep_metadata and (turn != 1 or clean is None))
+            stored, size = (data if clean is None else clean), metadata.shown_size(image.size, turn)
+            if not (deep or redraw or image.format not in STRUCTURAL_FORMATS):
+                return stored_facts(data, stored, size)
             with budget.hold(pixels):
                 image.load()
-                return _stored_form(image, data, max_side if resize else None)
+                if redraw:
+                    return redrawn(image, data, max_side if resize else None, turn, cleaned=not keep_metadata)
+                return stored_facts(data, stored, size)
     except UnidentifiedImageError:
         return {"error": "not an image (unknown format)"}
     except (OSError, SyntaxError, ValueError) as err:
         return {"error": f"cannot decode: {err}"}
 
 
-STRUCTURAL_FORMATS = ("PNG", "JPEG")  # others are decoded to be checked
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STRUCTURAL_FORMATS = ("PNG", "JPEG", "MPO")  # others are decoded to be checked
 
 
-def structural_problem(data: bytes, image_format: str | None) -> str | None:
-    """What is wrong with the file's structure, read without decoding a pixel: every PNG chunk's length and
-    CRC through IEND, a JPEG's end marker. Catches truncated and corrupt files as fast as copying them."""
-    if image_format == "JPEG":
-        return None if data.rstrip(b"\0").endswith(b"\xff\xd9") else "cannot decode: truncated (no JPEG end marker)"
+def structural_check(data: bytes, image_format: str | None) -> tuple[list[tuple[bytes, int, int]] | None, str | None]:
+    """(a PNG's chunks, what is wrong with the file's structure), read without decoding a pixel: every PNG
+    chunk's length and CRC through IEND, a JPEG's end marker. Catches truncated and corrupt files as fast as
+    copying them."""
+    if image_format in metadata.JPEG_CLEANED:
+        return None, None if metadata.jpeg_ends(data) else "cannot decode: truncated (no JPEG end marker)"
     if image_format == "PNG":
-        return png_chunk_problem(data)
-    return None
-
-
-def png_chunk_problem(data: bytes) -> str | None:
-    """Walk the PNG's chunks over views of `data`, checking each one's CRC.
-
-    Our own walk rather than Pillow's verify(): that copies every chunk through a file object and needs
-    an image opened for nothing else (1.2 ms a 2.5 MB photo against 0.7 ms here, which is crc32 itself)."""
-    view, pos = memoryview(data), len(PNG_SIGNATURE)
-    if data[:pos] != PNG_SIGNATURE:
-        return "cannot decode: no PNG signature"
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind, end = bytes(view[pos + 4 : pos + 8]), pos + 12 + length
-        if end > len(data):
-            break
-        if zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
-            return f"cannot decode: broken PNG file (bad checksum in {kind.decode('latin-1')} chunk)"
-        if kind == b"IEND":
-            return None
-        pos = end
-    return "cannot decode: truncated PNG file (no IEND chunk)"
+        return metadata.png_chunks(data)
+    return None, None
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _stored_form(image: Any, data: bytes, max_side: int | None) -> dict[str, Any]:
-    """The original bytes, unless the image must be made smaller: then its RGB pixels, re-encoded."""
-    from PIL import Image
+def stored_facts(source: bytes, stored: bytes, size: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "bytes": stored,
+        "width": size[0],
+        "height": size[1],
+        "sha256": sha256(source),
+        "cleaned": stored is not source,
+        "turned": False,
+    }
 
-    sha = sha256(data)
-    if max_side is None:
-        return {"bytes": data, "width": image.width, "height": image.height, "sha256": sha}
-    rgb = as_rgb(image).copy()
-    rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    rgb.save(out, format="PNG", compress_level=3)
-    return {"bytes": out.getvalue(), "width": rgb.width, "height": rgb.height, "sha256": sha}
+
+def redrawn(image: Any, data: bytes, max_side: int | None, turn: int, cleaned: bool) -> dict[str, Any]:
+    """The decoded pixels turned upright (EXIF orientation), made smaller when `max_side` says so, stored as PNG:
+    nothing but pixels leaves the source file (used where bytes cannot be kept: a resize, a turn, a format that
+    cannot be cleaned losslessly)."""
+    from PIL import Image, ImageOps
+
+    turned = ImageOps.exif_transpose(image)
+    if max_side is not None:
+        turned = as_rgb(turned).copy()
+        turned.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    stored = metadata.png_bytes(turned)
+    return {
+        "bytes": stored,
+        "width": turned.width,
+        "height": turned.height,
+        "sha256": sha256(data),
+        "cleaned": cleaned,
+        "turned": turn != 1,
+    }
 
 
 def inspect_all(
-    files: list[ImageFile], max_side: int | None, max_pixels: int, deep: bool, pool: ThreadPoolExecutor | None
+    files: list[ImageFile],
+    max_side: int | None,
+    max_pixels: int,
+    deep: bool,
+    keep_metadata: bool,
+    pool: ThreadPoolExecutor | None,
 ) -> Iterator[dict[str, Any]]:
     """Results in input order, a bounded window of them in flight so memory stays flat.
 
     Threads, not processes: Pillow's decoders and hashlib release the GIL, so threads use every
     core without pickling megabytes of image bytes between processes."""
     budget = devices.PixelBudget(max_pixels)
-    check = functools.partial(inspect_image, max_side=max_side, max_pixels=max_pixels, budget=budget, deep=deep)
+    check = functools.partial(
+        inspect_image, max_side=max_side, max_pixels=max_pixels, budget=budget, deep=deep, keep_metadata=keep_metadata
+    )
     if pool is None:
         yield from (check(f.path) for f in files)
         return
@@ -468,6 +486,7 @@ def ingest(
     max_side: int | None = None,
     max_pixels_in: int = DEFAULT_MAX_PIXELS_IN,
     deep: bool = False,
+    keep_metadata: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
@@ -486,12 +505,14 @@ def ingest(
     files, ignored, skipped = discover(src, rules, test_size, seed)
     workers = workers or os.cpu_count() or 1
     by_hash: dict[str, list[ImageFile]] = defaultdict(list)
+    changed: Counter[str] = Counter()
     done = 0
 
     def rows(split: str) -> Iterator[dict[str, Any]]:
         nonlocal done
         chosen = [f for f in files if f.split == split]
-        for f, found in zip(chosen, inspect_all(chosen, max_side, max_pixels_in, deep, pool), strict=True):
+        checked = inspect_all(chosen, max_side, max_pixels_in, deep, keep_metadata, pool)
+        for f, found in zip(chosen, checked, strict=True):
             done += 1
             if progress:
                 progress(done, len(files))
@@ -499,6 +520,7 @@ def ingest(
                 skipped.append({"path": f.source, "reason": found["error"]})
                 continue
             by_hash[found["sha256"]].append(f)
+            changed.update(k for k in ("cleaned", "turned") if found.pop(k))
             yield {
                 "id": record_id(f.source),
                 "image": {"bytes": found.pop("bytes"), "path": None},
@@ -513,6 +535,7 @@ def ingest(
         data = DatasetDict({split: write_split(rows(split), tmp / split, split) for split in SPLITS})
         (tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         result = _result(ws, files, data, skipped, ignored, by_hash, time.perf_counter() - clock)
+        result.metadata = {"kept": keep_metadata, "cleaned": changed["cleaned"], "turned": changed["turned"]}
         result.settings = {
             "src": str(src.resolve()),
             "test_size": test_size,
@@ -520,6 +543,7 @@ def ingest(
             "max_side": max_side,
             "max_pixels_in": max_pixels_in,
             "deep": deep,
+            "keep_metadata": keep_metadata,
             "rules": str(rules.path),
             "workers": workers,
         }
@@ -535,6 +559,7 @@ def ingest(
             "ignored": ignored,
             "duplicates": len(result.duplicates),
             "cross_split_duplicates": len(result.cross_split_duplicates),
+            "metadata": result.metadata,
         }
         content = content_digest(data, ("id", "sha256", "label", "view", "split"))
         extra = {"skipped": skipped, "cross_split": result.cross_split_duplicates, "content": content}

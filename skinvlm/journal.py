@@ -135,7 +135,9 @@ def record(
     completion_tokens: int,
     error: str | None,
     prompt_hash: str,
+    endpoint: str = "",
 ) -> dict[str, Any]:
+    """One journal line; `endpoint` is where the answer came from, as it may be shown (no credentials)."""
     return {
         "id": task.id,
         "split": task.split,
@@ -150,5 +152,6 @@ def record(
         "completion_tokens": completion_tokens,
         "error": error,
         "prompt_hash": prompt_hash,
+        "endpoint": endpoint,
         "at": now_iso(),
     }

@@ -1,17 +1,22 @@
 """`skinvlm publish`: the dataset and a proper dataset card, to the Hugging Face Hub.
 
-Always builds `<workspace>/publish/` first: parquet shards (about 500 MB each, images embedded)
-and README.md with YAML metadata. `--dry-run` stops there; otherwise that very folder is
-uploaded with `HfApi.upload_folder`, to a private repo unless `--public`, in one commit that also
-deletes the repo's earlier data files, so the Hub holds what this publish made and nothing more.
+The token and the repository are checked first (who the token is, that it may write under OWNER), so a
+refusal comes before minutes of shard writing. Then `<workspace>/publish/` is built: parquet shards (about
+500 MB each, images embedded; only PUBLISHED_COLUMNS: no file names or paths) and README.md whose counts
+are read back from those shards. `--dry-run` stops there; otherwise that very folder is uploaded with
+`HfApi.upload_folder`, to a private repo unless `--public`, in one commit that also deletes the repo's
+earlier data files, so the Hub holds what this publish made and nothing more.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,30 @@ from skinvlm import openai_api
 from skinvlm.audit import AuditReport, audit
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
-from skinvlm.workspace import Workspace, now_iso, read_manifest, writes
+from skinvlm.workspace import Workspace, now_iso, read_manifest, write_json, writes
 
 SHARD_BYTES = 500 * 2**20
-REPLACED_ON_UPLOAD = ["data/*", "README.md"]  # what an earlier publish left that this one replaces
+# What an earlier publish left that this one replaces (a model's weights may have been sharded otherwise)
+REPLACED_ON_UPLOAD = {
+    "dataset": ["data/*", "README.md"],
+    "model": ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.txt", "README.md"],
+}
 AIHUB_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71863"
+# What leaves the machine of each record: never `source` (file names and folders can hold a patient's name),
+# `sha256` (of the source file, metadata included) or the describe errors.
+PUBLISHED_COLUMNS = (
+    "id",
+    "image",
+    "label",
+    "view",
+    "split",
+    "width",
+    "height",
+    "output",
+    "status",
+    "model",
+    "prompt_hash",
+)
 
 
 @dataclass
@@ -57,6 +81,9 @@ def size_category(n: int) -> str:
 def write_shards(data: Any, folder: Path) -> list[Path]:
     written = []
     for split, ds in data.items():
+        if not ds.num_rows:
+            continue  # an empty split has no file to point a config at (and datasets 4 cannot write one)
+        ds = ds.select_columns([c for c in PUBLISHED_COLUMNS if c in ds.column_names])
         shards = max(1, math.ceil(ds.data.nbytes / SHARD_BYTES))
         for i in range(shards):
             path = folder / "data" / f"{split}-{i:05d}-of-{shards:05d}.parquet"
@@ -66,28 +93,39 @@ def write_shards(data: Any, folder: Path) -> list[Path]:
     return written
 
 
-def made_by(described: dict[str, Any] | None) -> str:
-    """Who wrote the text, from the describe manifest's per-record provenance."""
-    described = described or {}
-    made = described.get("counts", {}).get("made_by")
-    if made:
-        return "; ".join(
-            f"offline class templates (`describe --template`) for {m['records']:,} records"
-            if m["model"] == "template"
-            else f"`{m['model']}` (prompt `{m['prompt_hash']}`) for {m['records']:,} records"
-            for m in made
-        )
-    if described.get("template_made"):
-        return "offline class templates (`describe --template`)"
-    settings = described.get("settings", {})
-    return f"`{settings.get('model', 'unknown')}` at detail `{settings.get('detail', '?')}`"
+def shard_counts(shards: list[Path]) -> dict[str, Counter[tuple[str, str]]]:
+    """Per split, records per (label, view), read back from the written shards: the card states what they hold."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, Counter[tuple[str, str]]] = {}
+    for path in shards:
+        table = pq.read_table(path, columns=["split", "label", "view"]).to_pydict()
+        split = path.name.split("-")[0]
+        counts.setdefault(split, Counter()).update(zip(table["label"], table["view"], strict=True))
+    return counts
+
+
+def made_by(data: Any) -> list[str]:
+    """Who wrote the published text, per model, prompt and endpoint, with counts of the published records."""
+    made: Counter[tuple[str, str, str]] = Counter()
+    for ds in data.values():
+        columns = [ds[c] if c in ds.column_names else [""] * ds.num_rows for c in ("model", "prompt_hash", "endpoint")]
+        made.update(zip(*columns, strict=True))
+    return [
+        f"- offline class templates (`describe --template`): {n:,} records"
+        if model == "template"
+        else f"- `{model or 'no model'}` at `{endpoint or 'an endpoint not recorded'}`, prompt `{prompt or '?'}`: "
+        f"{n:,} records"
+        for (model, prompt, endpoint), n in made.most_common()
+    ]
 
 
 def audit_lines(report: AuditReport) -> list[str]:
     """The card's honest account of the audit: passed, or what failed and in how many records."""
     if not report.problems:
-        return ["- Checked with `skinvlm audit --strict`: no record has a problem."]
+        return ["- Checked with `skinvlm audit --strict`: no record has a problem, and no personal data was found."]
     failed = {
+        "personal data (records; values not shown)": report.personal_records,
         "English words (occurrences)": sum(report.english_words.values()),
         "other scripts (records)": sum(report.foreign_scripts.values()),
         "<label> naming another class than the folder": report.mismatches,
@@ -104,9 +142,76 @@ def audit_lines(report: AuditReport) -> list[str]:
     ]
 
 
-def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, Any] | None, report: AuditReport) -> str:
-    total = sum(ds.num_rows for ds in data.values())
-    splits = list(data)
+@dataclass
+class Provenance:
+    """What the card says of where the records came from and what was left out, from the stages' manifests."""
+
+    ingested: dict[str, Any]
+    described: dict[str, Any]
+    fixed: dict[str, Any] | None
+    ingested_rows: dict[str, int]
+
+    @classmethod
+    def of(cls, ws: Workspace, stage: str) -> Provenance:
+        from datasets import load_from_disk
+
+        rows = {split: ds.num_rows for split, ds in load_from_disk(str(ws.require("ingested"))).items()}
+        return cls(
+            read_manifest(ws.ingested) or {},
+            read_manifest(ws.described) or {},
+            read_manifest(ws.fixed) if stage == "fixed" else None,
+            rows,
+        )
+
+    def left_out(self, published: dict[str, int]) -> list[str]:
+        skipped = Counter(reason_kind(s["reason"]) for s in self.ingested.get("skipped", []))
+        lines = [f"- Files not ingested: {sum(skipped.values()):,}" + (f" ({counts_text(skipped)})" if skipped else "")]
+        for split, n in self.ingested_rows.items():
+            gone = n - published.get(split, 0)
+            if gone:
+                lines.append(
+                    f"- `{split}`: {gone:,} of {n:,} ingested photos left out by `skinvlm fix` ({self.fix_drops()})"
+                )
+        return lines
+
+    def fix_drops(self) -> str:
+        settings = (self.fixed or {}).get("settings", {})
+        dropped = (self.fixed or {}).get("counts", {}).get("dropped_by") or {}
+        chosen = [flag for flag, on in (("--drop-invalid", settings.get("drop_invalid")),
+                                        ("--drop-mismatches", settings.get("drop_mismatches"))) if on]  # fmt: skip
+        return counts_text(Counter(dropped)) if dropped else ", ".join(chosen) or "reason not recorded"
+
+    def metadata_lines(self) -> list[str]:
+        meta = self.ingested.get("counts", {}).get("metadata") or {}
+        return [
+            f"- File metadata (EXIF with GPS and camera serials, PNG text, JPEG APP segments and comments) was removed "
+            f"at ingest from {meta.get('cleaned', 0):,} files without re-encoding their pixels; "
+            f"{meta.get('turned', 0):,} photos were turned upright by their EXIF orientation and stored as PNG.",
+            "- File names and folder paths are not published (no `source` column), nor the source files' hashes.",
+        ]
+
+
+def reason_kind(reason: str) -> str:
+    """'cannot decode: broken PNG file (bad checksum in IDAT chunk)' -> 'cannot decode'."""
+    return reason.split(":")[0].split(" (")[0]
+
+
+def counts_text(counts: Counter[str]) -> str:
+    return ", ".join(f"{what}: {n:,}" for what, n in counts.most_common())
+
+
+def card(
+    repo: str,
+    data: Any,
+    counts: dict[str, Counter[tuple[str, str]]],
+    rules: Rules,
+    stage: str,
+    provenance: Provenance,
+    report: AuditReport,
+) -> str:
+    per_split = {split: sum(c.values()) for split, c in counts.items()}
+    total = sum(per_split.values())
+    splits = list(counts)
     views = list(rules.views)
     yaml = [
         "---",
@@ -131,13 +236,11 @@ def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, An
     ]
     header = "| split | class | English | " + " | ".join(views) + " | total |"
     table = [header, "|" + "---|" * (4 + len(views))]
-    for split, ds in data.items():
-        pairs = list(zip(ds["label"], ds["view"], strict=True))
+    for split, pairs in counts.items():
         for c in rules.classes:
-            counts = [sum(1 for label, view in pairs if label == c.name and view == v) for v in views]
-            table.append(
-                f"| {split} | {c.name} | {c.english} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |"
-            )
+            row = [pairs[(c.name, v)] for v in views]
+            table.append(f"| {split} | {c.name} | {c.english} | " + " | ".join(map(str, row)) + f" | {sum(row)} |")
+    described = provenance.described
     body = [
         f"# {repo}",
         "",
@@ -147,23 +250,37 @@ def card(repo: str, data: Any, rules: Rules, stage: str, described: dict[str, An
         "",
         "## Contents",
         "",
-        f"{total:,} images; classes {', '.join(rules.class_names)}; views {', '.join(views)}; "
-        f"splits {', '.join(f'{s} ({data[s].num_rows:,})' for s in splits)}.",
+        f"{total:,} records; classes {', '.join(rules.class_names)}; views {', '.join(views)}; "
+        f"splits {', '.join(f'{s} ({per_split[s]:,})' for s in splits)}. The counts below are read from the "
+        "published files.",
         "",
         *table,
         "",
-        "Columns: `image`, `label` (the folder's diagnosis: ground truth), `view`, `output` "
-        "(`<label>질병명</label>` + `<summary>소견</summary>`), `status`, and provenance columns.",
+        "Columns: `image`, `label` (the folder's diagnosis: ground truth), `view`, `split`, `width` and `height` "
+        "(as shown), `output` (`<label>질병명</label>` + `<summary>소견</summary>`), `status`, `model` and "
+        "`prompt_hash` (who wrote the text).",
+        "",
+        "## What was left out",
+        "",
+        *provenance.left_out(per_split),
         "",
         "## How the text was made",
         "",
-        f"- Descriptions: {made_by(described)}, conditioned on the known diagnosis of each photo.",
-        f"- Prompt hash: `{(described or {}).get('prompt_hash', 'unknown')}`; described "
-        f"{(described or {}).get('finished', 'unknown')}; published stage `{stage}` on {now_iso()[:10]}.",
-        "- Cleaned with the rule file (label aliases, English term translations, phrase rewrites)."
+        "Descriptions conditioned on the known diagnosis of each photo, written by:",
+        "",
+        *made_by(data),
+        "",
+        f"- Described {described.get('finished', 'at an unrecorded time')}; published stage `{stage}` on "
+        f"{now_iso()[:10]}.",
+        "- Cleaned with the rule file (label aliases, English term translations, phrase rewrites, personal data "
+        "redacted)."
         if stage == "fixed"
         else "- Not cleaned: the text is as `skinvlm describe` wrote it.",
         *audit_lines(report),
+        "",
+        "## Privacy",
+        "",
+        *provenance.metadata_lines(),
         "",
         "## Source and terms",
         "",
@@ -179,14 +296,48 @@ def build(
     ws: Workspace, rules: Rules, repo: str, stage: str, report: AuditReport
 ) -> tuple[Path, list[tuple[str, int]]]:
     data = ws.load(stage)
-    folder = ws.publish_dir
+    folder = ws.publish_dataset
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    write_shards(data, folder)
-    text = card(repo, data, rules, stage, read_manifest(ws.described), report)
+    shards = write_shards(data, folder)
+    text = card(repo, data, shard_counts(shards), rules, stage, Provenance.of(ws, stage), report)
     (folder / "README.md").write_text(text, encoding="utf-8")
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
     return folder, files
+
+
+def metadata_kept(ws: Workspace) -> str | None:
+    """Why the ingested images may still carry file metadata, or None when ingest removed it."""
+    settings = (read_manifest(ws.ingested) or {}).get("settings", {})
+    if "keep_metadata" not in settings:
+        return "datasets/ingested was made by a skinvlm that kept file metadata"
+    return "datasets/ingested keeps file metadata (ingest --keep-metadata)" if settings["keep_metadata"] else None
+
+
+def repo_name(ws: Workspace, repo: str | None) -> str:
+    repo = repo or openai_api.setting(ws, "HF_REPO_NAME")
+    if not repo or repo.count("/") != 1 or not all(repo.split("/")):
+        raise SkinvlmError("name the Hub repo as OWNER/NAME (argument or HF_REPO_NAME)")
+    return repo
+
+
+def hub_token(ws: Workspace, token: str | None) -> str:
+    token = token or openai_api.setting(ws, "HF_TOKEN")
+    if not token:
+        raise SkinvlmError("no Hugging Face token: set HF_TOKEN in the environment or <workspace>/.env")
+    return token
+
+
+def ready_to_upload(
+    ws: Workspace, repo: str, token: str | None, yes: bool, confirm: Callable[[str], bool] | None
+) -> str:
+    """Everything an upload needs that can be known before a file is written: a token that may write under the
+    repo's owner, and a way to confirm. Returns the token."""
+    token = hub_token(ws, token)
+    check_access(repo, token)
+    if not yes and (not sys.stdin.isatty() or confirm is None):
+        raise SkinvlmError("publishing needs confirmation: pass --yes (no terminal to ask on)")
+    return token
 
 
 @writes("publish")
@@ -204,65 +355,115 @@ def publish(
     confirm: Callable[[str], bool] | None = None,
     phase: Callable[[str], None] = lambda _: None,
 ) -> PublishResult:
-    repo = repo or openai_api.setting(ws, "HF_REPO_NAME")
-    if not repo or repo.count("/") != 1:
-        raise SkinvlmError("name the Hub repo as OWNER/NAME (argument or HF_REPO_NAME)")
+    repo = repo_name(ws, repo)
+    if reason := metadata_kept(ws):
+        raise SkinvlmError(f"{reason}: run `skinvlm ingest SRC --force` (answers already paid for are kept) to publish")
     phase(f"auditing {stage}")
     report = audit(ws, rules, stage)
     if report.problems and not force:
+        personal = f", {report.personal_records} of them with personal data" if report.personal_records else ""
         raise SkinvlmError(
-            f"audit of {stage} finds {report.problems} records with problems "
+            f"audit of {stage} finds {report.problems} records with problems{personal} "
             f"(skinvlm audit --stage {stage}); fix them or pass --ignore-audit"
         )
+    if not dry_run:
+        phase(f"checking HF_TOKEN and {repo}")
+        token = ready_to_upload(ws, repo, token, yes, confirm)
     phase("writing Parquet shards and the dataset card")
     folder, files = build(ws, rules, repo, stage, report)
     result = PublishResult(repo, not public, folder, files)
     if dry_run:
         return result
-    token = token or openai_api.setting(ws, "HF_TOKEN")
-    if not token:
-        raise SkinvlmError("no Hugging Face token: set HF_TOKEN in the environment or <workspace>/.env")
-    if not yes:
-        if not sys.stdin.isatty() or confirm is None:
-            raise SkinvlmError("publishing needs confirmation: pass --yes (no terminal to ask on)")
-        if not confirm(f"upload {len(files)} files to {'private' if not public else 'PUBLIC'} dataset {repo}?"):
-            raise SkinvlmError("not confirmed; nothing was uploaded")
-    phase(f"uploading {len(files)} files to {repo}")
-    result.url = upload(folder, repo, token, private=not public)
+    assert token is not None
+    return confirmed_upload(ws, "dataset", result, token, yes, confirm, phase)
+
+
+def confirmed_upload(
+    ws: Workspace,
+    kind: str,
+    result: PublishResult,
+    token: str,
+    yes: bool,
+    confirm: Callable[[str], bool] | None,
+    phase: Callable[[str], None],
+) -> PublishResult:
+    """Ask (unless `yes`), upload `result.folder` as a `kind` repo, and remember where it went."""
+    shown = f"{len(result.files)} files to {'private' if result.private else 'PUBLIC'} {kind} {result.repo}"
+    if not yes and not (confirm and confirm(f"upload {shown}?")):
+        raise SkinvlmError("not confirmed; nothing was uploaded")
+    phase(f"uploading {shown}")
+    result.url = upload(result.folder, result.repo, token, private=result.private, repo_type=kind)
     result.uploaded = True
+    remember(ws, kind, result)
     return result
 
 
-def upload(folder: Path, repo: str, token: str, private: bool) -> str:
-    from huggingface_hub import HfApi, constants
+def remember(ws: Workspace, kind: str, result: PublishResult) -> None:
+    """Which repo a publish reached, for the other kind's card (a model card names its dataset)."""
+    known = json.loads(ws.published.read_text(encoding="utf-8")) if ws.published.is_file() else {}
+    known[kind] = {"repo": result.repo, "url": result.url, "private": result.private, "uploaded": result.uploaded}
+    write_json(ws.published, known)
+
+
+@contextmanager
+def hub_errors(repo: str, doing: str) -> Iterator[None]:
+    """The Hub's refusals and unreachability as one line each; nothing else is caught."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    api = HfApi(token=token)
     try:
-        api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
-        api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo,
-            repo_type="dataset",
-            commit_message="Upload with skinvlm publish",
-            delete_patterns=REPLACED_ON_UPLOAD,
-        )
+        yield
     except OfflineModeIsEnabled:
-        raise SkinvlmError("HF_HUB_OFFLINE is set: unset it to publish (nothing was uploaded)") from None
+        raise SkinvlmError(f"HF_HUB_OFFLINE is set: unset it to {doing} (nothing was uploaded)") from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")
         raise SkinvlmError(
-            f"the Hub refused the upload to {repo} (HTTP {status}): check that HF_TOKEN may write there "
+            f"the Hub refused to {doing} {repo} (HTTP {status}): check that HF_TOKEN may write there "
             "(a write token, and OWNER is you or an organization you belong to)"
         ) from None
     except Exception as err:
         if not is_network_error(err):
             raise
         raise SkinvlmError(
-            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to publish {repo} ({type(err).__name__}): "
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to {doing} {repo} ({type(err).__name__}): "
             "check the network, a proxy (HTTPS_PROXY) or HF_ENDPOINT; nothing was uploaded"
         ) from None
-    return f"https://huggingface.co/datasets/{repo}"
+
+
+def check_access(repo: str, token: str) -> None:
+    """The token is valid, may write, and its owner is the repo's OWNER or one of the owner's organizations."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo, "check the token for"):
+        me = HfApi(token=token).whoami()
+    owner = repo.split("/")[0]
+    names = [me.get("name"), *(org.get("name") for org in me.get("orgs") or [])]
+    if owner not in names:
+        raise SkinvlmError(
+            f"HF_TOKEN belongs to {me.get('name')!r}, which may not write under {owner!r} "
+            f"(its own name and organizations: {', '.join(str(n) for n in names if n)}); nothing was written"
+        )
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise SkinvlmError(
+            "HF_TOKEN is a read-only token: make a write token at https://huggingface.co/settings/tokens"
+        )
+
+
+def upload(folder: Path, repo: str, token: str, private: bool, repo_type: str) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with hub_errors(repo, "upload to"):
+        api.create_repo(repo, repo_type=repo_type, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo,
+            repo_type=repo_type,
+            commit_message="Upload with skinvlm publish",
+            delete_patterns=REPLACED_ON_UPLOAD[repo_type],
+        )
+    return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
 
 
 def is_network_error(err: BaseException) -> bool:

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from skinvlm import personal
 from skinvlm.ingest import IngestResult
 from skinvlm.numbers import p_value, rate, score, seconds
 from skinvlm.rules import Rules
@@ -38,6 +39,14 @@ def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules
     out.print(
         f"{sum(result.splits.values()):,} images stored in {result.seconds:.1f}s; "
         f"{len(result.skipped)} skipped, {result.ignored} non-image files ignored"
+    )
+    meta = result.metadata
+    out.print(
+        "file metadata kept as it is (--keep-metadata): EXIF, PNG text and JPEG APP segments go wherever the images go"
+        if meta.get("kept")
+        else f"file metadata removed from {meta.get('cleaned', 0):,} files (EXIF, PNG text, JPEG APP segments; "
+        f"pixels unchanged); {meta.get('turned', 0):,} photos turned upright by their EXIF orientation",
+        highlight=False,
     )
     for item in result.skipped:
         err.print(f"  [yellow]skipped[/] {item['path']}: {item['reason']}", highlight=False)
@@ -109,6 +118,12 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
         for script, n in report.foreign_scripts.most_common():
             table.add_row(script, str(n), (ex.get(f"script:{script}") or [""])[0])
         out.print(table)
+    if report.personal_records:
+        table = _table("personal data (masked)", "kind", "count", "record: value")
+        for kind, n in report.personal_kinds.most_common():
+            shown = [f"{e['id']}: {e['value']}" for e in report.personal_examples if e["kind"] == kind]
+            table.add_row(kind, str(n), ", ".join(shown))
+        out.print(table)
     if not brief:
         table = _table("<label> tags", "raw tag", "count", "maps to")
         for tag, n in report.tag_labels.most_common(20):
@@ -133,6 +148,7 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
     summary = _table(f"audit of {report.stage}: {report.records:,} records", "check", "records")
     stats = report.length_stats()
     for name, value in (
+        ("personal data", report.personal_records),
         ("English words", report.english_records),
         ("other scripts", report.script_records),
         ("not a class (tag)", sum(report.not_class_tags.values())),
@@ -160,8 +176,9 @@ def fix_report(out: Console, result: Any, ws: Any) -> None:
     for rule, n in result.hits.most_common(25):
         table.add_row(rule, str(n))
     out.print(table)
-    for before, after in result.examples:
-        out.print(f"[dim]before[/] {before[:160]!r}\n[green]after [/] {after[:160]!r}", highlight=False)
+    for before, after in result.examples:  # personal data masked: fix prints what it redacts, not the data
+        before, after = personal.mask_all(before)[:160], personal.mask_all(after)[:160]
+        out.print(f"[dim]before[/] {before!r}\n[green]after [/] {after!r}", highlight=False)
     where = f"-> {ws.fixed}" if result.written else "(dry run: nothing written)"
     out.print(f"{result.changed:,} records changed, {result.dropped:,} dropped {where}")
     audit_report(out, result.report, brief=True)

@@ -127,8 +127,19 @@ class Workspace:
         return self.root / "journal" / "describe.jsonl"
 
     @property
-    def publish_dir(self) -> Path:
-        return self.root / "publish"
+    def publish_dataset(self) -> Path:
+        """What `publish` uploads as a dataset repo, exactly: shards and card."""
+        return self.root / "publish" / "dataset"
+
+    @property
+    def publish_model(self) -> Path:
+        """What `publish --model-dir` uploads as a model repo, exactly: the model's files and its card."""
+        return self.root / "publish" / "model"
+
+    @property
+    def published(self) -> Path:
+        """Which repos this workspace's publishes reached (beside, not inside, the uploaded folders)."""
+        return self.root / "publish" / "published.json"
 
     @property
     def rules_file(self) -> Path:
@@ -187,7 +198,9 @@ class Workspace:
         disable_progress_bars()  # our own rich bars run on stderr; tqdm lines would garble them
         target = self.dataset(stage)
         with staged(target) as tmp:
-            data.save_to_disk(str(tmp))
+            # One shard a split: text stages are small, and datasets cannot load back an empty split it sharded
+            # itself (a tree too small for a test split would break every later command).
+            data.save_to_disk(str(tmp), num_shards={split: 1 for split in data})
             write_manifest(tmp, manifest | {"content": content_digest(data)})
         return target
 

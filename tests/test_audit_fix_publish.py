@@ -185,7 +185,7 @@ def clean_fixed(cli, clean_tree: Path) -> None:
 def test_publish_dry_run_builds_card_and_shards(cli, clean_fixed: None, workspace: Path) -> None:
     result = cli.json("publish", "me/skin-vlm-ko", "--dry-run")
     assert result["uploaded"] is False and result["private"] is True
-    folder = workspace / "publish"
+    folder = workspace / "publish" / "dataset"
     card = (folder / "README.md").read_text(encoding="utf-8")
     for needed in (
         "language:\n- ko",
@@ -211,6 +211,7 @@ def test_publish_uploads_through_the_hub_api(
     import huggingface_hub
 
     calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me", "orgs": []})
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append((repo, kw)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
     token = "hf_fake-token-for-this-test"
@@ -219,8 +220,10 @@ def test_publish_uploads_through_the_hub_api(
     done = cli("publish", "me/skin-vlm-ko", "--yes", "--json", env={"HF_TOKEN": token})
     assert json.loads(done.stdout)["uploaded"] is True
     assert calls[0] == ("me/skin-vlm-ko", {"repo_type": "dataset", "private": True, "exist_ok": True})
-    assert calls[1][1]["folder_path"] == str(workspace / "publish") and calls[1][1]["repo_type"] == "dataset"
-    assert token not in done.stdout + done.stderr + (workspace / "publish" / "README.md").read_text()
+    assert (
+        calls[1][1]["folder_path"] == str(workspace / "publish" / "dataset") and calls[1][1]["repo_type"] == "dataset"
+    )
+    assert token not in done.stdout + done.stderr + (workspace / "publish" / "dataset" / "README.md").read_text()
 
 
 def test_publish_refuses_a_dataset_that_fails_audit(cli, described: Path) -> None:
@@ -237,9 +240,22 @@ class HubDouble:
 
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
+        self.made: dict[str, dict[str, object]] = {}  # repo -> create_repo's keywords (repo_type, private)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> HubDouble:
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda api: self.whoami())
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, repo, **kw: self.create_repo(repo, **kw))
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, **kw: self.upload_folder(**kw))
+        return self
+
+    def whoami(self) -> dict:
+        return {"name": "me", "orgs": [{"name": "clinic"}], "auth": {"accessToken": {"role": "write"}}}
 
     def create_repo(self, repo: str, **kw: object) -> None:
         self.repos.setdefault(repo, {})
+        self.made[repo] = kw
 
     def upload_folder(self, *, folder_path: str, repo_id: str, delete_patterns=None, **kw: object) -> None:
         import fnmatch
@@ -255,26 +271,28 @@ class HubDouble:
 def test_a_republish_leaves_exactly_what_it_made(
     cli, described: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import huggingface_hub
-
-    hub = HubDouble()
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: hub.create_repo(repo, **kw))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: hub.upload_folder(**kw))
+    hub = HubDouble().install(monkeypatch)
     env = {"HF_TOKEN": "hf_fake-token-for-this-test"}
     cli("fix")
     cli("publish", "me/exact", "--yes", "--ignore-audit", env=env)
     hub.repos["me/exact"]["data/train-00001-of-00002.parquet"] = b"a shard of an earlier, larger publish"
     cli("fix", "--drop-invalid", "--drop-mismatches")
     cli("publish", "me/exact", "--yes", "--ignore-audit", env=env)
-    local = {p.relative_to(workspace / "publish").as_posix() for p in (workspace / "publish").rglob("*") if p.is_file()}
+    local = {
+        p.relative_to(workspace / "publish" / "dataset").as_posix()
+        for p in (workspace / "publish" / "dataset").rglob("*")
+        if p.is_file()
+    }
     assert set(hub.repos["me/exact"]) == local, "no stale shard stays on the Hub"
-    rows = Dataset.from_parquet(str(workspace / "publish" / "data" / "train-00000-of-00001.parquet")).num_rows
+    rows = Dataset.from_parquet(
+        str(workspace / "publish" / "dataset" / "data" / "train-00000-of-00001.parquet")
+    ).num_rows
     assert rows < 36
 
 
 def test_a_forced_card_says_what_failed_and_links_nothing_fake(cli, described: Path, workspace: Path) -> None:
     cli("publish", "me/forced", "--dry-run", "--ignore-audit", "--stage", "described")
-    card = (workspace / "publish" / "README.md").read_text(encoding="utf-8")
+    card = (workspace / "publish" / "dataset" / "README.md").read_text(encoding="utf-8")
     assert "Published with `--ignore-audit` although `skinvlm audit` finds 20 of 48 records with problems" in card
     for line in ("English words (occurrences): 14", "other scripts (records): 2", "another class than the folder: 6"):
         assert line in card

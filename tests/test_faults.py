@@ -236,7 +236,10 @@ def test_publishing_without_the_hub_is_one_line(cli, ingested: Path) -> None:
     endpoint = f"http://127.0.0.1:{dead_port()}"
     env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake-token-for-this-test"}
     code, _, err = finished(skinvlm("publish", "me/offline", "-w", ingested, "--yes", env=env))
-    assert code == 1 and f"cannot reach the Hugging Face Hub at {endpoint} to publish me/offline" in error_line(err)
+    assert (
+        code == 1
+        and f"cannot reach the Hugging Face Hub at {endpoint} to check the token for me/offline" in error_line(err)
+    ), "the token is checked before a shard is written"
     code, _, err = finished(
         skinvlm("publish", "me/offline", "-w", ingested, "--yes", env=env | {"HF_HUB_OFFLINE": "1"})
     )

@@ -43,7 +43,10 @@ def test_another_model_or_prompt_cannot_claim_earlier_answers(cli, ingested: Pat
         redone = json.loads(describe(cli, server, "--model", "model-b", "--redo", "changed", "--json").stdout)
         assert server.requests == 96 and redone["statuses"] == {"ok": 48}
     made_by = manifest(ingested, "described")["counts"]["made_by"]
-    assert made_by == [{"model": "model-b", "prompt_hash": hash_a, "records": 48}]
+    assert [{k: v for k, v in m.items() if k != "endpoint"} for m in made_by] == [
+        {"model": "model-b", "prompt_hash": hash_a, "records": 48}
+    ]
+    assert made_by[0]["endpoint"].startswith("http://127.0.0.1:"), "where the answers came from"
 
 
 def calls_psoriasis_atopy(body: dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, run_cli
+from test_audit_fix_publish import HubDouble
 
 from skinvlm.demo.synthetic import write_tree
 from skinvlm.train_settings import DEFAULT_MAX_PIXELS
@@ -107,7 +108,9 @@ def test_the_cli_loads_no_training_library_before_the_backend_is_chosen() -> Non
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(cli, described: Path, tiny: Path) -> None:
+def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(
+    cli, described: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trained = cli.json("train", "--model", tiny, "--max-steps", "160", *FAST)
     assert trained["world_size"] == 1 and trained["steps"] == 160 and trained["summary"]["pixel_values"]
     adapter = described / "models" / "adapter"
@@ -152,6 +155,48 @@ def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(cli, descri
         json.loads(line)["raw"] for line in (described / "eval/quick/predictions.jsonl").read_text().splitlines()
     ]
     assert all(answer.rstrip().endswith("</label>") for answer in answers), "generation stopped at </label>"
+    model_card_states_the_evaluated_figures(cli, described, folder, result)
+    hub = HubDouble().install(monkeypatch)
+    cli("publish", "clinic/skin-model", "--model-dir", folder, "--yes", env={"HF_TOKEN": "hf_" + "0" * 30})
+    uploaded = {p.name: p.read_bytes() for p in (described / "publish" / "model").iterdir()}
+    assert hub.repos["clinic/skin-model"] == uploaded and hub.made["clinic/skin-model"]["repo_type"] == "model"
+    assert hub.made["clinic/skin-model"]["private"] is True
+
+
+def model_card_states_the_evaluated_figures(cli, workspace: Path, folder: Path, evaluated: dict) -> None:
+    """`publish --model-dir --dry-run`: the folder to upload, and a card with the figures of the eval runs."""
+    cli("publish", "me/skin-model", "--model-dir", folder, "--dry-run", "--eval-run", "tiny", "--license", "mit")
+    out = workspace / "publish" / "model"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    for needed in (
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "language:\n- ko",
+        "license: mit",
+        f"value: {evaluated['accuracy']}",
+        f"accuracy: {evaluated['accuracy']:.4f} (95% CI",
+        f"macro F1: {evaluated['macro_f1']:.4f} (95% CI",
+        "expected calibration error",
+        "| 정면 |",
+        "## Intended use",
+        "not a diagnosis",
+        "## Out of scope",
+        "## Limitations",
+        "vllm serve me/skin-model",
+        "--mm-processor-kwargs",
+        "| 건선 | psoriasis | 5 | 5 | 10 |",  # the training split, per class and view
+    ):
+        assert needed in card, needed
+    assert "base_model" not in card, "a local base is not a Hub model"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "skinvlm.json", "README.md", "chat_template.jinja"} <= names and "manifest.json" not in names
+    weights = next(out.glob("*.safetensors"))
+    assert weights.stat().st_ino == (folder / weights.name).stat().st_ino, "linked, not copied"
+    for text in ("README.md", "skinvlm.json"):
+        assert str(workspace) not in (out / text).read_text(encoding="utf-8"), "no path of this machine"
+    default = cli("publish", "me/skin-model", "--model-dir", folder, "--dry-run")
+    assert default.exit_code == 0 and "Eval run `quick`" in (out / "README.md").read_text(encoding="utf-8")
+    assert "license: other" in (out / "README.md").read_text(encoding="utf-8"), "the tiny base states none"
 
 
 def safetensors_dtypes(folder: Path) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,6 +29,7 @@ from skinvlm.cli.common import (
     settings_of,
 )
 from skinvlm.describe_settings import DescribeSettings
+from skinvlm.errors import SkinvlmError
 from skinvlm.ingest import DEFAULT_MAX_PIXELS_IN
 from skinvlm.openai_api import Detail
 
@@ -52,6 +53,14 @@ def ingest(
     deep: Annotated[
         bool, flag("--deep", help="Decode every pixel (default: header, PNG chunk CRCs, JPEG end marker).")
     ] = False,
+    keep_metadata: Annotated[
+        bool,
+        flag(
+            "--keep-metadata",
+            help="Store each file as it is, with its EXIF, PNG text and JPEG APP segments (default: removed "
+            "losslessly, photos turned upright).",
+        ),
+    ] = False,
     workers: Annotated[int | None, typer.Option(help="Checking threads (default: all cores).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -70,6 +79,7 @@ def ingest(
             max_side=max_side,
             max_pixels_in=max_pixels_in,
             deep=deep,
+            keep_metadata=keep_metadata,
             workers=workers,
             progress=progress,
         )
@@ -251,9 +261,29 @@ def publish(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
     stage: Annotated[TextStage, typer.Option(help="Which text stage to publish.")] = TextStage.fixed,
-    public: Annotated[bool, flag("--public", help="Make the dataset public (default: private).")] = False,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="<dir>",
+            help="Publish this merged model folder (models/merged) with a model card, instead of the dataset.",
+        ),
+    ] = None,
+    eval_run: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<name>",
+            help="With --model-dir: the eval run the card reports (default: the newest eval of that folder).",
+        ),  # fmt: skip
+    ] = None,
+    license_name: Annotated[
+        str | None,
+        typer.Option(
+            "--license", metavar="<id>", help="With --model-dir: the Hub license id (default: the base model's)."
+        ),
+    ] = None,
+    public: Annotated[bool, flag("--public", help="Make the repo public (default: private).")] = False,
     dry_run: Annotated[
-        bool, flag("--dry-run", help="Write shards and card to <workspace>/publish/; upload nothing.")
+        bool, flag("--dry-run", help="Write files and card under <workspace>/publish/; upload nothing.")
     ] = False,
     yes: Annotated[bool, flag("--yes", help="Do not ask for confirmation.")] = False,
     ignore_audit: Annotated[
@@ -261,21 +291,24 @@ def publish(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Push a text stage with its images and a dataset card to the Hugging Face Hub (token: HF_TOKEN)."""
+    """Push a text stage with its images and a dataset card, or a merged model with a model card, to the Hugging
+    Face Hub (token: HF_TOKEN)."""
+    from skinvlm.model_card import publish_model
     from skinvlm.publish import publish as run_publish
 
     ws, loaded = open_workspace(workspace, rules)
+    if model_dir is None and (eval_run or license_name):
+        raise SkinvlmError("--eval-run and --license describe a model: add --model-dir DIR")
+    if model_dir is not None and ignore_audit:
+        raise SkinvlmError("--ignore-audit applies to datasets; a model card reports its eval as it is")
     with phases("publish") as phase:
-        result = run_publish(
-            ws,
-            loaded,
-            repo,
-            stage=stage.value,
-            public=public,
-            dry_run=dry_run,
-            yes=yes,
-            force=ignore_audit,
-            confirm=lambda question: phase.ask(question, lambda q: typer.confirm(q, default=False)),
-            phase=phase,
-        )
+
+        def ask(question: str) -> bool:
+            return bool(phase.ask(question, lambda q: typer.confirm(q, default=False)))
+
+        common: dict[str, Any] = {"public": public, "dry_run": dry_run, "yes": yes, "confirm": ask, "phase": phase}
+        if model_dir is not None:
+            result = publish_model(ws, loaded, repo, model_dir, eval_run=eval_run, license_name=license_name, **common)
+        else:
+            result = run_publish(ws, loaded, repo, stage=stage.value, force=ignore_audit, **common)
     return print_json(result.as_json()) if as_json else render.publish_report(out, result)

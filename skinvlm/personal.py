@@ -1,0 +1,101 @@
+"""Personal data in generated text: what `audit` counts, `fix` redacts (the shipped rule file) and `publish` refuses.
+
+Five kinds, each one RE2 pattern (linear time, like the rule file's rewrites): Korean resident registration
+numbers, phone numbers, e-mail addresses, chart/record numbers, and names introduced by 환자/성명/이름 (or
+Patient/Name). A name is only taken where the text marks it as one (a colon, 님/씨, or a bracket that
+opens on a number or a sex), so "환자의 피부", "환자 피부에" and "환자 얼굴(정면)" are not names. The shipped
+postprocess.toml carries a [[rewrite]] per kind; a test proves that after `fix` none of these finds
+anything in any planted example.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from skinvlm.rules import linear_regex
+
+NAME_WORDS = "환자명|환자|성명|이름|수진자|보호자"
+HANGUL_NAME = "[가-힣]{2,4}"
+# kind -> its patterns; where a pattern has a group `v`, that group is the datum (the name, not 환자 before it)
+PATTERNS: dict[str, tuple[str, ...]] = {
+    # 6 birth digits, 7 more starting 1-8 (5-8: foreign residents); RE2's \b is ASCII, so Hangul around it is a boundary
+    "resident_number": (r"\b\d{6}[- ]?[1-8]\d{6}\b",),
+    # mobile 010/011/016-019, area codes 02 and 031-064, 070 and 080, with or without +82
+    "phone": (r"(?:\+82[- .]?|\b0)(?:1[016789]|2|[3-6][1-5]|70|80)[- .)]?\d{3,4}[- .]?\d{4}\b",),
+    "email": (r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",),
+    "chart_number": (
+        r"(?:등록번호|차트번호|병록번호|진료번호|환자번호|\b(?i:mrn|(?:chart|record|patient)\s*(?:no\.?|number|#|id)))"
+        r"\s*[:：#]?\s*(?P<v>[A-Za-z0-9][A-Za-z0-9-]{3,})",
+    ),
+    "name": (
+        rf"(?:{NAME_WORDS})\s*[:：]\s*(?P<v>{HANGUL_NAME})",
+        rf"(?:{NAME_WORDS})\s+(?P<v>{HANGUL_NAME})\s*(?:님|씨|[(（]\s*(?:\d|남|여|[MF]\b))",
+        r"\b(?i:patient(?:'s)?\s+name|patient|name)\s*[:：]\s*(?P<v>[A-Z][a-z]+(?:[ -][A-Z][a-z]+){0,2})",
+    ),
+}
+LABELS = {
+    "resident_number": "resident registration numbers",
+    "phone": "phone numbers",
+    "email": "e-mail addresses",
+    "chart_number": "chart or record numbers",
+    "name": "names",
+}
+EXAMPLES_PER_KIND = 3
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    start: int
+    end: int
+    value: str
+
+    @property
+    def masked(self) -> str:
+        return mask(self.value)
+
+
+@functools.cache
+def compiled() -> list[tuple[str, Any]]:
+    return [(kind, linear_regex(pattern)) for kind, patterns in PATTERNS.items() for pattern in patterns]
+
+
+def find(text: str) -> list[Finding]:
+    """Every personal datum in `text`, in order of position; overlaps (a phone inside a chart number) kept once."""
+    found = sorted(
+        (
+            Finding(kind, m.start(group), m.end(group), m.group(group))
+            for kind, regex in compiled()
+            for m in regex.finditer(text)
+            for group in [regex.groupindex.get("v", 0)]
+        ),
+        key=lambda f: (f.start, -f.end),
+    )
+    kept: list[Finding] = []
+    for finding in found:
+        if not kept or finding.start >= kept[-1].end:
+            kept.append(finding)
+    return kept
+
+
+def mask(value: str) -> str:
+    """What an example may show: separators stay, every letter and digit but the first of each run becomes '*'
+    (010-2345-6789 -> 0**-2***-6***, 홍길동 -> 홍**)."""
+    out, previous_kept = [], False
+    for ch in value:
+        if ch.isalnum():
+            out.append("*" if previous_kept else ch)
+            previous_kept = True
+        else:
+            out.append(ch)
+            previous_kept = False
+    return "".join(out)
+
+
+def mask_all(text: str) -> str:
+    """`text` with every personal datum masked: for snippets that audit shows as examples of other problems."""
+    for finding in reversed(find(text)):
+        text = text[: finding.start] + finding.masked + text[finding.end :]
+    return text
