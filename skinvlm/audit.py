@@ -64,6 +64,7 @@ class AuditReport:
     personal_kinds: Counter[str] = field(default_factory=Counter)  # occurrences per kind
     personal_records: int = 0
     personal_examples: list[dict[str, str]] = field(default_factory=list)  # record id, kind, masked value
+    review: dict[str, int] = field(default_factory=dict)  # records per review outcome, once fix applied a review
     lengths: list[int] = field(default_factory=list)
     reused: list[tuple[str, int]] = field(default_factory=list)
     problems: int = 0
@@ -117,6 +118,7 @@ class AuditReport:
             "too_short": self.too_short,
             "summary_length": self.length_stats(),
             "reused_summaries": [{"summary": text, "count": n} for text, n in self.reused],
+            "review": self.review,
             "personal_data": self.personal_records,
             "personal_data_by_kind": dict(self.personal_kinds.most_common()),
             "personal_data_examples": self.personal_examples,
@@ -232,12 +234,19 @@ def audit(ws: Any, rules: Rules, stage: str | None = None) -> AuditReport:
     text = load_from_disk(str(ws.require(stage)))
     labels = load_from_disk(str(ws.require("ingested")))
     rows = []
+    reviewed: Counter[str] = Counter()
     for split, ds in text.items():
         label_of = dict(zip(labels[split]["id"], labels[split]["label"], strict=True))
+        if "label" in ds.column_names:  # a clinician's correction (fix, after review) stands for the folder's
+            label_of |= dict(zip(ds["id"], ds["label"], strict=True))
         status = ds["status"] if "status" in ds.column_names else [None] * ds.num_rows
         for rid, output, state in zip(ds["id"], ds["output"], status, strict=True):
             rows.append({"id": rid, "label": label_of[rid], "output": output, "status": state})
-    return audit_rows(stage, rows, rules)
+        if "review" in ds.column_names:
+            reviewed.update(ds["review"])
+    report = audit_rows(stage, rows, rules)
+    report.review = dict(reviewed)
+    return report
 
 
 def toml_string(text: str) -> str:

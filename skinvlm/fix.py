@@ -3,8 +3,10 @@
 Order: [[rewrite]] phrase rules, then [terms] longest first (whole English words, any case; a
 Hangul particle right after the word still counts as a boundary, and is made to agree with the
 Korean word that replaces it: "erythema가" -> "홍반이"), then the `<label>` tag mapped through the
-aliases. The folder label is ground truth and never changes. Fixing twice changes nothing the
-second time. Only text columns are written; images stay in datasets/ingested.
+aliases; then the clinicians' review (`skinvlm review`): an edited description replaces the text, a corrected
+label the folder's, and a `review` column says each record's outcome (unreviewed, accepted, edited, rejected,
+disputed). Otherwise the folder label is ground truth. Fixing twice changes nothing the second time. Only
+text columns (and the reviewed label) are written; images stay in datasets/ingested.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from skinvlm import review
 from skinvlm.audit import AuditReport, audit_rows
 from skinvlm.prompts import LABEL_TAG, SUMMARY_TAG, agrees, parse_answer
 from skinvlm.rules import Rules, nfc
@@ -126,6 +129,8 @@ def fix(
     described = load_from_disk(str(ws.require("described")))
     labels = load_from_disk(str(ws.require("ingested")))
     terms = term_pattern(rules)
+    decisions = review.decisions_of(ws)
+    reviewed: Counter[str] = Counter()
     hits: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
     rows_for_audit: list[dict[str, Any]] = []
@@ -133,7 +138,6 @@ def fix(
     dropped_by: Counter[str] = Counter()
     for split, ds in described.items():
         phase(f"rewriting {split} ({ds.num_rows} records)")
-        label_of = dict(zip(labels[split]["id"], labels[split]["label"], strict=True))
         outputs = list(ds["output"])
         fixed = [fix_text(o or "", rules, terms, hits) if o else (o or "") for o in outputs]
         for before, after in zip(outputs, fixed, strict=True):
@@ -141,10 +145,18 @@ def fix(
                 changed += 1
                 if len(examples) < EXAMPLES:
                     examples.append((before or "", after))
-        table = ds.remove_columns("output").add_column("output", fixed)
+        outcomes = reviewed_outcomes(ds["id"], labels[split], decisions)
+        reviewed.update(o.status for o in outcomes)
+        fixed = [fixed_text if o.text is None else o.text for fixed_text, o in zip(fixed, outcomes, strict=True)]
+        table = (
+            ds.remove_columns("output")
+            .add_column("output", fixed)
+            .add_column("label", [o.label for o in outcomes])
+            .add_column("review", [o.status for o in outcomes])
+        )
         rows = [
-            {"id": r, "label": label_of[r], "output": o, "status": s}
-            for r, o, s in zip(table["id"], fixed, table["status"], strict=True)
+            {"id": r, "label": o.label, "output": text, "status": s}
+            for r, o, text, s in zip(table["id"], outcomes, fixed, table["status"], strict=True)
         ]
         if drop_invalid or drop_mismatches:
             reasons = [drop_reason(row, rules, drop_invalid, drop_mismatches) for row in rows]
@@ -170,6 +182,7 @@ def fix(
             "changed": changed,
             "dropped": result.dropped,
             "dropped_by": dict(dropped_by),
+            "review": {status: reviewed[status] for status in review.STATUSES if reviewed[status]},
             "hits": dict(hits),
             "problems_after": report.problems,
         }
@@ -177,6 +190,15 @@ def fix(
         ws.save("fixed", data, manifest("fix", settings, inputs, counts, started))
     result.seconds = round(time.perf_counter() - clock, 2)
     return result
+
+
+def reviewed_outcomes(ids: list[str], ingested: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[Any]:
+    """Each record's review outcome: its edited text and corrected label stand; decisions made on another image
+    (the photo changed at a re-ingest since) do not count."""
+    facts = dict(zip(ingested["id"], zip(ingested["label"], ingested["sha256"], strict=True), strict=True))
+    return [
+        review.outcome(facts[r][0], [d for d in decisions.get(r, []) if d.get("sha256") == facts[r][1]]) for r in ids
+    ]
 
 
 def drop_reason(row: dict[str, Any], rules: Rules, drop_invalid: bool, drop_mismatches: bool) -> str | None:

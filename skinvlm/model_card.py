@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
-from skinvlm.publish import PublishResult, confirmed_upload, made_by, ready_to_upload, repo_name
+from skinvlm.publish import PublishResult, confirmed_upload, made_by, ready_to_upload, repo_name, review_lines
 from skinvlm.rules import Rules
 from skinvlm.vlm import SETTINGS_FILE, read_settings, write_settings
 from skinvlm.workspace import MANIFEST, Workspace, read_manifest, stage_fingerprint, writes
@@ -215,6 +215,7 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         "agreement, personal data) and cleaned by `skinvlm fix`:",
         "",
         *made_by({"train": training["data"]["train"]}),
+        *review_lines({"train": training["data"]["train"]}),
     ]
     return lines
 

@@ -48,6 +48,7 @@ PUBLISHED_COLUMNS = (
     "status",
     "model",
     "prompt_hash",
+    "review",
 )
 
 
@@ -191,6 +192,21 @@ class Provenance:
         ]
 
 
+def review_lines(data: Any) -> list[str]:
+    """What clinicians made of the published records (`skinvlm review`, applied by `fix`)."""
+    outcomes: Counter[str] = Counter()
+    for ds in data.values():
+        outcomes.update(ds["review"] if "review" in ds.column_names else ["unreviewed"] * ds.num_rows)
+    total, read = sum(outcomes.values()), sum(n for status, n in outcomes.items() if status != "unreviewed")
+    if not read:
+        return ["- Not reviewed by clinicians: every description is as the model wrote it, after the rules."]
+    shown = ", ".join(f"{status} {n:,}" for status, n in outcomes.most_common())
+    return [
+        f"- Reviewed by clinicians in `skinvlm review`: {read:,} of {total:,} records ({shown}); the `review` "
+        "column says each record's outcome, and edited descriptions and corrected labels are the clinicians'."
+    ]
+
+
 def reason_kind(reason: str) -> str:
     """'cannot decode: broken PNG file (bad checksum in IDAT chunk)' -> 'cannot decode'."""
     return reason.split(":")[0].split(" (")[0]
@@ -277,6 +293,7 @@ def card(
         if stage == "fixed"
         else "- Not cleaned: the text is as `skinvlm describe` wrote it.",
         *audit_lines(report),
+        *review_lines(data),
         "",
         "## Privacy",
         "",

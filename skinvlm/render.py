@@ -163,6 +163,9 @@ def audit_report(out: Console, report: Any, brief: bool = False) -> None:
         summary.add_row(name, str(value))
     out.print(summary)
     out.print("a record with several problems is in several rows above and once in the last", style="dim")
+    if report.review:
+        outcomes = ", ".join(f"{status} {n:,}" for status, n in report.review.items())
+        out.print(f"clinicians' review (skinvlm review, applied by fix): {outcomes}")
 
 
 def _mapped(report: Any, tag: str) -> str:
@@ -195,6 +198,28 @@ def publish_report(out: Console, result: Any) -> None:
         table.add_row(path, f"{size:,}")
     out.print(table)
     out.print(result.url if result.uploaded else f"dry run: files are in {result.folder}; nothing was uploaded")
+
+
+def review_report(out: Console, found: dict[str, Any]) -> None:
+    table = _table(f"review: {found['records']:,} records", "reviewer", "accepted", "edited", "rejected", "per hour")
+    for name, counts in found["reviewers"].items():
+        per_hour = "-" if counts["per_hour"] is None else f"{counts['per_hour']:,.0f}"
+        table.add_row(name, *(f"{counts[k]:,}" for k in ("accepted", "edited", "rejected")), per_hour)
+    out.print(table)
+    out.print("final status: " + ", ".join(f"{status} {n:,}" for status, n in found["decisions"].items()))
+    agreement = found["agreement"]
+    if not agreement["items"]:
+        out.print("agreement: no record was reviewed by two reviewers (--overlap F offers a share F a second time)")
+        return
+    for what in ("keep_or_reject", "label"):
+        figure = agreement[what]
+        kappa = "-" if figure["kappa"] is None else f"{figure['kappa']:.3f}"
+        interval = f" (95% CI {figure['interval'][0]:.3f}-{figure['interval'][1]:.3f})" if figure["interval"] else ""
+        out.print(f"agreement on {what.replace('_', ' ')}: {agreement['method']} kappa {kappa}{interval}, "
+                  f"{agreement['items']:,} records reviewed twice")  # fmt: skip
+    for item in agreement["disagreements"][:10]:
+        said = "; ".join(f"{name}: {d['decision']} {d['label']}" for name, d in item["reviewers"].items())
+        out.print(f"  disagree on {item['id']}: {said}", highlight=False)
 
 
 def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
@@ -557,7 +582,10 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
     table = Table(title=f"training batch ({summary.backend} collator)", show_header=False)
     table.add_column("")
     table.add_column("value")
-    left_out = f"{summary.skipped} unusable and {summary.mismatched} with another class's <label> left out"
+    left_out = (
+        f"{summary.skipped} unusable, {summary.mismatched} with another class's <label> and "
+        f"{summary.review_left_out} by the clinicians' review left out"
+    )
     table.add_row("rows", f"{summary.rows:,} ({left_out})")
     table.add_row("pixel_values in the batch", "yes" if summary.pixel_values else "[bold red]NO[/]")
     implied = f"(--max-pixels {summary.max_pixels:,} implies {expected})"

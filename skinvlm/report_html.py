@@ -55,19 +55,26 @@ HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 HANGUL_RANGES = "U+1100-11FF, U+3130-318F, U+AC00-D7A3"
 
 
-def hangul_font_face(html: str) -> str:
-    """@font-face for Hangul: NanumGothic (SIL Open Font License, the copy koreanize-matplotlib ships) cut by
-    fontTools to the syllables this page uses (tens of KB, not 4 MB), as a data URL; used for Hangul only
-    (unicode-range), Latin text keeps the system font. Empty where the font is not installed."""
+def hangul_font_file() -> Path | None:
+    """NanumGothic as koreanize-matplotlib ships it (SIL Open Font License), or None where it is not installed."""
     try:
         import koreanize_matplotlib
+    except ImportError:
+        return None
+    source = Path(koreanize_matplotlib.__file__).parent / "fonts" / "NanumGothic.ttf"
+    return source if source.is_file() else None
+
+
+def hangul_woff(characters: str) -> bytes | None:
+    """NanumGothic cut to `characters`, as WOFF (a form Chromium's font sanitiser takes; the shipped TTF it
+    refuses), or None without the font, fontTools or characters."""
+    try:
         from fontTools import subset
     except ImportError:
-        return ""
-    source = Path(koreanize_matplotlib.__file__).parent / "fonts" / "NanumGothic.ttf"
-    characters = "".join(sorted(set(HANGUL.findall(html))))
-    if not (source.is_file() and characters):
-        return ""
+        return None
+    source = hangul_font_file()
+    if not (source and characters):
+        return None
     options = subset.Options()
     options.flavor = "woff"  # zlib-compressed; woff2 would need brotli
     font = subset.load_font(str(source), options)
@@ -76,7 +83,17 @@ def hangul_font_face(html: str) -> str:
     cutter.subset(font)
     buffer = io.BytesIO()
     subset.save_font(font, buffer, options)
-    data = base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def hangul_font_face(html: str) -> str:
+    """@font-face for Hangul: NanumGothic (SIL Open Font License, the copy koreanize-matplotlib ships) cut by
+    fontTools to the syllables this page uses (tens of KB, not 4 MB), as a data URL; used for Hangul only
+    (unicode-range), Latin text keeps the system font. Empty where the font is not installed."""
+    woff = hangul_woff("".join(sorted(set(HANGUL.findall(html)))))
+    if woff is None:
+        return ""
+    data = base64.b64encode(woff).decode()
     return (
         f"@font-face {{ font-family: SkinvlmHangul; src: url(data:font/woff;base64,{data}) format('woff'); "
         f"unicode-range: {HANGUL_RANGES}; }}\n"

@@ -120,6 +120,7 @@ class Summary:
     effective_batch_size: int
     example: str  # the first row decoded, image run collapsed, supervised spans in ⟦ ⟧
     example_supervised: str
+    review_left_out: int = 0  # rejected or disputed in the clinicians' review (unreviewed too with --reviewed-only)
     segments: list[tuple[str, bool]] = field(default_factory=list, repr=False)
 
     def as_json(self) -> dict[str, Any]:
@@ -203,6 +204,7 @@ def summarize(
     skipped: int,
     mismatched: int,
     world_size: int,
+    review_left_out: int = 0,
 ) -> Summary:
     """Collate the first batch with the real collator and measure the whole training set."""
     lengths, prompts = token_counts(ds, instruction, processor)
@@ -224,6 +226,7 @@ def summarize(
         rows=len(samples),
         skipped=skipped,
         mismatched=mismatched,
+        review_left_out=review_left_out,
         pixel_values=batch.get("pixel_values") is not None,
         image_tokens_per_row=(ids == image_token).sum(dim=1).tolist(),
         expected_image_tokens_per_row=[vision_tokens(processor, *row["images"][0].size) for row in first],

@@ -248,21 +248,33 @@ class Rows:
     stage: str
     unusable: int  # empty, failed or malformed answers
     mismatched: int  # answers whose <label> names another class than the folder (kept with --keep-mismatches)
+    review_left_out: int = 0  # rejected or disputed by clinicians (and unreviewed, with --reviewed-only)
 
 
-def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False) -> Rows:
+def left_out_by_review(outcome: str | None, reviewed_only: bool) -> bool:
+    """Rejected and disputed records never teach; with --reviewed-only, neither do records no clinician read."""
+    if reviewed_only:
+        return outcome not in ("accepted", "edited")
+    return outcome in ("rejected", "disputed")
+
+
+def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False, reviewed_only: bool = False) -> Rows:
     import warnings
 
     stage = training_stage(ws)
     if stage == "described":
         warnings.warn("datasets/fixed is missing: training on datasets/described (run `skinvlm fix`)", stacklevel=2)
     data = ws.load(stage)
-    unusable = mismatched = 0
+    unusable = mismatched = review_left_out = 0
     for split in list(data):
         ds = data[split]
         keep = []
-        for i, (out, status, label) in enumerate(zip(ds["output"], ds["status"], ds["label"], strict=True)):
-            if status != "ok" or not parse_answer(out).well_formed:
+        outcomes = ds["review"] if "review" in ds.column_names else [None] * ds.num_rows
+        rows = zip(ds["output"], ds["status"], ds["label"], outcomes, strict=True)
+        for i, (out, status, label, outcome) in enumerate(rows):
+            if left_out_by_review(outcome, reviewed_only):
+                review_left_out += 1
+            elif status != "ok" or not parse_answer(out).well_formed:
                 unusable += 1
             elif not (keep_mismatches or agrees(out, label, rules)):
                 mismatched += 1  # the describer's mistake would be taught as the answer
@@ -271,10 +283,10 @@ def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False) ->
         data[split] = ds.select(keep) if len(keep) < ds.num_rows else ds
     if data["train"].num_rows == 0:
         raise SkinvlmError(
-            f"no usable rows in datasets/{stage}: every output is empty, failed, malformed or names another class "
-            "than its folder (see `skinvlm audit`)"
+            f"no usable rows in datasets/{stage}: every output is empty, failed, malformed, names another class "
+            "than its folder (see `skinvlm audit`) or was left out by the clinicians' review"
         )
-    return Rows(data, stage, unusable, mismatched)
+    return Rows(data, stage, unusable, mismatched, review_left_out)
 
 
 def eval_rows(data: Any, settings: TrainSettings) -> Any | None:
@@ -404,7 +416,7 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
     """Rows, model (shape only in a dry run), processor at --max-pixels, collator, and the first batch checked."""
     if plan.backend == "unsloth":
         import_unsloth(plan.cuda)
-    rows = training_rows(ws, rules, settings.keep_mismatches)
+    rows = training_rows(ws, rules, settings.keep_mismatches, settings.reviewed_only)
     if plan.cuda and not dry_run:
         import torch
 
@@ -426,6 +438,7 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
         backend=plan.backend,
         skipped=rows.unusable,
         mismatched=rows.mismatched,
+        review_left_out=rows.review_left_out,
         # A dry run reports the world that `train` would launch; a worker, the one it is in.
         world_size=devices.processes_wanted(settings.processes, settings.gpu) if dry_run else devices.world_size(),
     )
@@ -652,6 +665,7 @@ def save_outputs(
         "splits": {s: d.num_rows for s, d in setup.rows.data.items()},
         "skipped_rows": setup.rows.unusable,
         "mismatched_rows_left_out": setup.rows.mismatched,
+        "review_rows_left_out": setup.rows.review_left_out,
         "steps": max((e["step"] for e in log), default=0),
         "final_loss": losses[-1] if losses else None,
         "world_size": setup.summary.world_size,

@@ -72,6 +72,7 @@ class TrainSettings:
     dataloader_workers: int = 2
     resume: bool = False
     keep_mismatches: bool = False
+    reviewed_only: bool = False
     report_to: str = "none"
     load_in_4bit: bool = True
     gpu: str | None = None

@@ -546,6 +546,8 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
     if (found or {}).get("stage") == "train":
         loss = counts.get("final_loss")
         return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
+    if (found or {}).get("stage") == "fix" and counts.get("review"):
+        return "review: " + ", ".join(f"{status} {n:,}" for status, n in counts["review"].items())
     if (found or {}).get("stage") == "merge" and isinstance(counts.get("merge_error"), float):
         return f"merge error {counts['merge_error']:.3g} (tolerance {counts.get('tolerance', 0):.3g})"
     return ""

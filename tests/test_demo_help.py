@@ -10,7 +10,8 @@ import pytest
 from skinvlm.cli import app
 
 COMMANDS = [
-    "ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "doctor", "demo"
+    "ingest", "status", "describe", "audit", "fix", "publish", "review", "train", "merge", "serve", "eval", "doctor",
+    "demo",
 ]  # fmt: skip
 
 

@@ -60,7 +60,10 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = ("ingest", "status", "describe", "audit", "fix", "publish", "train", "merge", "serve", "eval", "doctor")
+COMMANDS = (
+    *("ingest", "status", "describe", "audit", "fix", "publish", "review"),
+    *("train", "merge", "serve", "eval", "doctor"),
+)
 
 
 def flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's own name

@@ -312,3 +312,46 @@ def publish(
         else:
             result = run_publish(ws, loaded, repo, stage=stage.value, force=ignore_audit, **common)
     return print_json(result.as_json()) if as_json else render.publish_report(out, result)
+
+
+@command()
+def review(
+    workspace: WorkspaceOpt = None,
+    rules: RulesOpt = None,
+    stage: Annotated[
+        TextStage | None, typer.Option(help="Which text stage to review (default: the newest, fixed where made).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    reviewer: Annotated[
+        str | None, typer.Option(metavar="<name>", help="Who reviews (default: $USER); changeable on the page.")
+    ] = None,
+    overlap: Annotated[
+        float, typer.Option(help="Share of records (0-1) that a second reviewer is offered, for agreement.")
+    ] = 0.0,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKINVLM_REVIEW_TOKEN",
+            show_envvar=True,
+            metavar="<token>",
+            help="Access token the page needs (open it with ?token=...); required off loopback.",
+        ),  # fmt: skip
+    ] = None,
+    report: Annotated[
+        bool, flag("--report", help="Print who decided what and how well reviewers agree, instead of serving.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clinicians accept, edit or reject each description in a local web page; --report shows the agreement."""
+    from skinvlm import review as reviewing
+
+    ws, loaded = open_workspace(workspace, rules)
+    state, stage_name = reviewing.open_review(ws, loaded, stage.value if stage else None, overlap)
+    if report:
+        found = reviewing.report(state)
+        print_json(found) if as_json else render.review_report(out, found)
+        return
+    from skinvlm.review_app import serve
+
+    serve(ws, loaded, state, stage_name, host=host, port=port, reviewer=reviewer, token=token, say=err.print)

@@ -102,6 +102,10 @@ def train(
         typer.Option(help="DDP processes under torchrun (default: one per --gpu id; on a CPU they use gloo)."),
     ] = None,
     resume: Annotated[bool, flag("--resume", help="Continue from the newest checkpoint.")] = False,
+    reviewed_only: Annotated[
+        bool,
+        flag("--reviewed-only", help="Train only on records clinicians accepted or edited (skinvlm review, then fix)."),
+    ] = False,
     keep_mismatches: Annotated[
         bool, flag("--keep-mismatches", help="Also train on answers whose <label> names another class than the folder.")
     ] = False,

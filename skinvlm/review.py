@@ -1,0 +1,433 @@
+"""`skinvlm review`: clinicians accept, edit or reject every description; their decisions are data.
+
+Each decision is one line of `journal/review.jsonl` (reviewer, time, record id and image sha256, decision,
+label, edited text, reason), appended under a file lock and fsynced before the page moves on, so a kill -9
+loses nothing and two servers on one workspace never overwrite each other. A decision names the version of
+the record it was made on (how many decisions the record had when it was shown): one made on a record
+decided since is refused. The text stage under review is never rewritten here; `fix` reads the journal.
+
+A record's final status: `unreviewed`; `accepted`, `edited` or `rejected` when its reviewers agree (keep or
+reject, and the label); `disputed` when they do not, until someone decides it again on the page, which
+settles it. `--overlap F` sends a stable share F of the records to a second reviewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skinvlm import personal
+from skinvlm.audit import ENGLISH_WORD, SCRIPTS
+from skinvlm.errors import SkinvlmError
+from skinvlm.prompts import parse_answer
+from skinvlm.rules import Rules, nfc
+from skinvlm.workspace import Workspace, now_iso
+
+DECISIONS = {"accept": "accepted", "edit": "edited", "reject": "rejected"}
+STATUSES = ("unreviewed", "accepted", "edited", "rejected", "disputed")
+MAX_TEXT = 4000  # an edited description longer than this is a paste gone wrong
+IDLE_SECONDS = 600  # gaps longer than this between a reviewer's decisions are breaks, not reviewing
+LOW_PROBABILITY = 0.5  # a model that gives the folder's label less than this puts the record early in the queue
+HOLD_SECONDS = 900  # a record shown to one reviewer is not offered to another for this long (this server)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # english, script, personal, mismatch, invalid
+    start: int = 0
+    end: int = 0
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    split: str
+    index: int
+    label: str
+    view: str
+    sha256: str
+    text: str
+    findings: tuple[Finding, ...]
+    label_probability: float | None = None  # the folder label's probability in the newest eval that scored it
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.findings) or (self.label_probability is not None and self.label_probability < LOW_PROBABILITY)
+
+
+def findings(text: str, label: str, rules: Rules) -> tuple[Finding, ...]:
+    """What audit would flag in one record, with spans to highlight: English words, other scripts, personal
+    data; and whether the answer is malformed or names another class than the folder."""
+    found = [
+        Finding("english", m.start(), m.end())
+        for m in ENGLISH_WORD.finditer(text)
+        if m.group().lower() not in rules.audit.allow and m.group().lower() not in ("label", "summary")
+    ]
+    found += [Finding("script", m.start(), m.end()) for pattern in SCRIPTS.values() for m in pattern.finditer(text)]
+    found += [Finding("personal", f.start, f.end) for f in personal.find(text)]
+    answer = parse_answer(text)
+    if not answer.well_formed:
+        found.append(Finding("invalid"))
+    elif rules.canonical(answer.tag) != label:
+        found.append(Finding("mismatch"))
+    return tuple(sorted(found, key=lambda f: (f.start, f.end)))
+
+
+def review_journal(ws: Workspace) -> Path:
+    return ws.root / "journal" / "review.jsonl"
+
+
+def in_overlap(record_id: str, overlap: float) -> bool:
+    """A stable share `overlap` of the records, the same on every server and every run."""
+    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < overlap
+
+
+@dataclass
+class Outcome:
+    status: str
+    label: str
+    text: str | None  # the edited text that stands, when edited
+
+
+class ReviewState:
+    """The records under review and every decision made on them, kept in step with the journal on disk (which
+    other servers may append to): `refresh` reads what was appended since it last looked."""
+
+    def __init__(self, items: Iterable[Item], path: Path, overlap: float = 0.0) -> None:
+        from filelock import FileLock
+
+        if not 0 <= overlap <= 1:
+            raise SkinvlmError(f"--overlap is a share of the records in [0, 1], not {overlap}")
+        self.items = {item.id: item for item in items}
+        # Records with audit findings or a low label probability first (label mismatches and malformed answers
+        # before the rest of them).
+        self.order = sorted(
+            self.items,
+            key=lambda i: (
+                not any(f.kind in ("mismatch", "invalid") for f in self.items[i].findings),
+                not self.items[i].flagged,
+            ),
+        )
+        self.path, self.overlap = path, overlap
+        self.lock = FileLock(str(path) + ".lock")
+        self.decisions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.shown: dict[str, tuple[str, float]] = {}  # record id -> (reviewer, monotonic time it was shown)
+        self.offset = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    break  # a torn last line (a server killed mid-write): read again once it is whole
+                self.offset += len(line)
+                try:
+                    decision = json.loads(line)
+                except ValueError:
+                    continue
+                if decision.get("id") in self.items:
+                    self.decisions[decision["id"]].append(decision)
+
+    # -- what a record's decisions come to ----------------------------------------------------------
+    def outcome(self, record_id: str) -> Outcome:
+        return outcome(self.items[record_id].label, self.decisions.get(record_id, []))
+
+    def version(self, record_id: str) -> int:
+        return len(self.decisions.get(record_id, []))
+
+    def next_for(self, reviewer: str, skip: Iterable[str] = ()) -> Item | None:
+        """Disputed records first for those who took no part in the dispute (anyone may settle one), then records
+        awaiting a second reviewer, then new ones in queue order, then disputes this reviewer is part of; never a
+        record this reviewer has decided otherwise."""
+        skipped = set(skip)
+        now = time.monotonic()
+        held = {r for r, (who, at) in self.shown.items() if who != reviewer and now - at < HOLD_SECONDS}
+        chosen = self.first_for(reviewer, skipped | held) or self.first_for(reviewer, skipped)
+        if chosen is None:
+            return None
+        self.shown[chosen.id] = (reviewer, now)  # two reviewers at once are shown different records
+        return chosen
+
+    def first_for(self, reviewer: str, skipped: set[str]) -> Item | None:
+        second = new = own_dispute = None
+        for record_id in self.order:
+            if record_id in skipped:
+                continue
+            made = self.decisions.get(record_id, [])
+            if not made:
+                new = new or record_id
+                continue
+            reviewers = {d["reviewer"] for d in made}
+            if self.outcome(record_id).status == "disputed":
+                if reviewer not in reviewers:
+                    return self.items[record_id]
+                own_dispute = own_dispute or record_id
+                continue
+            awaits_second = len(reviewers) == 1 and reviewer not in reviewers and in_overlap(record_id, self.overlap)
+            if second is None and awaits_second:
+                second = record_id
+        chosen = second or new or own_dispute
+        return self.items[chosen] if chosen else None
+
+    def decide(
+        self, reviewer: str, record_id: str, version: int, decision: str, label: str, text: str | None, reason: str
+    ) -> dict[str, Any]:
+        """Append one decision, or refuse it (SkinvlmError) when the record changed since it was shown."""
+        item = self.items.get(record_id)
+        if item is None:
+            raise SkinvlmError(f"no record {record_id!r} in this review")
+        if decision not in DECISIONS:
+            raise SkinvlmError(f"a decision is one of {', '.join(DECISIONS)}, not {decision!r}")
+        if not reviewer.strip() or len(reviewer) > 100:
+            raise SkinvlmError("a reviewer needs a name of 1-100 characters")
+        if decision == "edit" and not (text and text.strip()):
+            raise SkinvlmError("an edit needs the edited text")
+        if text is not None and len(text) > MAX_TEXT:
+            raise SkinvlmError(f"the edited text is longer than {MAX_TEXT} characters")
+        with self.lock:
+            self.refresh()
+            made = self.decisions.get(record_id, [])
+            if version != len(made):
+                last = made[-1] if made else {}
+                raise SkinvlmError(
+                    f"this record was decided by {last.get('reviewer', 'someone')} since it was shown to you "
+                    "(nothing was saved): look at it again"
+                )
+            settles = self.outcome(record_id).status == "disputed"
+            line = {
+                "reviewer": reviewer.strip(),
+                "at": now_iso(),
+                "time": time.time(),
+                "id": record_id,
+                "sha256": item.sha256,
+                "decision": decision,
+                "label": label,
+                "text": nfc(text) if decision == "edit" and text else None,
+                "reason": reason.strip() if reason else "",
+                "version": version,
+                "settles": settles,
+            }
+            append_line(self.path, line)
+            self.shown.pop(record_id, None)  # decided: free for a second reviewer
+            self.refresh()
+        return line
+
+
+def decisions_of(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
+    """Every decision in the review journal, per record id, in the order made (a torn last line left out)."""
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    path = review_journal(ws)
+    if not path.exists():
+        return found
+    with path.open("rb") as handle:
+        for line in handle:
+            try:
+                decision = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(decision, dict) and decision.get("id"):
+                found[decision["id"]].append(decision)
+    return found
+
+
+def append_line(path: Path, line: dict[str, Any]) -> None:
+    """One JSON line, on disk (fsynced) before this returns; a torn line left by a killed writer is ended first."""
+    with path.open("a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def latest_per_reviewer(decisions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each reviewer's own newest decision on a record, settling ones left out (they are not a second opinion)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for decision in decisions:
+        if not decision.get("settles"):
+            latest[decision["reviewer"]] = decision
+    return latest
+
+
+def outcome(label: str, decisions: list[dict[str, Any]]) -> Outcome:
+    """What a record's decisions come to; `label` is the folder's, which stands until a reviewer changes it."""
+    if not decisions:
+        return Outcome("unreviewed", label, None)
+    settled = [d for d in decisions if d.get("settles")]
+    if settled:
+        final = settled[-1]
+        return Outcome(DECISIONS[final["decision"]], final["label"], final.get("text"))
+    opinions = list(latest_per_reviewer(decisions).values())
+    keeps = {d["decision"] != "reject" for d in opinions}
+    labels = {d["label"] for d in opinions}
+    if len(keeps) > 1 or len(labels) > 1:
+        return Outcome("disputed", label, None)
+    edits = [d for d in opinions if d["decision"] == "edit"]
+    if edits:
+        newest = max(edits, key=lambda d: d.get("time", 0))
+        return Outcome("edited", newest["label"], newest["text"])
+    return Outcome(DECISIONS[opinions[0]["decision"]], opinions[0]["label"], None)
+
+
+# -- the report ---------------------------------------------------------------------------------------
+def report(state: ReviewState, resamples: int = 1000, seed: int = 42) -> dict[str, Any]:
+    reviewers: dict[str, Counter[str]] = defaultdict(Counter)
+    times: dict[str, list[float]] = defaultdict(list)
+    items: list[dict[str, dict[str, Any]]] = []
+    for record_id, made in state.decisions.items():
+        for decision in made:
+            times[decision["reviewer"]].append(decision.get("time", 0.0))
+        opinions = latest_per_reviewer(made)
+        for name, decision in opinions.items():
+            reviewers[name][DECISIONS[decision["decision"]]] += 1
+        if len(opinions) >= 2:
+            items.append({"id": record_id, **opinions})  # type: ignore[dict-item]
+    statuses = Counter(state.outcome(record_id).status for record_id in state.items)
+    two = len(reviewers) == 2  # Cohen's kappa pairs one reviewer's ratings with the other's; Fleiss' beyond
+    # Ordered by reviewer name: with two reviewers, Cohen's kappa pairs each one's ratings with the other's.
+    opinions_of = [[d for k, d in sorted(item.items()) if k != "id"] for item in items]
+    keep = [[d["decision"] != "reject" for d in opinions] for opinions in opinions_of]
+    labels = [[d["label"] for d in opinions] for opinions in opinions_of]
+    return {
+        "records": len(state.items),
+        "reviewers": {
+            name: {kind: counts[kind] for kind in ("accepted", "edited", "rejected")} | throughput(times[name])
+            for name, counts in sorted(reviewers.items())
+        },
+        "decisions": {status: statuses[status] for status in STATUSES},
+        "agreement": {
+            "items": len(items),
+            "method": "cohen" if two else "fleiss",
+            "keep_or_reject": agreement(keep, two, resamples, seed),
+            "label": agreement(labels, two, resamples, seed),
+            "disagreements": [
+                {
+                    "id": item["id"],
+                    "reviewers": {
+                        k: {"decision": d["decision"], "label": d["label"]} for k, d in item.items() if k != "id"
+                    },
+                }
+                for item, kept, named in zip(items, keep, labels, strict=True)
+                if len(set(kept)) > 1 or len(set(named)) > 1
+            ],
+        },
+    }
+
+
+def throughput(stamps: list[float]) -> dict[str, Any]:
+    """Decisions per hour of active reviewing (gaps over IDLE_SECONDS are breaks) and the median seconds each."""
+    stamps = sorted(stamps)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if b - a <= IDLE_SECONDS]
+    active = sum(gaps)
+    median = sorted(gaps)[len(gaps) // 2] if gaps else None
+    return {
+        "decisions": len(stamps),
+        "per_hour": round(len(gaps) / active * 3600, 1) if active > 0 else None,
+        "median_seconds": round(median, 2) if median is not None else None,
+    }
+
+
+def kappa(ratings: list[list[Any]]) -> float | None:
+    """Agreement beyond chance of items rated by two or more reviewers: Fleiss' kappa with per-item rater counts,
+    which for two ratings an item is Cohen's kappa with both reviewers' ratings pooled (Scott's pi, the same
+    figure when the two share their base rates). None when chance alone explains every rating."""
+    rated = [r for r in ratings if len(r) >= 2]
+    if not rated:
+        return None
+    categories = sorted({c for r in rated for c in r}, key=str)
+    totals = Counter(c for r in rated for c in r)
+    n_all = sum(totals.values())
+    expected = sum((totals[c] / n_all) ** 2 for c in categories)
+    observed = sum((sum(v * v for v in Counter(r).values()) - len(r)) / (len(r) * (len(r) - 1)) for r in rated) / len(
+        rated
+    )
+    if expected >= 1:
+        return 1.0 if observed >= 1 else None
+    return round((observed - expected) / (1 - expected), 4)
+
+
+def cohen(pairs: list[tuple[Any, Any]]) -> float | None:
+    """Cohen's kappa of two reviewers (each with their own base rates)."""
+    if not pairs:
+        return None
+    n = len(pairs)
+    first, second = Counter(a for a, _ in pairs), Counter(b for _, b in pairs)
+    observed = sum(a == b for a, b in pairs) / n
+    expected = sum(first[c] * second[c] for c in set(first) | set(second)) / (n * n)
+    if expected >= 1:
+        return 1.0 if observed >= 1 else None
+    return round((observed - expected) / (1 - expected), 4)
+
+
+def agreement(ratings: list[list[Any]], two: bool, resamples: int, seed: int) -> dict[str, Any]:
+    """The kappa of these ratings (Cohen's when `two` reviewers gave them all, else Fleiss') with a bootstrap
+    95% interval over items."""
+    import numpy as np
+
+    measure = (lambda rs: cohen([(r[0], r[1]) for r in rs])) if two else kappa
+    value = measure(ratings)
+    if value is None or len(ratings) < 2:
+        return {"kappa": value, "interval": None}
+    rng = np.random.default_rng(seed)
+    drawn = [measure([ratings[i] for i in rng.integers(0, len(ratings), len(ratings))]) for _ in range(resamples)]
+    values = np.array([1.0 if v is None else v for v in drawn])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"kappa": value, "interval": [round(float(low), 4), round(float(high), 4)]}
+
+
+# -- the records under review ---------------------------------------------------------------------------
+def load_items(ws: Workspace, rules: Rules, stage: str | None = None) -> tuple[str, list[Item]]:
+    """The newest text stage (fixed where one exists), its text and the ingested facts of each record."""
+    from datasets import load_from_disk
+
+    stage = stage or ws.newest_text_stage()
+    text = load_from_disk(str(ws.require(stage)))
+    ingested = load_from_disk(str(ws.require("ingested")))
+    scored = label_probabilities(ws)
+    items = []
+    for split, ds in text.items():
+        base = ingested[split]
+        facts = {rid: (i, label, view, sha) for i, (rid, label, view, sha) in
+                 enumerate(zip(base["id"], base["label"], base["view"], base["sha256"], strict=True))}  # fmt: skip
+        for rid, output in zip(ds["id"], ds["output"], strict=True):
+            index, label, view, sha = facts[rid]
+            shown = nfc(output or "")
+            probability = scored.get((rid, sha), {}).get(label)
+            items.append(Item(rid, split, index, label, view, sha, shown, findings(shown, label, rules), probability))
+    return stage, items
+
+
+def label_probabilities(ws: Workspace) -> dict[tuple[str, str], dict[str, float]]:
+    """(record id, image sha256) -> class probabilities, from every eval run's answers, the newest run winning."""
+    from skinvlm.journal import last_by_id
+
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    runs = (
+        sorted(ws.eval_root.glob("*/predictions.jsonl"), key=lambda p: p.stat().st_mtime)
+        if ws.eval_root.is_dir()
+        else []
+    )
+    for path in runs:
+        for record in last_by_id(path).values():
+            if isinstance(record.get("probabilities"), dict):
+                found[(record["id"], record.get("sha256", ""))] = record["probabilities"]
+    return found
+
+
+def open_review(ws: Workspace, rules: Rules, stage: str | None, overlap: float) -> tuple[ReviewState, str]:
+    stage, items = load_items(ws, rules, stage)
+    return ReviewState(items, review_journal(ws), overlap), stage

@@ -1,0 +1,283 @@
+"""The review page: a Starlette app over a `ReviewState`, served by uvicorn on 127.0.0.1 unless told otherwise.
+
+Plain HTML and a little JavaScript; every string from the data (descriptions, labels, ids) reaches the page as
+JSON and is put in with `textContent`, never as HTML, so a description holding `<script>` is shown as text.
+Images are looked up by record id in the ingested dataset: no part of a request becomes a file path. Changes
+need the session's CSRF token (a header a cross-site form cannot send); a host other than loopback needs the
+access token, compared in constant time and never logged (uvicorn's access log is off: it would print it).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skinvlm.errors import SkinvlmError
+from skinvlm.review import Item, ReviewState, report
+from skinvlm.rules import Rules
+from skinvlm.workspace import Workspace
+
+SESSION_COOKIE = "skinvlm_review"
+TOKEN_COOKIE = "skinvlm_review_token"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Sessions:
+    """Per browser: its reviewer name and CSRF token (in memory: a restart asks the page to reload)."""
+
+    default_reviewer: str
+    known: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def get(self, session_id: str | None) -> tuple[str, dict[str, str]]:
+        if session_id and session_id in self.known:
+            return session_id, self.known[session_id]
+        session_id = secrets.token_urlsafe(24)
+        self.known[session_id] = {"reviewer": self.default_reviewer, "csrf": secrets.token_urlsafe(24)}
+        return session_id, self.known[session_id]
+
+
+def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, Any]:
+    if item is None:
+        return {"done": True, "progress": progress(state)}
+    result = state.outcome(item.id)
+    return {
+        "done": False,
+        "id": item.id,
+        "split": item.split,
+        "label": item.label,
+        "english": rules.english(item.label),
+        "view": item.view,
+        "text": item.text,
+        "findings": [{"kind": f.kind, "start": f.start, "end": f.end} for f in item.findings],
+        "version": state.version(item.id),
+        "probability": item.label_probability,
+        "status": result.status,
+        "progress": progress(state),
+    }
+
+
+def progress(state: ReviewState) -> dict[str, int]:
+    reviewed = sum(1 for record_id in state.items if state.decisions.get(record_id))
+    return {"reviewed": reviewed, "records": len(state.items)}
+
+
+def image_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    return "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream"
+
+
+@functools.cache
+def page_template() -> str:
+    """The page (review.html beside this module): HTML, CSS and the script, with __CSRF__ and __BOOT__ to fill."""
+    return Path(__file__).with_name("review.html").read_text(encoding="utf-8")
+
+
+@functools.cache
+def every_hangul_woff() -> bytes | None:
+    """Every Hangul syllable and jamo of NanumGothic, cut once per server (a second or two, on first use)."""
+    from skinvlm.report_html import hangul_woff
+
+    characters = [*range(0x1100, 0x1200), *range(0x3130, 0x3190), *range(0xAC00, 0xD7A4)]
+    return hangul_woff("".join(map(chr, characters)))
+
+
+def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]:
+    return item_json(state, state.next_for(reviewer), rules)
+
+
+def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, token: str | None, stage: str) -> Any:
+    """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    sessions = Sessions(reviewer)
+    classes = [{"name": c.name, "english": c.english} for c in rules.classes]
+
+    def authorised(request: Request) -> bool:
+        if token is None:
+            return True
+        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    def session_of(request: Request) -> tuple[str, dict[str, str]]:
+        return sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def with_cookies(response: Response, session_id: str, request: Request) -> Response:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
+        if token is not None and request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self'; font-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+        )
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def refused(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def checked(request: Request) -> tuple[str, dict[str, str]] | JSONResponse:
+        if not authorised(request):
+            return refused(401, "this review needs its access token (?token=...)")
+        session_id, session = session_of(request)
+        if request.method == "POST" and not hmac.compare_digest(
+            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
+        ):
+            return refused(403, "this page is out of date: reload it")
+        return session_id, session
+
+    async def page(request: Request) -> Response:
+        found = checked(request)
+        if isinstance(found, JSONResponse):
+            return HTMLResponse("<p>This review needs its access token: open the address with ?token=...</p>", 401)
+        session_id, session = found
+        state.refresh()
+        first = next_json(state, session["reviewer"], rules)
+        boot = {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
+        html = page_template().replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
+        return with_cookies(HTMLResponse(html), session_id, request)
+
+    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """The access token (and, for changes, the CSRF token) checked; the handler gets the session."""
+
+        async def endpoint(request: Request) -> Response:
+            found = checked(request)
+            if isinstance(found, JSONResponse):
+                return found
+            return await handler(request, *found)
+
+        return endpoint
+
+    def answer_next(request: Request, session_id: str, reviewer: str) -> Response:
+        return with_cookies(JSONResponse(next_json(state, reviewer, rules)), session_id, request)
+
+    @guarded
+    async def next_item(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        state.refresh()
+        return answer_next(request, session_id, session["reviewer"])
+
+    @guarded
+    async def decide(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError
+            label = str(body.get("label") or "")
+            if label not in rules.class_names:
+                return refused(400, f"the label must be one of {', '.join(rules.class_names)}")
+            state.decide(
+                session["reviewer"],
+                str(body.get("id", "")),
+                int(body.get("version", -1)),
+                str(body.get("decision", "")),
+                label,
+                body.get("text") if isinstance(body.get("text"), str) else None,
+                str(body.get("reason") or ""),
+            )
+        except (ValueError, TypeError):
+            return refused(400, "a decision is a JSON object with id, version, decision and label")
+        except SkinvlmError as problem:
+            return refused(409, str(problem))
+        return answer_next(request, session_id, session["reviewer"])
+
+    @guarded
+    async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        try:
+            name = str((await request.json()).get("reviewer", "")).strip()
+        except (ValueError, AttributeError):
+            name = ""
+        if not 0 < len(name) <= 100:
+            return refused(400, "a reviewer needs a name of 1-100 characters")
+        session["reviewer"] = name
+        return answer_next(request, session_id, name)
+
+    @guarded
+    async def image(request: Request, *_: Any) -> Response:
+        item = state.items.get(request.path_params["record_id"])
+        if item is None:
+            return refused(404, "no such record")
+        data = images[item.split][item.index]["image"]["bytes"]
+        return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+    @guarded
+    async def font(request: Request, *_: Any) -> Response:
+        woff = every_hangul_woff()
+        if woff is None:
+            return refused(404, "no Hangul font installed here")
+        return Response(woff, media_type="font/woff", headers={"Cache-Control": "max-age=86400"})
+
+    @guarded
+    async def summary(request: Request, *_: Any) -> Response:
+        state.refresh()
+        return JSONResponse(report(state, resamples=200))
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/api/next", next_item),
+            Route("/api/decide", decide, methods=["POST"]),
+            Route("/api/reviewer", set_reviewer, methods=["POST"]),
+            Route("/api/report", summary),
+            Route("/image/{record_id:str}", image),
+            Route("/font/hangul.woff", font),
+        ]
+    )
+
+
+def script_json(value: Any) -> str:
+    """JSON safe inside a <script> element: no '</script>' or '<!--' can end it early."""
+    return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def serve(
+    ws: Workspace,
+    rules: Rules,
+    state: ReviewState,
+    stage: str,
+    *,
+    host: str,
+    port: int,
+    reviewer: str | None,
+    token: str | None,
+    say: Callable[[str], None],
+) -> None:
+    """Serve the page until Ctrl-C or SIGTERM (every decision is on disk already when the page moves on)."""
+    check_host(host, token)
+    try:
+        import uvicorn
+    except ImportError:
+        raise SkinvlmError("skinvlm review needs the review extra: pip install 'skinvlm[review]'") from None
+    if not 0 < port < 65536:
+        raise SkinvlmError(f"--port must be 1-65535, not {port}")
+    from datasets import Image, load_from_disk
+
+    ingested = load_from_disk(str(ws.require("ingested")))
+    images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
+    name = reviewer or os.environ.get("USER") or "reviewer"
+    app = create_app(state, images, rules, name, token, stage)
+    shown = progress(state)
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
+    say(f"review of {stage}: {where} (reviewer {name}; {shown['reviewed']:,} of {shown['records']:,} records "
+        "reviewed; Ctrl-C stops)")  # fmt: skip
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of saying it could not bind
+        raise SkinvlmError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
+
+
+def check_host(host: str, token: str | None) -> None:
+    if host not in LOOPBACK and not token:
+        raise SkinvlmError(f"--host {host} opens the review to the network: set --token (or SKINVLM_REVIEW_TOKEN) too")

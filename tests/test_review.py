@@ -1,0 +1,345 @@
+"""`skinvlm review`: the real server in its own process, driven over HTTP and in Chromium (Playwright); its
+decisions in the journal, the report's agreement figures, and fix and train honouring them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the review extra is not installed (pip install -e '.[review]')")
+pytest.importorskip("uvicorn", reason="the review extra is not installed (pip install -e '.[review]')")
+
+CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`skinvlm review` in its own process group, on a free port; `url` once it answers."""
+
+    def __init__(self, workspace: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "skinvlm", "review", "-w", str(workspace), "--port", str(self.port), *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"review did not start: {self.process.communicate()[1].decode()}") from None
+                time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        os.killpg(self.process.pid, sig)
+        _, err = self.process.communicate(timeout=30)
+        return self.process.returncode, err.decode()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.stop(signal.SIGKILL)
+
+
+class Browserless:
+    """A reviewer's session over plain HTTP: the page's cookie and CSRF token, then the JSON API."""
+
+    def __init__(self, url: str, query: str = "") -> None:
+        self.url = url
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        page = self.opener.open(f"{url}/{query}").read().decode()
+        self.csrf = page.split('<meta name="csrf" content="')[1].split('"')[0]
+        self.item = json.loads(page.split('<script id="boot" type="application/json">')[1].split("</script>")[0])[
+            "item"
+        ]
+
+    def post(self, path: str, body: dict, csrf: str | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{self.url}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "X-CSRF-Token": self.csrf if csrf is None else csrf},
+        )
+        try:
+            with self.opener.open(request) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def decide(self, decision: str, label: str | None = None, text: str | None = None, reason: str = "") -> dict:
+        body = {"id": self.item["id"], "version": self.item["version"], "decision": decision,
+                "label": label or self.item["label"], "text": text, "reason": reason}  # fmt: skip
+        status, answer = self.post("/api/decide", body)
+        assert status == 200, answer
+        self.item = answer
+        return answer
+
+    def fresh(self) -> None:
+        with self.opener.open(f"{self.url}/api/next") as response:
+            self.item = json.loads(response.read())
+
+    def name(self, reviewer: str) -> None:
+        status, answer = self.post("/api/reviewer", {"reviewer": reviewer})
+        assert status == 200, answer
+        self.item = answer
+
+
+def journal(workspace: Path) -> list[dict]:
+    path = workspace / "journal" / "review.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def reviewable(cli, ingested: Path) -> Path:
+    cli("describe", "--template")
+    cli("fix")
+    return ingested
+
+
+def test_decisions_are_journalled_survive_kill_9_and_conflicts_are_refused(cli, reviewable: Path) -> None:
+    with Server(reviewable, "--reviewer", "kim") as server:
+        first, second = Browserless(server.url), Browserless(server.url)
+        assert first.item["id"] == second.item["id"], "both are shown the same record"
+        first.decide("accept")
+        status, answer = second.post(
+            "/api/decide",
+            {
+                "id": second.item["id"],
+                "version": second.item["version"],
+                "decision": "reject",
+                "label": second.item["label"],
+                "reason": "blurred",
+            },  # fmt: skip
+        )
+        assert status == 409 and "decided by kim since it was shown" in answer["error"], "never overwritten"
+        first.decide("edit", text="<label>건선</label>\n<summary>수정한 소견입니다. 경계가 분명한 판.</summary>")
+        first.decide("reject", reason="사진이 흐림")
+        code, err = server.stop(signal.SIGKILL)
+    assert [d["decision"] for d in journal(reviewable)] == ["accept", "edit", "reject"]
+    assert journal(reviewable)[2]["reason"] == "사진이 흐림" and journal(reviewable)[0]["sha256"]
+    with Server(reviewable, "--reviewer", "kim") as server:
+        again = Browserless(server.url)
+        decided = {d["id"] for d in journal(reviewable)}
+        assert again.item["id"] not in decided and again.item["progress"]["reviewed"] == 3, "nothing lost"
+        assert Browserless(server.url).post("/api/decide", {"id": "x"}, csrf="forged")[0] == 403
+        code, err = server.stop(signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1].startswith("interrupted by SIGTERM"), err
+
+
+def test_the_network_needs_a_token_and_nothing_leads_outside_the_records(cli, reviewable: Path) -> None:
+    refused = cli("review", "--host", "0.0.0.0", ok=False)
+    assert refused.exit_code == 1 and "--token" in refused.stderr
+    token = "review-token-0123456789"
+    with Server(reviewable, env={"SKINVLM_REVIEW_TOKEN": token}) as server:
+        for path in ("/", "/api/next", f"/image/{'x'}"):
+            try:
+                urllib.request.urlopen(server.url + path)
+                raise AssertionError(f"{path} answered without the token")
+            except urllib.error.HTTPError as err:
+                assert err.code == 401
+        session = Browserless(server.url, f"?token={token}")
+        for probe in ("/image/..%2F..%2Fmanifest.json", "/image/../../etc/passwd", "/image/%2Fetc%2Fpasswd"):
+            try:
+                session.opener.open(server.url + probe)
+                raise AssertionError(f"{probe} answered")
+            except urllib.error.HTTPError as err:
+                assert err.code == 404, probe
+        photo = session.opener.open(f"{server.url}/image/{session.item['id']}")
+        assert photo.headers["Content-Type"] in ("image/png", "image/jpeg")
+        _, err = server.stop()
+    assert token not in err
+
+
+def test_two_reviewers_with_overlap_give_the_expected_kappa(cli, reviewable: Path) -> None:
+    with Server(reviewable, "--overlap", "1", "--reviewer", "kim") as server:
+        kim, lee = Browserless(server.url), Browserless(server.url)
+        lee.name("lee")
+        # kim decides 8 records; lee then reviews the same 8 (offered before new ones): disagreeing on 2.
+        for n in range(8):
+            kim.decide("reject" if n in (0, 1, 2) else "accept")
+        lee_ids = []
+        lee.fresh()  # what lee was shown before kim decided is out of date
+        for n in range(8):
+            lee_ids.append(lee.item["id"])
+            lee.decide("reject" if n in (0, 3) else "accept")
+        server.stop()
+    assert set(lee_ids) == {d["id"] for d in journal(reviewable) if d["reviewer"] == "kim"}, "seconds first"
+    report = cli.json("review", "--report")
+    assert report["reviewers"]["kim"]["rejected"] == 3 and report["reviewers"]["lee"]["accepted"] == 6
+    agreement = report["agreement"]
+    # kim: R R R A A A A A; lee: R A A R A A A A -> agree on 5 of 8; chance (3*2 + 5*6) / 64
+    assert agreement["items"] == 8 and agreement["method"] == "cohen"
+    assert agreement["keep_or_reject"]["kappa"] == pytest.approx((5 / 8 - 36 / 64) / (1 - 36 / 64), abs=1e-4)
+    low, high = agreement["keep_or_reject"]["interval"]
+    assert low <= agreement["keep_or_reject"]["kappa"] <= high
+    assert agreement["label"]["kappa"] == 1.0 and len(agreement["disagreements"]) == 3
+    assert report["decisions"]["disputed"] == 3 and report["decisions"]["rejected"] == 1
+    table = cli("review", "--report")
+    assert "kim" in table.stdout and "kappa" in table.stdout
+
+
+def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -> None:
+    with Server(reviewable, "--reviewer", "kim") as server:
+        kim = Browserless(server.url)
+        edited_id = kim.item["id"]
+        edited = (
+            "<label>여드름</label>\n<summary>구진과 면포가 양쪽 뺨에 흩어져 있고, 붉은 염증성 병변이 이마와 턱에도 "
+            "보입니다.</summary>"
+        )
+        kim.decide("edit", label="여드름", text=edited)
+        rejected_id = kim.item["id"]
+        kim.decide("reject", reason="얼굴이 아님")
+        accepted_id = kim.item["id"]
+        kim.decide("accept")
+        server.stop()
+    cli("fix")
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(reviewable / "datasets" / "fixed"))
+    fixed = {row["id"]: row for split in data for row in data[split]}
+    assert fixed[edited_id]["review"] == "edited" and fixed[edited_id]["output"] == edited
+    assert fixed[edited_id]["label"] == "여드름", "a clinician's label correction wins over the folder"
+    assert fixed[rejected_id]["review"] == "rejected" and fixed[accepted_id]["review"] == "accepted"
+    assert sum(r["review"] == "unreviewed" for r in fixed.values()) == len(fixed) - 3
+    audit = cli.json("audit", "--stage", "fixed")
+    assert audit["review"] == {"unreviewed": len(fixed) - 3, "accepted": 1, "edited": 1, "rejected": 1}
+    listed = {s["name"]: s for s in cli.json("status")["stages"]}
+    assert listed["fixed"]["figures"].startswith("review: unreviewed")
+    cli("publish", "me/reviewed", "--dry-run")
+    card = (reviewable / "publish" / "dataset" / "README.md").read_text(encoding="utf-8")
+    assert f"Reviewed by clinicians in `skinvlm review`: 3 of {len(fixed)} records" in card
+    summary = cli.json("train", "--dry-run", "--model", tiny, "--backend", "hf", "--max-pixels", "12544")
+    assert summary["review_left_out"] == 1, "the rejected record does not teach"
+    only = cli.json(
+        "train", "--dry-run", "--model", tiny, "--backend", "hf", "--max-pixels", "12544", "--reviewed-only"
+    )
+    assert only["review_left_out"] == len(fixed) - 2 and only["rows"] == 2, "accepted and edited only"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
+def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(cli, reviewable: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    described = load_outputs(reviewable)
+    xss_id = next(iter(described))
+    plant_text(
+        cli,
+        reviewable,
+        xss_id,
+        '<label>건선</label><summary><script>window.pwned=1</script><img src=x onerror="window.pwned=2">판</summary>',
+    )
+    problems: list[str] = []
+    with Server(reviewable, "--reviewer", "park") as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(server.url)
+        for name in ("Accept", "Edit", "Reject"):
+            assert page.get_by_role("button", name=name, exact=True).is_visible()
+        # The planted record has an audit finding (English words): it is shown first, as text.
+        assert page.evaluate("window.pwned") is None and "<script>" in page.text_content("#text")
+        first = page.evaluate("item.id")
+        page.keyboard.press("a")
+        page.wait_for_function(f"() => item.id !== {json.dumps(first)}")
+        # An edit in Korean: while a syllable is composed, Ctrl+Enter belongs to the input method.
+        second = page.evaluate("item.id")
+        page.keyboard.press("e")
+        page.fill("#edit", "")
+        page.keyboard.insert_text("<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>")
+        page.evaluate(
+            "document.getElementById('edit').dispatchEvent(new KeyboardEvent('keydown',"
+            " {key: 'Enter', ctrlKey: true, isComposing: true, bubbles: true}))"
+        )
+        page.wait_for_timeout(200)
+        assert page.evaluate("item.id") == second, "nothing saved mid-composition"
+        assert page.get_by_role("button", name="Save", exact=True).is_visible()
+        page.keyboard.press("Control+Enter")
+        page.wait_for_function(f"() => item.id !== {json.dumps(second)}")
+        third = page.evaluate("item.id")
+        page.keyboard.press("r")
+        page.keyboard.insert_text("초점이 맞지 않음")
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"() => item.id !== {json.dumps(third)}")
+        shown = page.text_content("#progress")
+        page.reload()
+        assert page.text_content("#progress") == shown == f"3 / {len(described)} reviewed"
+        assert page.evaluate("item.id") not in (first, second, third)
+        browser.close()
+        server.stop()
+    decisions = journal(reviewable)
+    assert [(d["id"], d["decision"]) for d in decisions] == [(first, "accept"), (second, "edit"), (third, "reject")]
+    assert decisions[1]["text"] == "<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>"
+    assert decisions[2]["reason"] == "초점이 맞지 않음" and all(d["reviewer"] == "park" for d in decisions)
+    assert problems == [] and first == xss_id
+
+
+def load_outputs(workspace: Path) -> dict[str, str]:
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(workspace / "datasets" / "fixed"))
+    return {row["id"]: row["output"] for split in data for row in data[split]}
+
+
+def plant_text(cli, workspace: Path, record_id: str, text: str) -> None:
+    """One description replaced through the describe journal (as a labeller's answer), then `describe --template`
+    keeps it and `fix` carries it on: the page shows what the stages hold."""
+    path = workspace / "journal" / "describe.jsonl"
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    planted = next(line for line in lines if line["id"] == record_id) | {"output": text, "model": "planted"}
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(planted, ensure_ascii=False) + "\n")
+    cli("describe", "--template")
+    cli("fix")
+
+
+def test_low_label_probabilities_come_first_and_fleiss_kappa_matches_the_textbook(cli, reviewable: Path) -> None:
+    from test_eval_serve import run_eval
+
+    from skinvlm.demo.openai_server import FakeOpenAI, image_of
+    from skinvlm.demo.synthetic import colour_label
+    from skinvlm.review import kappa
+
+    def by_colour(body: dict) -> str:
+        pixels = list(image_of(body).getdata())
+        label = colour_label(tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3)))
+        return f"<label>{label}</label>\n<summary>색으로 본 소견입니다.</summary>"
+
+    def unsure_of_rosacea(label: str) -> dict[str, float]:
+        sure = 0.1 if label == "주사" else 0.9
+        return {c: sure if c == label else (1 - sure) / 5 for c in ("건선", "아토피", "여드름", "주사", "지루", "정상")}
+
+    with FakeOpenAI(answer=by_colour, label_probabilities=unsure_of_rosacea) as server:
+        run_eval(cli, server, "--name", "scored")
+    with Server(reviewable) as server:
+        kim = Browserless(server.url)
+        first = kim.item
+        kim.decide("accept")
+        assert {first["label"], kim.item["label"]} == {"주사"} and first["probability"] == pytest.approx(0.1)
+        assert first["split"] == "test", "the eval scored the held-out photos"
+        server.stop()
+    # Fleiss (1971) as Wikipedia works it: 10 subjects, 14 raters each, 5 categories -> kappa 0.210
+    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]  # fmt: skip
+    ratings = [[category for category, n in enumerate(row) for _ in range(n)] for row in table]
+    assert kappa(ratings) == pytest.approx(0.210, abs=0.001)
