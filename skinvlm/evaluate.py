@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -74,6 +75,8 @@ class EvalSettings:
     wait: float = 0.0  # seconds to wait for the server to come up before the first request
     labels_only: bool = False  # stop each answer at </label>: accuracy runs in a fraction of the time
     probabilities: bool = True  # class probabilities: every label scored (model dir) or logprobs (server)
+    constrained: bool = False  # the label decoded from the classes only, then the summary freely
+    target_accuracy: float = 0.95  # the referral threshold's goal: answer only photos this likely to be right
 
     def check(self) -> None:
         check_choice("--detail", self.detail, openai_api.Detail)
@@ -82,6 +85,8 @@ class EvalSettings:
         check_seconds("--timeout", self.timeout)
         if self.max_pixels is not None and self.max_pixels < MIN_PIXELS:
             raise SkinvlmError(f"--max-pixels must be at least {MIN_PIXELS} (56x56), not {self.max_pixels}")
+        if not 0 < self.target_accuracy <= 1:
+            raise SkinvlmError(f"--target-accuracy is a share in (0, 1], not {self.target_accuracy}")
 
 
 LOCAL_SERVER = "http://127.0.0.1:8000/v1"  # `skinvlm serve`'s default
@@ -134,6 +139,8 @@ def served_resolution(ws: Workspace, settings: EvalSettings) -> int | None:
 def ask_key(who: dict[str, Any], prompt: str, settings: EvalSettings) -> str:
     """The key of an answer, less the image: what must match for a stored answer to count again."""
     generation = {k: getattr(settings, k) for k in ("max_tokens", "temperature", "detail", "labels_only")}
+    if settings.constrained:  # only then: answers kept from earlier free runs keep their key
+        generation["constrained"] = True
     generation["probabilities"] = settings.probabilities
     return fingerprint(who, prompt, generation)
 
@@ -143,11 +150,31 @@ def answer_budget(settings: EvalSettings) -> int:
     return min(settings.max_tokens, LABELS_ONLY_TOKENS) if settings.labels_only else settings.max_tokens
 
 
-def server_extras(settings: EvalSettings) -> dict[str, Any]:
+def server_extras(settings: EvalSettings, rules: Rules) -> dict[str, Any]:
     extra: dict[str, Any] = {"stop": [LABEL_END]} if settings.labels_only else {}
     if settings.probabilities:
         extra |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+    if settings.constrained:
+        extra["extra_body"] = {"structured_outputs": {"regex": label_pattern(rules)}}  # not in OpenAI's own API
     return extra
+
+
+def label_pattern(rules: Rules) -> str:
+    """vLLM's structured outputs (`structured_outputs.regex`): the label one of the classes, the rest free."""
+    classes = "|".join(re.escape(c) for c in rules.class_names)
+    return f"{re.escape(LABEL_START)}({classes}){re.escape(LABEL_END)}[\\s\\S]*"
+
+
+def unconstrained(record: dict[str, Any], settings: EvalSettings) -> str | None:
+    """Why a --constrained run must stop at this answer: the server refused the field, or ignored it."""
+    if not settings.constrained:
+        return None
+    error = record.get("error") or ""
+    if error and ("400" in error or "422" in error or "structured" in error.lower()):
+        return f"the server refused structured outputs ({error.splitlines()[0][:160]})"
+    if not error and record["predicted"] == UNPARSED:
+        return f"the server ignored structured outputs: its answer {record['raw'][:60]!r} names no class"
+    return None
 
 
 def closed(text: str | None, settings: EvalSettings) -> str | None:
@@ -252,13 +279,15 @@ async def ask_server(
                 temperature=settings.temperature,
                 max_attempts=settings.max_attempts,
                 backoff=settings.backoff,
-                extra=server_extras(settings),
+                extra=server_extras(settings, rules),
             )
             latency = time.perf_counter() - start
             record = prediction(item, closed(reply.text, settings), latency, rules, reply.error, reply.cut)
             record["prompt_tokens"] = reply.prompt_tokens  # the server's count, image included
             if settings.probabilities:
                 record["probabilities"] = label_distribution(reply.tokens, rules.class_names)
+            if problem := unconstrained(record, settings):
+                raise SkinvlmError(f"--constrained: {problem}; nothing falls back to free answers")
             sink(record)
 
     try:
@@ -306,18 +335,41 @@ def ask_local(
         clock = time.perf_counter()
         inputs = processor(text=[text] * len(batch), images=images, return_tensors="pt", padding=True).to(model.device)
         stop = {"stop_strings": [LABEL_END], "tokenizer": processor.tokenizer} if settings.labels_only else {}
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=answer_budget(settings), do_sample=False, **stop)
-        answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         vision = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
         scored = [
-            class_probabilities(model, processor, text, image, rules) if settings.probabilities else None
+            class_probabilities(model, processor, text, image, rules)
+            if settings.probabilities or settings.constrained
+            else None
             for image in images
         ]
+        if settings.constrained:  # the label is the best-scored class; generation goes on after </label>
+            answers = constrained_answers(model, processor, text, images, scored, settings)
+        else:
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=answer_budget(settings), do_sample=False, **stop)
+            answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         per_image = (time.perf_counter() - clock) / len(batch)
         for item, answer, tokens, probabilities in zip(batch, answers, vision, scored, strict=True):
             record = prediction(item, answer, per_image, rules) | {"image_tokens": tokens}
-            sink(record | {"probabilities": probabilities} if probabilities else record)
+            sink(record | {"probabilities": probabilities} if probabilities and settings.probabilities else record)
+
+
+def constrained_answers(
+    model: Any, processor: Any, prompt: str, images: list[Any], scored: list[Any], settings: EvalSettings
+) -> list[str]:
+    """`<label>` + the class the scores rank first + `</label>`, then (unless --labels-only) the model's own words
+    after it, generated from that prefix."""
+    import torch
+
+    labels = [LABEL_START + max(probabilities, key=probabilities.get) + LABEL_END for probabilities in scored]
+    if settings.labels_only:
+        return labels
+    texts = [prompt + label for label in labels]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=settings.max_tokens, do_sample=False)
+    rest = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [label + more for label, more in zip(labels, rest, strict=True)]
 
 
 def class_probabilities(model: Any, processor: Any, prompt: str, image: Any, rules: Rules) -> dict[str, float]:
@@ -359,7 +411,7 @@ def require_an_answer(records: list[dict[str, Any]]) -> None:
 
 
 # -- metrics ---------------------------------------------------------------------------------
-def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[str, Any]:
+def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_accuracy: float = 0.95) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     from skinvlm import stats  # numpy: loaded when a run is scored, not at every CLI start
@@ -407,7 +459,19 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float) -> dict[st
         "intervals": stats.bootstrap(truth, predicted, classes)
         | {"per_view": {view: stats.proportion_interval(hits) for view, hits in sorted(views.items())}},
         "probabilities": probability_summary(records, classes),
+        "selective": selective_summary(records, target_accuracy),
     }
+
+
+def selective_summary(records: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """Answer only when sure enough, refer the rest (stats.selective): where class probabilities were read."""
+    from skinvlm import stats
+
+    scored = [r for r in records if r.get("probabilities")]
+    if len(scored) < 2:
+        return None
+    confidence = [max(r["probabilities"].values()) for r in scored]
+    return stats.selective([r["label"] for r in scored], [r["predicted"] for r in scored], confidence, target)
 
 
 def probability_summary(records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
@@ -539,6 +603,7 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
             f"top-2 accuracy {score(probabilities['top2_accuracy'])}, "
             f"expected calibration error {score(probabilities['ece'])}",
         ]
+    lines += selective_lines(result)
     lines += ["", "| view | accuracy |", "|---|---|"]
     per_view = result["intervals"].get("per_view", {})
     lines += [f"| {view} | {acc:.3f} ({bounds(per_view[view])}) |" if view in per_view else f"| {view} | {acc:.3f} |"
@@ -554,6 +619,27 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
         if label != UNPARSED:
             lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def selective_lines(result: dict[str, Any]) -> list[str]:
+    """The referral threshold, as report.md and the model card state it."""
+    chosen = result.get("selective")
+    if not chosen:
+        return []
+    target = f"{chosen['target_accuracy']:.0%}"
+    if chosen["threshold"] is None:
+        return ["", f"Referral: no threshold of the top-class probability reaches {target} accuracy on "
+                    f"{chosen['chosen_on']} photos (AURC {chosen['aurc']:.3f})."]  # fmt: skip
+    accuracy = (
+        "-" if chosen["accuracy"] is None else f"{chosen['accuracy']:.3f} ({bounds(chosen['accuracy_interval'])})"
+    )
+    return [
+        "",
+        f"Referral for {target} accuracy: answer when the top class's probability is at least "
+        f"{chosen['threshold']:.3f} (chosen on {chosen['chosen_on']} photos); on the other {chosen['measured_on']}: "
+        f"coverage {chosen['coverage']:.3f} ({bounds(chosen['coverage_interval'])}), accuracy {accuracy}; "
+        f"the rest referred. AURC {chosen['aurc']:.3f}.",
+    ]
 
 
 def bounds(pair: list[float]) -> str:
@@ -619,7 +705,8 @@ def evaluate(
     result = {
         "name": name,
         "backend": backend,
-        **metrics(records, rules, wall),
+        **metrics(records, rules, wall, settings.target_accuracy),
+        "constrained": settings.constrained,
         "failed": sum(1 for record in records if record["error"]),
         "from_cache": len(cached),
         "asked": len(todo),

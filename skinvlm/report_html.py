@@ -116,10 +116,16 @@ def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, im
 {per_class(result, rules)}
 <h2>Per view</h2>
 {per_view(result)}
+{referral(result)}
 <h2 id="photos">Photos</h2>
 {filters(result)}
 <div id="gallery">
-{"".join(figure(record, images.get(record["id"], ""), rules) for record in sorted(records, key=gallery_order))}
+{
+        "".join(
+            figure(record, images.get(record["id"], ""), rules, threshold(result))
+            for record in sorted(records, key=gallery_order)
+        )
+    }
 </div>
 <script>{SCRIPT}</script>
 </body></html>
@@ -225,9 +231,50 @@ def filters(result: dict[str, Any]) -> str:
 </div>"""
 
 
-def figure(record: dict[str, Any], image: str, rules: Rules) -> str:
+def threshold(result: dict[str, Any]) -> float | None:
+    return (result.get("selective") or {}).get("threshold")
+
+
+def referral(result: dict[str, Any]) -> str:
+    """The risk-coverage curve as an inline SVG, and the referral threshold for the target accuracy."""
+    chosen = result.get("selective")
+    if not chosen:
+        return ""
+    side = 240
+    points = " ".join(
+        f"{p['coverage'] * side:.1f},{(1 - p['accuracy']) * side:.1f}" for p in chosen["curve"]
+    )  # accuracy up, coverage right
+    svg = (
+        f'<svg id="risk-coverage" width="{side + 40}" height="{side + 30}" viewBox="-30 -5 {side + 40} {side + 30}" '
+        'role="img" aria-label="accuracy of the photos answered against the share answered">'
+        f'<rect x="0" y="0" width="{side}" height="{side}" fill="none" stroke="#999"/>'
+        f'<polyline points="{points}" fill="none" stroke="darkred" stroke-width="2"/>'
+        f'<text x="{side / 2}" y="{side + 20}" text-anchor="middle" font-size="11">share answered</text>'
+        f'<text x="-8" y="8" text-anchor="end" font-size="11">1</text>'
+        f'<text x="-8" y="{side}" text-anchor="end" font-size="11">0</text></svg>'
+    )
+    target = f"{chosen['target_accuracy']:.0%}"
+    if chosen["threshold"] is None:
+        said = f"No threshold of the top class's probability reaches {target} accuracy."
+    else:
+        accuracy = (
+            "-" if chosen["accuracy"] is None else f"{chosen['accuracy']:.3f} {span(chosen['accuracy_interval'])}"
+        )
+        said = (
+            f"For {target} accuracy, answer when the top class's probability is at least "
+            f'<b id="referral-threshold">{chosen["threshold"]:.3f}</b> (chosen on {chosen["chosen_on"]} photos); on '
+            f'the other {chosen["measured_on"]}: coverage <b id="referral-coverage">{chosen["coverage"]:.3f}</b> '
+            f"{span(chosen['coverage_interval'])}, accuracy {accuracy}. Photos below it are marked "
+            "<i>referred</i> in the gallery."
+        )
+    return f'<h2>Referral</h2><p class="sub">{said} AURC {chosen["aurc"]:.3f}.</p>{svg}'
+
+
+def figure(record: dict[str, Any], image: str, rules: Rules, refer_below: float | None = None) -> str:
     right = record["predicted"] == record["label"]
     probabilities = record.get("probabilities") or {}
+    referred = refer_below is not None and bool(probabilities) and max(probabilities.values()) < refer_below
+    marked = ' <b class="referred">referred</b>' if referred else ""
     bars = "".join(
         f'<div class="bar"><span>{escape(c)}</span><meter min="0" max="1" value="{p:.4f}"></meter>{p:.3f}</div>'
         for c, p in sorted(probabilities.items(), key=lambda kv: -kv[1])
@@ -238,7 +285,7 @@ def figure(record: dict[str, Any], image: str, rules: Rules) -> str:
         f'data-pred="{escape(record["predicted"])}" data-id="{escape(record["id"])}">'
         f'<img src="{image}" alt="{escape(record["id"])}" width="{THUMBNAIL_SIDE}">'
         f"<figcaption><b>true</b> {class_name(record['label'], rules)} &middot; {escape(record['view'])}<br>"
-        f'<b>predicted</b> <span class="predicted">{class_name(record["predicted"], rules)}</span>'
+        f'<b>predicted</b> <span class="predicted">{class_name(record["predicted"], rules)}</span>{marked}'
         f"{bars}{error}<details><summary>answer</summary><pre>{escape(record['raw'] or '')}</pre></details>"
         "</figcaption></figure>"
     )
@@ -247,7 +294,7 @@ def figure(record: dict[str, Any], image: str, rules: Rules) -> str:
 STYLE = """
 body { font-family: SkinvlmHangul, system-ui, "Noto Sans CJK KR", "Malgun Gothic", "Apple SD Gothic Neo", sans-serif;
        margin: 2rem; color: #1b1b1b; max-width: 1400px; }
-h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; }
+h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; } .referred { color: #b35c00; }
 .cards { display: flex; flex-wrap: wrap; gap: 1rem; }
 .cards div { border: 1px solid #ccc; border-radius: 6px; padding: .6rem 1rem; min-width: 8rem; }
 .cards i { display: block; font-style: normal; color: #555; font-size: .85rem; }

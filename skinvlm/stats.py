@@ -166,3 +166,61 @@ def calibration(truth: np.ndarray, probs: np.ndarray) -> tuple[float, list[dict[
                 }
             )
     return round(float(ece), 4), bins
+
+
+def selective(
+    truth: list[str], predicted: list[str], confidence: list[float], target: float, seed: int = SEED
+) -> dict[str, Any]:
+    """Answer only when the top class is probable enough, refer the rest: the risk-coverage curve (accuracy of the
+    photos answered against the share answered, most confident first), the area under its risk (AURC: lower is
+    better), and a referral threshold for `target` accuracy chosen on one half of the photos (stratified by class,
+    seeded) and measured on the other, with 95% intervals, so the figures are not those the threshold was fit to."""
+    right = np.asarray([t == p for t, p in zip(truth, predicted, strict=True)], dtype=float)
+    sure = np.asarray(confidence, dtype=float)
+    order = np.argsort(-sure, kind="stable")
+    answered_accuracy = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
+    step = max(1, len(order) // 100)  # at most ~100 points: enough to draw, small in metrics.json
+    curve = [
+        {"coverage": round((k + 1) / len(order), 4), "accuracy": round(float(answered_accuracy[k]), 4)}
+        for k in range(len(order) - 1, -1, -step)
+    ][::-1]
+    fit, held = halves(truth, seed)
+    threshold = referral_threshold(right[fit], sure[fit], target)
+    answered = sure[held] >= threshold if threshold is not None else np.zeros(len(held), dtype=bool)
+    hits = right[held][answered]
+    return {
+        "target_accuracy": target,
+        "aurc": round(float(np.mean(1 - answered_accuracy)), 4),
+        "curve": curve,
+        "threshold": None if threshold is None else round(float(threshold), 6),
+        "chosen_on": len(fit),
+        "measured_on": len(held),
+        "coverage": round(float(answered.mean()), 4) if len(held) else None,
+        "coverage_interval": proportion_interval(list(answered)) if len(held) else None,
+        "accuracy": round(float(hits.mean()), 4) if len(hits) else None,
+        "accuracy_interval": proportion_interval(list(hits.astype(bool))) if len(hits) else None,
+    }
+
+
+def halves(truth: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of the photos, each class split evenly between them (the first half takes an odd one)."""
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    labels = np.asarray(truth)
+    for label in sorted(set(truth)):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cut = (len(members) + 1) // 2
+        fit += members[:cut].tolist()
+        held += members[cut:].tolist()
+    return np.asarray(sorted(fit), dtype=int), np.asarray(sorted(held), dtype=int)
+
+
+def referral_threshold(right: np.ndarray, sure: np.ndarray, target: float) -> float | None:
+    """The lowest confidence above which the answered photos are at least `target` accurate (the most answered),
+    or None when no threshold reaches it."""
+    best = None
+    for candidate in sorted(set(sure.tolist()), reverse=True):
+        answered = sure >= candidate
+        if right[answered].mean() >= target:
+            best = candidate
+    return best

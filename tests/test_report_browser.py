@@ -32,6 +32,11 @@ def report(cli, ingested: Path) -> tuple[Path, dict]:
     return run / "report.html", json.loads((run / "metrics.json").read_text(encoding="utf-8"))
 
 
+def scored_probabilities(run: Path) -> list[dict[str, float]]:
+    lines = (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record["probabilities"] for record in map(json.loads, lines) if record.get("probabilities")]
+
+
 def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[Path, dict]) -> None:
     path, metrics = report
     problems: list[str] = []
@@ -48,6 +53,12 @@ def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[
         assert page.text_content("#n") == str(metrics["n"])
         assert page.text_content("#accuracy") == f"{metrics['accuracy']:.4f}"
         assert page.text_content("#macro-auc") == f"{metrics['probabilities']['macro_auc']:.3f}", "3 decimals"
+        assert page.query_selector("#risk-coverage polyline") is not None, "the risk-coverage curve is drawn"
+        referred = [p for p in page.query_selector_all(".referred")]
+        if metrics["selective"]["threshold"] is not None:
+            assert page.text_content("#referral-threshold") == f"{metrics['selective']['threshold']:.3f}"
+            sure = [max(r.values()) for r in scored_probabilities(path.parent)]
+            assert len(referred) == sum(s < metrics["selective"]["threshold"] for s in sure)
         labels = metrics["labels"]
         for cell in page.query_selector_all(".cell"):
             truth, predicted = cell.get_attribute("data-true"), cell.get_attribute("data-pred")

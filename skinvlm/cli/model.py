@@ -302,6 +302,20 @@ def eval_(
             help="Class probabilities: every label scored (--model-dir) or logprobs asked of the server.",
         ),
     ] = E.probabilities,
+    constrained: Annotated[
+        bool,
+        flag(
+            "--constrained",
+            help="Decode the label from the classes only, then the summary freely (--model-dir: the best-scored "
+            "class; a server: vLLM's structured outputs). Nothing is unparsed.",
+        ),
+    ] = E.constrained,
+    target_accuracy: Annotated[
+        float,
+        typer.Option(
+            help="Accuracy the referral threshold aims at: answer the photos this likely right, refer the rest."
+        ),
+    ] = E.target_accuracy,
     model_dir: Annotated[
         Path | None,
         typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),

@@ -51,6 +51,19 @@ def generated(text: str, body: dict[str, Any], obeys_max_tokens: bool) -> str:
     return text[: body.get("max_tokens", 10**6) * CHARS_PER_TOKEN] if obeys_max_tokens else text
 
 
+def forced_label(text: str, pattern: str, label_probabilities: Callable[[str], dict[str, float]] | None) -> str:
+    """The answer as a server obeying `<label>(A|B|...)</label>...` gives it: a label outside the classes is replaced
+    by the likeliest class (by `label_probabilities`, else the first), the words after it kept."""
+    classes = pattern.split("(", 1)[1].split(")", 1)[0].split("|")
+    head, found, rest = text.partition("<label>")
+    label, closing, tail = rest.partition("</label>")
+    if found and closing and label in classes:
+        return text
+    scores = label_probabilities(label) if label_probabilities else {}
+    best = max(classes, key=lambda c: scores.get(c, 0.0))
+    return f"<label>{best}</label>" + (tail if closing else "\n<summary>형식을 벗어난 답변입니다.</summary>")
+
+
 def token_logprobs(text: str, label_probabilities: Callable[[str], dict[str, float]]) -> list[dict[str, Any]]:
     """The answer as three tokens (up to <label>, the label, the rest); the label token carries the distribution
     as top_logprobs, as vLLM and OpenAI report them."""
@@ -102,7 +115,12 @@ class FakeOpenAI:
         token_seconds: float = 0.0,
         label_probabilities: Callable[[str], dict[str, float]] | None = None,
         obeys_max_tokens: bool = True,
+        structured: str = "obeys",
     ) -> None:
+        # structured: what a request's `structured_outputs` regex meets, as vLLM documents it ("obeys": the label
+        # is forced to one of the pattern's classes, the likeliest), or a server that "refuses" it (400) or
+        # "ignores" it.
+        self.structured = structured
         # token_seconds: time per answer token (CHARS_PER_TOKEN characters), as a real server spends
         # generating, so a shorter answer (stop sequence, max_tokens) comes back sooner.
         # label_probabilities: the distribution over labels behind an answer's <label> for requests asking
@@ -373,6 +391,10 @@ class FakeOpenAI:
                 text = "I am unable to describe this image." if action == "garbage" else fake.answer(body)
                 if text.startswith("!"):  # an answer function may ask for an HTTP error: "!500"
                     return self.send(int(text[1:]), {"error": {"message": "injected", "type": "test"}})
+                if body.get("structured_outputs") and fake.structured == "refuses":
+                    return self.send(400, {"error": {"message": "structured_outputs is not supported", "type": "test"}})
+                if body.get("structured_outputs") and fake.structured == "obeys":
+                    text = forced_label(text, body["structured_outputs"]["regex"], fake.label_probabilities)
                 text = generated(text, body, fake.obeys_max_tokens)
                 time.sleep(fake.token_seconds * (len(text) // CHARS_PER_TOKEN + 1))
                 choice: dict[str, Any] = {
