@@ -262,6 +262,10 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
             f"top-2 accuracy {score(probabilities['top2_accuracy'])}, ECE {score(probabilities['ece'])}",
             highlight=False,
         )
+    from skinvlm.evaluate import selective_lines
+
+    for line in selective_lines(result)[1:]:  # the referral threshold, as report.md says it
+        out.print(line, highlight=False)
     for note in result.get("notes", []):
         out.print(f"[yellow]note[/]: {escape(note)}")
     matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])
