@@ -186,6 +186,9 @@ def train_figures(ws: Path, model: Path, output: Path, recipe: dict[str, Any], m
         "peak_rss_mb": result["peak_rss_mb"],
         "first_loss": next((e["loss"] for e in log if "loss" in e), None),
         "final_loss": result["final_loss"],
+        # --select-by: held-out rows scored by class at each evaluation (no macro_f1: this backend gave no logits)
+        "evals": result.get("evals", []),
+        "best_step": result.get("best_step"),
     }
 
 
@@ -232,7 +235,8 @@ def tiny_case(backend: str, four_bit: bool) -> Callable[[argparse.Namespace, Mac
         where = paths(args.root)
         ws, name = where["tiny_ws"], f"tiny-{backend}-{machine.precision(four_bit)}"
         adapter, merged = ws / "models" / name, ws / "models" / f"{name}-merged"
-        recipe = TINY_RECIPE | {"backend": backend, "max_steps": args.steps, "eval_rows": 0}
+        every = max(1, args.steps // 4)  # four evaluations, each scoring 12 held-out rows by class (--select-by)
+        recipe = TINY_RECIPE | {"backend": backend, "max_steps": args.steps, "eval_rows": 12, "eval_steps": every}
         recipe["load_in_4bit" if four_bit else "no_load_in_4bit"] = True
         figures = train_figures(ws, where["tiny_model"], adapter, recipe, machine)
         gpu = [] if machine.cpu else ["--gpu", "0"]

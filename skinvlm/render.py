@@ -510,6 +510,7 @@ class TrainProgress:
         self.task: Any = None
         self.started = 0.0
         self.eval_loss: float | None = None
+        self.eval_f1: float | None = None  # held-out macro F1 by class scores, at each evaluation (--select-by)
 
     def start(self, summary: Any, plan: Any) -> None:
         train_summary(self.console, summary)
@@ -536,13 +537,15 @@ class TrainProgress:
         self.task = self.bar.add_task("train", total=None, figures="")
 
     def step(self, event: dict[str, Any]) -> None:
-        if "eval_loss" in event:
+        if event.get("eval_loss") is not None:
             self.eval_loss = event["eval_loss"]
+        if event.get("eval_macro_f1") is not None:
+            self.eval_f1 = event["eval_macro_f1"]
         if "loss" not in event or self.quiet:
             return
         step, total = event["step"], event.get("max_steps") or 0
         per_step = (time.perf_counter() - self.started) / max(step, 1)
-        figures = training_figures(event, self.eval_loss, per_step)
+        figures = training_figures(event, self.eval_loss, per_step, self.eval_f1)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, total=total, figures=figures)
         elif step % self.every == 0 or step == total or step == 1:
@@ -555,10 +558,14 @@ class TrainProgress:
             self.bar = None
 
 
-def training_figures(event: dict[str, Any], eval_loss: float | None, per_step: float) -> str:
+def training_figures(
+    event: dict[str, Any], eval_loss: float | None, per_step: float, eval_f1: float | None = None
+) -> str:
     parts = [f"loss {event['loss']:.4f}"]
     if eval_loss is not None:
         parts.append(f"eval {eval_loss:.4f}")
+    if eval_f1 is not None:
+        parts.append(f"held-out F1 {eval_f1:.3f}")
     if "learning_rate" in event:
         parts.append(f"lr {event['learning_rate']:.2e}")
     if event.get("grad_norm") is not None:

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices
+from skinvlm import devices, selection
 from skinvlm.errors import SkinvlmError
-from skinvlm.prompts import agrees, instruction, parse_answer
+from skinvlm.prompts import agrees, conversation, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.samples import AnswerOnlyCollator, Summary, chat_rows, summarize, unsloth_collator
 from skinvlm.train_settings import TrainSettings
@@ -57,6 +57,8 @@ class TrainResult:
     effective_batch_size: int
     summary: Summary
     log: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {step, loss, accuracy, macro_f1} per evaluation
+    best_step: int | None = None  # the evaluation whose adapter was kept (--select-by)
 
     def as_json(self) -> dict[str, Any]:
         fields = {k: v for k, v in asdict(self).items() if k not in ("summary", "log")}
@@ -599,6 +601,9 @@ def train(
 
     trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
     trainer.add_callback(log_callback(log_path, on_step))
+    chooser = choosing_callback(setup, rules, settings, on_step)
+    if chooser is not None:
+        trainer.add_callback(chooser)
     vision = VisionCalls(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=plan.resume_from)
@@ -608,9 +613,13 @@ def train(
             trainer._save_checkpoint(trainer.model, trial=None)
         raise TrainingInterrupted(newest_checkpoint(plan.output), alone and trainer.state.global_step > 0) from None
     trainer.save_model(str(plan.output))  # the trainer writes on rank 0 only
+    best_step = chosen_step(chooser, settings, trainer.state.global_step)
+    if main and chooser is not None:
+        selection.keep_best(plan.output, best_step, trainer.state.global_step, settings.keep_checkpoints)
+    evals = chooser.evals if chooser is not None else []
     log = read_log(log_path) if main else []  # rank 0 writes the log; the others return without it
     if main:
-        save_outputs(ws, rules, settings, setup, log, started)
+        save_outputs(ws, rules, settings, setup, log, started, evals, best_step)
     losses = [e["loss"] for e in log if "loss" in e]
     return TrainResult(
         plan.output,
@@ -629,7 +638,36 @@ def train(
         setup.summary.effective_batch_size,
         setup.summary,
         log,
+        evals,
+        best_step,
     )
+
+
+def choosing_callback(
+    setup: Setup, rules: Rules, settings: TrainSettings, on_step: Callable[[dict[str, Any]], None] | None
+) -> Any:
+    """The callback that scores each evaluation and keeps the best adapter (selection.py); None without held-out
+    rows, where there is nothing to choose by."""
+    rows = eval_rows(setup.rows.data, settings)
+    if rows is None:
+        return None
+    prompt_text = setup.processor.apply_chat_template(
+        conversation(instruction(rules)), add_generation_prompt=True, tokenize=False
+    )
+
+    def shown(entry: dict[str, Any]) -> None:
+        if on_step:
+            on_step({f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": entry["step"]})
+
+    return selection.selection_callback(
+        setup.plan.output, setup.processor, prompt_text, rows, rules, settings.select_by, settings.patience, shown
+    )
+
+
+def chosen_step(chooser: Any, settings: TrainSettings, last_step: int) -> int | None:
+    if chooser is None or chooser.best is None:
+        return None
+    return last_step if settings.select_by == "last" else int(chooser.best["step"])
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -639,7 +677,14 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def save_outputs(
-    ws: Workspace, rules: Rules, settings: TrainSettings, setup: Setup, log: list[dict[str, Any]], started: str
+    ws: Workspace,
+    rules: Rules,
+    settings: TrainSettings,
+    setup: Setup,
+    log: list[dict[str, Any]],
+    started: str,
+    evals: list[dict[str, Any]],
+    best_step: int | None,
 ) -> None:
     output = setup.plan.output
     # A fresh processor, not the trainer's: the collators switch truncation on in the tokenizer they call,
@@ -671,6 +716,8 @@ def save_outputs(
         "world_size": setup.summary.world_size,
         "effective_batch_size": setup.summary.effective_batch_size,
         "truncated_rows": setup.summary.truncated_rows,
+        "evals": evals,
+        "best_step": best_step,
     }
     stage = setup.rows.stage
     inputs = {"stage": stage, "fingerprint": stage_fingerprint(ws.dataset(stage)), "model": settings.model}

@@ -44,6 +44,9 @@ LOWEST = {
 }
 
 
+SELECT_BY = ("macro_f1", "loss", "last")  # what the kept adapter is best by (selection.py)
+
+
 @dataclass
 class TrainSettings:
     model: str = DEFAULT_BASE
@@ -73,6 +76,9 @@ class TrainSettings:
     resume: bool = False
     keep_mismatches: bool = False
     reviewed_only: bool = False
+    select_by: str = "macro_f1"  # which evaluation's adapter is kept: macro_f1 (class scores), loss or last
+    patience: int | None = None  # stop after this many evaluations without improvement
+    keep_checkpoints: bool = False  # keep the best evaluation's adapter folder (models/adapter/best) too
     report_to: str = "none"
     load_in_4bit: bool = True
     gpu: str | None = None
@@ -93,5 +99,9 @@ class TrainSettings:
             raise SkinvlmError("--learning-rate, --max-grad-norm and --epochs must be above 0")
         if not 0 <= self.lora_dropout < 1:
             raise SkinvlmError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        if self.select_by not in SELECT_BY:
+            raise SkinvlmError(f"--select-by is one of {', '.join(SELECT_BY)}, not {self.select_by!r}")
+        if self.patience is not None and self.patience < 1:
+            raise SkinvlmError(f"--patience counts evaluations: at least 1, not {self.patience}")
         if not (self.finetune_vision or self.finetune_language):
             raise SkinvlmError("LoRA needs the vision layers, the language layers or both")

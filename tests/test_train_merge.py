@@ -149,6 +149,10 @@ def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(
     probabilities = json.loads((described / "eval/tiny/metrics.json").read_text())["probabilities"]
     assert probabilities["n"] == 24 and probabilities["macro_auc"] >= 0.9 and 0 <= probabilities["ece"] <= 1
     assert set(probabilities["auc"]) == {"건선", "아토피", "여드름", "주사", "지루", "정상"}
+    referral = json.loads((described / "eval/tiny/metrics.json").read_text())["selective"]
+    assert referral["target_accuracy"] == 0.95 and referral["chosen_on"] + referral["measured_on"] == 24
+    if result["accuracy"] == 1.0:  # every answer right: some threshold reaches 95%, and it holds on the other half
+        assert referral["threshold"] is not None and referral["accuracy"] == 1.0
     quick = cli.json("eval", "--model-dir", str(folder), "--name", "quick", "--labels-only", "--no-probabilities")
     assert quick["accuracy"] == result["accuracy"] and quick["probabilities"] is None
     answers = [
@@ -239,11 +243,14 @@ def test_two_processes_train_one_adapter(described: Path, tiny: Path) -> None:
     """`--processes 2` on a CPU: torchrun, DDP over gloo; rank 0 alone writes and prints."""
     done = run_cli(
         "train", "-w", described, "--model", tiny, *FAST, "--batch-size", "4", "--max-steps", "40",
-        "--processes", "2", "--json",
+        "--processes", "2", "--json", "--eval-rows", "8", "--eval-steps", "10",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # one JSON object: the second rank printed nothing
     assert result["world_size"] == 2 and result["effective_batch_size"] == 8 and result["steps"] == 40
+    # rank 0 scored each evaluation and both ranks went on together (the decision is broadcast)
+    assert [e["step"] for e in result["evals"]] == [10, 20, 30, 40] and result["best_step"] in (10, 20, 30, 40)
+    assert all("macro_f1" in e for e in result["evals"])
     assert done.stderr.count("training batch") == 1
     adapter = described / "models" / "adapter"
     assert len(list(adapter.glob("adapter_model.safetensors"))) == 1
@@ -314,3 +321,26 @@ def test_train_skips_unusable_rows_and_refuses_when_none_are_left(
     cli("describe", "--template", "--split", "test")  # the train split stays pending: no usable answer
     result = cli("train", "--model", str(tiny), *FAST, ok=False)
     assert result.exit_code == 1 and "no usable rows" in result.stderr
+
+
+@pytest.mark.slow
+def test_training_keeps_the_best_evaluation_and_stops_without_improvement(cli, described: Path, tiny: Path) -> None:
+    """Held-out rows scored by class at each evaluation; the adapter of the best one is kept, not the last."""
+    result = cli.json(
+        "train", "--model", tiny, *FAST, "--max-steps", "120", "--eval-rows", "12", "--eval-steps", "10",
+        "--patience", "3", "--keep-checkpoints",
+    )  # fmt: skip
+    evals = result["evals"]
+    assert evals and all({"step", "loss", "accuracy", "macro_f1"} <= set(e) for e in evals)
+    best = max(evals, key=lambda e: (e["macro_f1"], -e["step"]))  # the first evaluation at the highest F1
+    assert result["best_step"] == best["step"]
+    later = [e for e in evals if e["step"] > best["step"]]
+    assert all(e["macro_f1"] <= best["macro_f1"] for e in later)
+    assert result["steps"] == 120 or len(later) == 3, "stopped after --patience evaluations without improvement"
+    adapter = described / "models" / "adapter"
+    kept = (adapter / "adapter_model.safetensors").read_bytes()
+    assert kept == (adapter / "best" / "adapter_model.safetensors").read_bytes(), "the best evaluation's adapter"
+    manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["best_step"] == best["step"] and manifest["counts"]["evals"] == evals
+    wrong = cli("train", "--model", tiny, *FAST, "--select-by", "accuracy", "--output", "elsewhere", ok=False)
+    assert "--select-by is one of macro_f1, loss, last" in wrong.stderr

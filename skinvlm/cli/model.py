@@ -102,6 +102,19 @@ def train(
         typer.Option(help="DDP processes under torchrun (default: one per --gpu id; on a CPU they use gloo)."),
     ] = None,
     resume: Annotated[bool, flag("--resume", help="Continue from the newest checkpoint.")] = False,
+    select_by: Annotated[
+        str,
+        typer.Option(
+            metavar="<macro_f1|loss|last>",
+            help="Keep the adapter of the best evaluation (held-out rows scored by class, or eval loss) or the last.",
+        ),
+    ] = T.select_by,
+    patience: Annotated[
+        int | None, typer.Option(help="Stop after this many evaluations without improvement.")
+    ] = T.patience,
+    keep_checkpoints: Annotated[
+        bool, flag("--keep-checkpoints", help="Keep the best evaluation's adapter folder (models/adapter/best).")
+    ] = False,
     reviewed_only: Annotated[
         bool,
         flag("--reviewed-only", help="Train only on records clinicians accepted or edited (skinvlm review, then fix)."),
