@@ -146,14 +146,13 @@ class ReviewState:
     def version(self, record_id: str) -> int:
         return len(self.decisions.get(record_id, []))
 
-    def next_for(self, reviewer: str, skip: Iterable[str] = ()) -> Item | None:
+    def next_for(self, reviewer: str) -> Item | None:
         """Disputed records first for those who took no part in the dispute (anyone may settle one), then records
         awaiting a second reviewer, then new ones in queue order, then disputes this reviewer is part of; never a
         record this reviewer has decided otherwise."""
-        skipped = set(skip)
         now = time.monotonic()
         held = {r for r, (who, at) in self.shown.items() if who != reviewer and now - at < HOLD_SECONDS}
-        chosen = self.first_for(reviewer, skipped | held) or self.first_for(reviewer, skipped)
+        chosen = self.first_for(reviewer, held) or self.first_for(reviewer, set())  # all held: share one
         if chosen is None:
             return None
         self.shown[chosen.id] = (reviewer, now)  # two reviewers at once are shown different records
