@@ -265,7 +265,8 @@ def serve_part(args: argparse.Namespace, machine: Machine) -> dict[str, Any]:
 
     where = paths(args.root)
     ws = where["tiny_ws"]
-    merged, local_run = ws / "models" / "tiny-hf-bf16-merged", "tiny-hf-bf16"
+    local_run = f"tiny-hf-{machine.precision(False)}"  # the tiny hf model this part serves, trained 16-bit
+    merged = ws / "models" / f"{local_run}-merged"
     port = free_port()
     printed = skinvlm("serve", "-w", ws, "--model-dir", merged, "--gpu", "0", "--port", port, "--print-command")
     command = [sys.executable, "-m", "skinvlm", "serve", "-w", str(ws), "--model-dir", str(merged)]
@@ -278,6 +279,7 @@ def serve_part(args: argparse.Namespace, machine: Machine) -> dict[str, Any]:
         children = [c.pid for c in psutil.Process(server.pid).children(recursive=True)]
         base_url = f"http://127.0.0.1:{port}/v1"
         served = skinvlm("eval", "-w", ws, "--base-url", base_url, "--name", "tiny-served", "--max-tokens", 32)
+        constrained = constrained_figures(ws, base_url)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -296,9 +298,21 @@ def serve_part(args: argparse.Namespace, machine: Machine) -> dict[str, Any]:
         "accuracy": served["accuracy"],
         "label_agreement_with_model_dir": agreement,
         "prompt_tokens": tokens,
+        "constrained": constrained,
         "children_left_after_sigterm": len(survivors),
         "port_released": port_released,
     }
+
+
+def constrained_figures(ws: Path, base_url: str) -> dict[str, Any]:
+    """`eval --constrained` through the real vLLM (its structured_outputs): unparsed must be 0; a refusal is
+    recorded, not fatal to the other serve figures."""
+    try:
+        run = skinvlm("eval", "-w", ws, "--base-url", base_url, "--name", "tiny-constrained", "--constrained",
+                      "--max-tokens", 32)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the figure is the error itself
+        return {"error": str(err)[-300:]}
+    return {"accuracy": run["accuracy"], "unparsed": run["unparsed"]}
 
 
 def wait_for_line(process: subprocess.Popen, word: str, limit: float) -> str:
@@ -396,7 +410,7 @@ def parts(machine: Machine) -> list[Part]:
             420,
             serve_part,
             lambda m: gpu_only(m) or (None if m.has_vllm else "vllm is not installed (pip install -e .[serve])"),
-            ("tiny-hf-bf16",),
+            (f"tiny-hf-{machine.precision(False)}",),
         ),
         Part(
             "ddp",
