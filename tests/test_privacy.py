@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_secret
 from datasets import Image as ImageFeature
 from datasets import load_from_disk
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin
@@ -19,6 +20,7 @@ from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned
 
 NAME, CHART, SERIAL, GPS_TEXT = "홍길동", "CHART-778899", "SN-CAM-0042", "GPS-37.5665N"
+LOCAL_KEY = fake_secret("sk-", "local-server")  # the test server takes any key
 PLANTED = (NAME.encode(), CHART.encode(), SERIAL.encode(), GPS_TEXT.encode(), b"HONG-GILDONG")
 
 
@@ -205,7 +207,7 @@ def personal_answers(body: dict) -> str:
 
 def test_audit_counts_personal_data_masked_fix_redacts_and_publish_refuses(cli, ingested: Path) -> None:
     with FakeOpenAI(answer=personal_answers) as server:
-        cli("describe", "--base-url", server.url, "--api-key", "sk-test-local-0000000000", "--backoff", "0.01")
+        cli("describe", "--base-url", server.url, "--api-key", LOCAL_KEY, "--backoff", "0.01")
     report = cli.json("audit", "--stage", "described")
     assert report["personal_data"] == 16, "건선 and 주사: 8 photos each"
     assert set(report["personal_data_by_kind"]) <= {"name", "phone", "resident_number", "email", "chart_number"}
@@ -266,7 +268,7 @@ def test_publish_checks_token_and_owner_before_writing_a_shard(
     no_token = cli("publish", "me/x", "--yes", ok=False)
     assert "HF_TOKEN" in no_token.stderr and not folder.exists()
     whoami = Whoami(name="someone-else").install(monkeypatch)
-    env = {"HF_TOKEN": "hf_fake0000000000000000000000000"}
+    env = {"HF_TOKEN": fake_secret("hf_", "privacy")}
     other = cli("publish", "me/x", "--yes", ok=False, env=env)
     assert "may not write under 'me'" in other.stderr and whoami.calls == 1 and not folder.exists()
     Whoami(role="read").install(monkeypatch)
@@ -279,7 +281,7 @@ def test_publish_checks_token_and_owner_before_writing_a_shard(
 def test_the_card_counts_what_the_shards_hold_and_says_what_was_left_out(cli, ugly_tree: Path) -> None:
     cli("ingest", ugly_tree)
     with FakeOpenAI(answer=personal_answers, plan=["garbage", "garbage", "garbage"]) as server:
-        key = "sk-test-local-0000000000"
+        key = LOCAL_KEY
         cli("describe", "--base-url", server.url, "--api-key", key, "--backoff", "0.01", "--concurrency", "1")
     cli("fix", "--drop-invalid")
     cli("publish", "me/x", "--dry-run")

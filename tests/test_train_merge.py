@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_cli
+from conftest import FAST, fake_secret, run_cli
 from test_audit_fix_publish import HubDouble
 
 from skinvlm.demo.synthetic import write_tree
@@ -161,7 +161,14 @@ def test_tiny_model_learns_merges_in_dtype_and_names_held_out_images(
     assert all(answer.rstrip().endswith("</label>") for answer in answers), "generation stopped at </label>"
     model_card_states_the_evaluated_figures(cli, described, folder, result)
     hub = HubDouble().install(monkeypatch)
-    cli("publish", "clinic/skin-model", "--model-dir", folder, "--yes", env={"HF_TOKEN": "hf_" + "0" * 30})
+    cli(
+        "publish",
+        "clinic/skin-model",
+        "--model-dir",
+        folder,
+        "--yes",
+        env={"HF_TOKEN": fake_secret("hf_", "model-upload")},
+    )
     uploaded = {p.name: p.read_bytes() for p in (described / "publish" / "model").iterdir()}
     assert hub.repos["clinic/skin-model"] == uploaded and hub.made["clinic/skin-model"]["repo_type"] == "model"
     assert hub.made["clinic/skin-model"]["private"] is True
