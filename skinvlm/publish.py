@@ -154,14 +154,12 @@ class Provenance:
 
     @classmethod
     def of(cls, ws: Workspace, stage: str) -> Provenance:
-        from datasets import load_from_disk
-
-        rows = {split: ds.num_rows for split, ds in load_from_disk(str(ws.require("ingested"))).items()}
+        ingested = read_manifest(ws.ingested) or {}
         return cls(
-            read_manifest(ws.ingested) or {},
+            ingested,
             read_manifest(ws.described) or {},
             read_manifest(ws.fixed) if stage == "fixed" else None,
-            rows,
+            ingested.get("counts", {}).get("splits", {}),  # rows per split, as ingest counted them
         )
 
     def left_out(self, published: dict[str, int]) -> list[str]:

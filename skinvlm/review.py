@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -241,16 +240,15 @@ def decisions_of(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
 
 
 def append_line(path: Path, line: dict[str, Any]) -> None:
-    """One JSON line, on disk (fsynced) before this returns; a torn line left by a killed writer is ended first."""
-    with path.open("a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell():
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """One JSON line, on disk (fsynced) before this returns, as the describe journal appends (a torn line left by
+    a killed writer is ended first)."""
+    from skinvlm.journal import Journal
+
+    handle = Journal(path).open()
+    try:
+        Journal.append(handle, line)
+    finally:
+        handle.close()
 
 
 def latest_per_reviewer(decisions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
