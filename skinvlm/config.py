@@ -72,8 +72,8 @@ def coerce(value: Any, field: dataclasses.Field[Any]) -> Any:
     default = field.default
     if default is None or default is dataclasses.MISSING:
         return value
-    if isinstance(default, tuple) and isinstance(value, list):
-        return tuple(value)
+    if isinstance(default, tuple) and isinstance(value, list | str):
+        return (value,) if isinstance(value, str) else tuple(value)
     if isinstance(default, bool) != isinstance(value, bool):
         raise TypeError(f"{field.name!r} must be {type(default).__name__}, not {value!r}")
     if isinstance(default, float) and isinstance(value, int):

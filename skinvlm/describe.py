@@ -19,6 +19,7 @@ from typing import Any
 
 from skinvlm import devices, openai_api, pricing
 from skinvlm.describe_settings import STATUSES, DescribeSettings, RunContext
+from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError
 from skinvlm.journal import Journal, Progress, Task, finish, record, rows_of
 from skinvlm.prompts import DescribePrompt, agrees, format_answer, parse_answer
@@ -52,6 +53,8 @@ class DescribeResult:
             "prompt_hash": self.prompt_hash,
             "model": self.model,
             "answers_cut": self.run.cut,
+            "failed_this_run": self.run.failed,
+            "endpoints": self.run.endpoints,
             "note": self.note,
         }
 
@@ -114,7 +117,7 @@ def check_provenance(
 
 
 # -- one request -----------------------------------------------------------------------------
-async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, Any]:
+async def describe_one(task: Task, ingested: Any, ctx: RunContext, pool: Pool) -> dict[str, Any]:
     s = ctx.settings
     encode = openai_api.describe_encoding(s.max_side, s.detail)
     url, width, height = await openai_api.row_image_url(ingested[task.split], task.index, encode)
@@ -124,16 +127,12 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
     attempts = prompt_tokens = completion_tokens = 0
     reply: openai_api.Reply | None = None
     for _ in range(s.format_retries + 1):
-        await ctx.rpm.acquire(1)
-        await ctx.tpm.acquire(estimate)
-        reply = await openai_api.complete(
-            ctx.client,
-            ctx.endpoint,
+        reply = await pool.complete(
             messages,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             max_attempts=s.max_attempts,
-            backoff=s.backoff,
+            tokens=estimate,
         )
         attempts += reply.attempts
         prompt_tokens += reply.prompt_tokens
@@ -157,7 +156,7 @@ async def describe_one(task: Task, ingested: Any, ctx: RunContext) -> dict[str, 
         completion_tokens,
         error,
         ctx.prompt.hash,
-        endpoint=ctx.endpoint.where,
+        endpoint=reply.endpoint,
     )
     return done | {"cut": reply.cut}
 
@@ -173,23 +172,27 @@ async def run_requests(
     queue: asyncio.Queue[Task] = asyncio.Queue()
     for task in tasks:
         queue.put_nowait(task)
+    s = ctx.settings
+    pool = Pool(ctx.endpoints, s.concurrency, s.rpm, s.tpm, s.backoff)
     handle = journal.open()
 
     async def worker() -> None:
         while not queue.empty():
             task = queue.get_nowait()
-            finish(handle, await describe_one(task, ingested, ctx), stats, progress)
+            done = await describe_one(task, ingested, ctx, pool)
+            stats.endpoints = pool.summary()
+            finish(handle, done, stats, progress)
 
     try:
-        await openai_api.check_server(ctx.client, ctx.endpoint)
+        await pool.check()
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(ctx.settings.concurrency, len(tasks))):
+            for _ in range(min(pool.slots, len(tasks))):
                 group.create_task(worker())
     except* SkinvlmError as errors:
         raise errors.exceptions[0] from None
     finally:
         handle.close()
-        await ctx.client.close()
+        await pool.close()
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -237,19 +240,37 @@ def describe(
         raise
     statuses = materialise(ws, ingested, journal.read(), settings, prompt, stats, started)
     if stats.done and stats.failed == stats.done:
-        reasons = "; ".join(f"{reason} ({n}x)" for reason, n in Counter(stats.reasons).most_common(3))
         raise SkinvlmError(
-            f"every one of the {stats.done} requests failed: {reasons} (each is in journal/describe.jsonl)"
+            f"every one of the {stats.done} requests failed: {top_reasons(stats)} (each is in journal/describe.jsonl)"
         )
     seconds = round(time.perf_counter() - clock, 2)
     return DescribeResult(ws.described, statuses, stats, seconds, prompt.hash, model, note)
 
 
+def top_reasons(stats: Progress) -> str:
+    return "; ".join(f"{reason} ({n}x)" for reason, n in Counter(stats.reasons).most_common(3))
+
+
+def check_failures(result: DescribeResult) -> None:
+    """A run that left images without an answer fails once its summary is shown, so a script does not go on as if
+    every photo had its description."""
+    run = result.run
+    if run.failed:
+        raise SkinvlmError(
+            f"{run.failed} of the {run.done} requests of this run failed ({top_reasons(run)}); every answer is saved: "
+            "`skinvlm describe --redo failed` asks those again"
+        )
+
+
 def run_context(
     ws: Workspace, settings: DescribeSettings, rules: Rules, prompt: DescribePrompt, api_key: str | None
 ) -> RunContext:
-    ep = openai_api.endpoint(ws, settings.base_url, api_key, settings.model, settings.timeout)
-    return RunContext(settings, rules, prompt, ep, ep.client())
+    found = openai_api.endpoints(ws, settings.base_url, api_key, settings.model, settings.timeout)
+    if settings.batch and len(found) > 1:
+        raise SkinvlmError(
+            f"--batch goes through one provider's Batch API, not {len(found)} endpoints: give one --base-url"
+        )
+    return RunContext(settings, rules, prompt, found)
 
 
 def write_templates(

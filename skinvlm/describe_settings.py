@@ -3,7 +3,8 @@ runs the same requests through the Batch API), in a module of their own so neith
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from skinvlm import openai_api
@@ -20,8 +21,8 @@ REDO_CHOICES = (*STATUSES, "all", "changed", "mismatch")
 @dataclass
 class DescribeSettings:
     model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    concurrency: int = 16
+    base_url: tuple[str, ...] = ()  # several: requests spread over them (see endpoints.Pool)
+    concurrency: int = 16  # per endpoint
     rpm: int | None = None
     tpm: int | None = None
     timeout: float = 120.0
@@ -43,6 +44,7 @@ class DescribeSettings:
 
     def __post_init__(self) -> None:
         self.redo, self.splits = tuple(self.redo), tuple(self.splits)  # lists from the CLI or a config file
+        self.base_url = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
 
     def check(self) -> None:
         if self.concurrency < 1:
@@ -63,11 +65,13 @@ class RunContext:
     settings: DescribeSettings
     rules: Rules
     prompt: DescribePrompt
-    endpoint: openai_api.Endpoint
-    client: Any
-    rpm: openai_api.RateLimiter = field(init=False)
-    tpm: openai_api.RateLimiter = field(init=False)
+    endpoints: list[openai_api.Endpoint]
 
-    def __post_init__(self) -> None:
-        self.rpm = openai_api.RateLimiter(self.settings.rpm)
-        self.tpm = openai_api.RateLimiter(self.settings.tpm)
+    @property
+    def endpoint(self) -> openai_api.Endpoint:
+        """The Batch API's one endpoint (a batch lives at one provider)."""
+        return self.endpoints[0]
+
+    @functools.cached_property
+    def client(self) -> Any:
+        return self.endpoint.client()

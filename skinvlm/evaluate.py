@@ -24,14 +24,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, openai_api
+from skinvlm import devices, endpoints, openai_api
 from skinvlm.config import check_choice, check_seconds
+from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.images import as_rgb
 from skinvlm.journal import last_by_id
 from skinvlm.numbers import rate, score, seconds
 from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
-from skinvlm.redaction import redact_text
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
 from skinvlm.vlm import MIN_PIXELS, read_settings
@@ -58,9 +58,9 @@ class EvalSettings:
     split: str = "test"
     limit: int | None = None
     seed: int = 42
-    base_url: str | None = None
+    base_url: tuple[str, ...] = ()  # several: requests spread over them (see endpoints.Pool)
     model: str = "skinvlm"
-    concurrency: int = 32
+    concurrency: int = 32  # per endpoint
     timeout: float = 120.0
     max_tokens: int = 256
     temperature: float = 0.0
@@ -77,6 +77,9 @@ class EvalSettings:
     probabilities: bool = True  # class probabilities: every label scored (model dir) or logprobs (server)
     constrained: bool = False  # the label decoded from the classes only, then the summary freely
     target_accuracy: float = 0.95  # the referral threshold's goal: answer only photos this likely to be right
+
+    def __post_init__(self) -> None:
+        self.base_url = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
 
     def check(self) -> None:
         check_choice("--detail", self.detail, openai_api.Detail)
@@ -123,9 +126,13 @@ def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
         weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
         made = stage_fingerprint(folder) or fingerprint(weights)
         return {"model_dir": str(folder), "made": made, "max_pixels": read_settings(folder).get("max_pixels")}
-    url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
+    asked = ", ".join(sorted(ep.where for ep in server_endpoints(ws, settings, None)))
     sent = {"encoding": "png", "max_pixels": served_resolution(ws, settings)}
-    return {"endpoint": redact_text(url), "model": settings.model, "image": sent}
+    return {"endpoint": asked, "model": settings.model, "image": sent}
+
+
+def server_endpoints(ws: Workspace, settings: EvalSettings, api_key: str | None) -> list[openai_api.Endpoint]:
+    return openai_api.endpoints(ws, settings.base_url, api_key, settings.model, settings.timeout, LOCAL_SERVER)
 
 
 def served_resolution(ws: Workspace, settings: EvalSettings) -> int | None:
@@ -257,10 +264,10 @@ async def ask_server(
     api_key: str | None,
     rules: Rules,
     sink: Callable[[dict[str, Any]], None],
+    live: list[dict[str, Any]],
 ) -> None:
-    url = openai_api.setting(ws, "OPENAI_BASE_URL", settings.base_url) or LOCAL_SERVER
-    ep = openai_api.endpoint(ws, url, api_key, settings.model, settings.timeout)
-    client = ep.client()
+    """Ask the server(s) for every item; `live` is kept to the endpoints' summary (endpoints.Pool.summary)."""
+    pool = Pool(server_endpoints(ws, settings, api_key), settings.concurrency, backoff=settings.backoff)
     queue = list(reversed(items))
     max_pixels = served_resolution(ws, settings)
 
@@ -271,34 +278,34 @@ async def ask_server(
             url, _, _ = await openai_api.row_image_url(ds, item.index, encode)
             messages = openai_api.chat_messages(None, prompt, url, settings.detail)
             start = time.perf_counter()
-            reply = await openai_api.complete(
-                client,
-                ep,
+            reply = await pool.complete(
                 messages,
                 max_tokens=answer_budget(settings),
                 temperature=settings.temperature,
                 max_attempts=settings.max_attempts,
-                backoff=settings.backoff,
                 extra=server_extras(settings, rules),
             )
             latency = time.perf_counter() - start
             record = prediction(item, closed(reply.text, settings), latency, rules, reply.error, reply.cut)
             record["prompt_tokens"] = reply.prompt_tokens  # the server's count, image included
+            record["endpoint"] = reply.endpoint
             if settings.probabilities:
                 record["probabilities"] = label_distribution(reply.tokens, rules.class_names)
             if problem := unconstrained(record, settings):
                 raise SkinvlmError(f"--constrained: {problem}; nothing falls back to free answers")
+            live[:] = pool.summary()
             sink(record)
 
     try:
-        await openai_api.check_server(client, ep, settings.wait)
+        await pool.check(settings.wait)
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(settings.concurrency, len(items))):
+            for _ in range(min(pool.slots, len(items))):
                 group.create_task(worker())
     except* SkinvlmError as errors:
         raise errors.exceptions[0] from None
     finally:
-        await client.close()
+        live[:] = pool.summary()
+        await pool.close()
 
 
 def ask_local(
@@ -403,8 +410,23 @@ def reusable(record: dict[str, Any] | None, key: str, item: Item) -> bool:
     return record.get("key") == key and record.get("sha256") == item.sha256 and not record["error"]
 
 
+def check_failures(result: dict[str, Any]) -> None:
+    """A run that left photos without an answer fails once its figures are shown: a script must not take them for
+    the model's (they count as wrong)."""
+    if result["failed"]:
+        reasons = "; ".join(f"{reason} ({n}x)" for reason, n in result["failure_reasons"].items())
+        raise SkinvlmError(
+            f"{result['failed']} of the {result['n']} photos got no answer ({reasons}) and count as wrong in these "
+            f"figures; the answers are saved: `skinvlm eval --name {result['name']}` again asks only those"
+        )
+
+
+def failure_reasons(records: list[dict[str, Any]]) -> Counter[str]:
+    return Counter((r["error"] or "").splitlines()[0][:120] for r in records if r["error"])
+
+
 def require_an_answer(records: list[dict[str, Any]]) -> None:
-    failed = Counter((r["error"] or "").splitlines()[0][:120] for r in records if r["error"])
+    failed = failure_reasons(records)
     if records and sum(failed.values()) == len(records):
         reasons = "; ".join(f"{reason} ({n}x)" for reason, n in failed.most_common(3))
         raise SkinvlmError(f"no image got an answer, all {len(records)} requests failed: {reasons}")
@@ -653,7 +675,7 @@ def evaluate(
     rules: Rules,
     settings: EvalSettings,
     api_key: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     settings.check()
     devices.return_freed_memory()
@@ -673,6 +695,7 @@ def evaluate(
     started, clock = now_iso(), time.perf_counter()
     answered: set[str] = set()
     got_answers: list[str] = []  # answered without error: what a stopped run must keep
+    live: list[dict[str, Any]] = []  # the endpoints' summary, kept current while a server is asked
     try:
         with path.open("a", encoding="utf-8") as handle:
 
@@ -685,12 +708,12 @@ def evaluate(
                 if not record["error"]:
                     got_answers.append(record["id"])
                 if progress:
-                    progress(len(cached) + len(answered), len(items))
+                    progress(len(cached) + len(answered), len(items), endpoints.note(live))
 
             if settings.model_dir:
                 ask_local(ds, todo, prompt, settings, rules, sink)
             elif todo:
-                asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink))
+                asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink, live))
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
         records = [done[i.id] for i in items if i.id in done and done[i.id].get("key") == key]
         require_an_answer(records)
@@ -708,8 +731,10 @@ def evaluate(
         **metrics(records, rules, wall, settings.target_accuracy),
         "constrained": settings.constrained,
         "failed": sum(1 for record in records if record["error"]),
+        "failure_reasons": dict(failure_reasons(records).most_common(3)),
         "from_cache": len(cached),
         "asked": len(todo),
+        "endpoints": live,
         "key": key,
         "output_dir": str(run),
     }

@@ -28,6 +28,7 @@ class Progress:
     completion_tokens: int = 0
     dollars: float | None = 0.0
     reasons: dict[str, int] = field(default_factory=dict)  # why requests failed, for a loud last line
+    endpoints: list[dict[str, Any]] = field(default_factory=list)  # endpoints.Pool.summary(): who answered how fast
 
     def add(self, record: dict[str, Any], model: str, batch: bool = False) -> None:
         self.done += 1

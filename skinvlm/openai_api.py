@@ -1,9 +1,9 @@
-"""Talking to OpenAI or any OpenAI-compatible endpoint: credentials, images, rate limits, retries.
+"""Talking to OpenAI or any OpenAI-compatible endpoint: credentials, images, rate limits, what is retried.
 
-Shared by describe and eval. Retries (tenacity) cover 429 (honouring Retry-After), 5xx, timeouts
-and dropped connections, with exponential backoff and jitter. A refused key, a forbidden request
-or an unknown model stops the whole run at once (`SkinvlmError`); a 400 for one image fails only
-that record. Error texts are cleaned of the key and of URL passwords before they are stored or shown.
+Shared by describe and eval (`endpoints.Pool` sends the requests). Retried: 429 (honouring Retry-After), 5xx,
+timeouts and dropped connections. A refused key, a forbidden request or an unknown model stops the whole run at
+once (`SkinvlmError`); a 400 for one image fails only that record. Error texts are cleaned of the key and of URL
+passwords before they are stored or shown.
 """
 
 from __future__ import annotations
@@ -74,17 +74,32 @@ class Endpoint:
         return redact_text(self.base_url or "https://api.openai.com/v1")
 
 
-def endpoint(ws: Workspace, base_url: str | None, api_key: str | None, model: str, timeout: float) -> Endpoint:
-    url = setting(ws, "OPENAI_BASE_URL", base_url)
+def endpoints(
+    ws: Workspace,
+    base_urls: tuple[str, ...],
+    api_key: str | None,
+    model: str,
+    timeout: float,
+    default: str | None = None,
+) -> list[Endpoint]:
+    """The endpoints asked: each --base-url (a value may hold several, comma-separated), else OPENAI_BASE_URL's
+    comma-separated list (environment or .env), else `default` (None: api.openai.com). One key for all."""
+    urls = [u.strip() for value in base_urls for u in value.split(",") if u.strip()]
+    if not urls:
+        urls = [u.strip() for u in (setting(ws, "OPENAI_BASE_URL") or "").split(",") if u.strip()]
+    twice = sorted({redact_text(u) for u in urls if urls.count(u) > 1})
+    if twice:
+        raise SkinvlmError(f"--base-url {twice[0]} is given twice: name each endpoint once")
     key = setting(ws, "OPENAI_API_KEY", api_key)
     if not key:
-        if url:  # local servers (vLLM) accept any key
+        if urls or default:  # local servers (vLLM) accept any key
             key = "EMPTY"
         else:
             raise SkinvlmError(
                 "no API key: set OPENAI_API_KEY in the environment or <workspace>/.env, or pass --api-key"
             )
-    return Endpoint(url, key, model, timeout)
+    chosen: list[str | None] = [*urls] or [default]
+    return [Endpoint(url, key, model, timeout) for url in chosen]
 
 
 Encoded = tuple[str, int, int]  # a data URL, and the width and height it carries
@@ -181,13 +196,14 @@ class Reply:
     # With extra={"logprobs": True, "top_logprobs": N}: per answer token, its bytes and the N likeliest
     # alternatives as (bytes, logprob); None when the endpoint gave none.
     tokens: list[tuple[bytes, list[tuple[bytes, float]]]] | None = None
+    endpoint: str = ""  # who answered (or last failed), as it may be shown
 
 
-def _status(exc: BaseException) -> int | None:
+def status_of(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
 
 
-def _is_retryable(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException) -> bool:
     import openai
 
     # A garbled body (bad JSON) is a server hiccup like a 5xx, not a verdict on the request.
@@ -200,10 +216,10 @@ def _is_retryable(exc: BaseException) -> bool:
     )
     if isinstance(exc, transient):
         return True
-    return _status(exc) in RETRYABLE_STATUS
+    return status_of(exc) in RETRYABLE_STATUS
 
 
-def _retry_after(exc: BaseException) -> float | None:
+def retry_after(exc: BaseException) -> float | None:
     response = getattr(exc, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
     try:
@@ -214,7 +230,7 @@ def _retry_after(exc: BaseException) -> float | None:
 
 def fatal_message(exc: BaseException, ep: Endpoint) -> str | None:
     """The one line that stops the run, for errors no other record could escape."""
-    status = _status(exc)
+    status = status_of(exc)
     if status == 401:
         return f"{ep.where} refused the API key (401): check OPENAI_API_KEY or --api-key"
     if status == 403:
@@ -224,8 +240,13 @@ def fatal_message(exc: BaseException, ep: Endpoint) -> str | None:
     return None
 
 
-async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> None:
-    """Fail in seconds, not after every retry of every request, when nothing answers at the endpoint.
+class NotAnswering(SkinvlmError):
+    """No endpoint process at the address (or none answering): with others to ask, a run goes on without it."""
+
+
+async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> list[str]:
+    """Fail in seconds, not after every retry of every request, when nothing answers at the endpoint; returns the
+    names of the models it serves (none where it lists none).
 
     Asks GET /models, polling for up to `wait` seconds (a server still starting; None: the command has no
     --wait and asks once); a refused key stops here too. An endpoint that answers anything else is up: some
@@ -236,13 +257,13 @@ async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> 
     deadline = time.monotonic() + (wait or 0.0)
     while True:
         try:
-            await client.with_options(timeout=10.0).models.list()
-            return
+            listed = await client.with_options(timeout=10.0).models.list()
+            return [str(getattr(m, "id", "")) for m in getattr(listed, "data", None) or []]
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             if time.monotonic() >= deadline:
                 waited = f" within {wait:.0f}s" if wait else ""
                 later = "" if wait is None else ", or give it time with --wait SECONDS"
-                raise SkinvlmError(
+                raise NotAnswering(
                     f"nothing answers at {ep.where}{waited} ({type(exc).__name__}): start the server or check "
                     f"--base-url{later}"
                 ) from None
@@ -250,45 +271,7 @@ async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> 
         except openai.APIStatusError as exc:
             if exc.status_code == 401:
                 raise SkinvlmError(fatal_message(exc, ep) or "the API key was refused") from None
-            return
-
-
-async def complete(
-    client: Any,
-    ep: Endpoint,
-    messages: list[dict[str, Any]],
-    *,
-    max_tokens: int,
-    temperature: float,
-    max_attempts: int,
-    backoff: float = 1.0,
-    extra: dict[str, Any] | None = None,
-) -> Reply:
-    """One chat completion with retries. Raises SkinvlmError for fatal errors; else returns a Reply."""
-    from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-    jitter = wait_random_exponential(multiplier=backoff, max=60)
-
-    def wait(state: Any) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        after = _retry_after(exc) if exc else None
-        return after if after is not None else jitter(state)
-
-    attempts = 0
-    request = {"model": ep.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-    try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_is_retryable), wait=wait, stop=stop_after_attempt(max_attempts), reraise=True
-        ):
-            with attempt:
-                attempts += 1
-                payload = await bounded_completion(client, ep.timeout, request | (extra or {}))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a record or a fatal line
-        fatal = fatal_message(exc, ep)
-        if fatal:
-            raise SkinvlmError(fatal) from None
-        return Reply(None, 0, 0, attempts, redact_text(f"{type(exc).__name__}: {exc}", ep.api_key)[:500])
-    return reply_of(payload, attempts)
+            return []
 
 
 class AnswerTooLarge(Exception):

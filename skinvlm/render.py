@@ -61,9 +61,11 @@ def money(dollars: float | None) -> str:
 
 
 def progress_note(p: Any) -> str:
-    return (
-        f"failed {p.failed}  invalid {p.invalid}  tokens {p.prompt_tokens + p.completion_tokens:,}  {money(p.dollars)}"
-    )
+    from skinvlm.endpoints import note
+
+    tokens = p.prompt_tokens + p.completion_tokens
+    counts = f"failed {p.failed}  invalid {p.invalid}  tokens {tokens:,}  {money(p.dollars)}"
+    return "  ".join(filter(None, [counts, note(p.endpoints)]))
 
 
 def describe_dry_run(out: Console, preview: Any, settings: Any) -> None:
@@ -95,8 +97,22 @@ def describe_summary(out: Console, result: Any) -> None:
     )
     if result.note:
         out.print(result.note)
+    endpoint_table(out, run.endpoints)
     if result.statuses.get("failed") or result.statuses.get("invalid"):
         out.print("ask again for those with: skinvlm describe --redo failed,invalid")
+
+
+def endpoint_table(out: Console, summary: list[dict[str, Any]]) -> None:
+    """Who carried the run, when it went to more than one endpoint (describe and eval)."""
+    if len(summary) < 2:
+        return
+    table = Table(title="endpoints")
+    for column in ("endpoint", "sent", "answered", "per second", "events"):
+        table.add_column(column, justify="right" if column in ("sent", "answered", "per second") else "left")
+    for e in summary:
+        events = "; ".join(e["events"]) or "-"
+        table.add_row(e["endpoint"], f"{e['sent']:,}", f"{e['answered']:,}", f"{e['per_second']:.2f}", events)
+    out.print(table)
 
 
 def _table(title: str, *columns: str) -> Table:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fake_secret
+from conftest import error_line, fake_secret
 from datasets import load_from_disk
 
 from skinvlm.demo.openai_server import FakeOpenAI
@@ -54,7 +54,12 @@ def test_all_records_end_ok_and_concurrency_is_respected(cli, ingested: Path) ->
 def test_faults_are_retried_and_malformed_answers_kept_as_invalid(cli, ingested: Path) -> None:
     plan = ["429", "500", "reset", "slow", "badjson", "garbage", "garbage", "400"]
     with FakeOpenAI(plan=plan, slow_seconds=3) as server:
-        out = describe(cli, server, "--concurrency", "1", "--timeout", "1", "--json")
+        out = describe(cli, server, "--concurrency", "1", "--timeout", "1", "--json", ok=False)
+    # A run that leaves an image without an answer exits non-zero, its summary still printed.
+    assert out.exit_code == 1 and error_line(out.stderr) == (
+        "error: 1 of the 48 requests of this run failed (BadRequestError: Error code: 400 - Invalid image (1x)); "
+        "every answer is saved: `skinvlm describe --redo failed` asks those again"
+    )
     statuses = json.loads(out.stdout)["statuses"]
     # garbage twice on one record (1 format retry) -> invalid; the 400 -> failed; all else ok
     assert statuses == {"ok": 46, "invalid": 1, "failed": 1}

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import error_line
 
@@ -45,12 +46,26 @@ def scripted_answers():
 
 
 def run_eval(cli, server: FakeOpenAI, *args: str) -> dict:
-    return cli.json("eval", "--base-url", server.url, "--api-key", "sk-x", "--backoff", "0.01", *args)
+    """The run's figures; a run where some photo got no answer prints them and then fails in one line."""
+    ran = cli("eval", "--base-url", server.url, "--api-key", "sk-x", "--backoff", "0.01", *args, "--json", ok=False)
+    result = json.loads(ran.stdout)
+    if result["failed"]:
+        assert ran.exit_code == 1 and error_line(ran.stderr).startswith(f"error: {result['failed']} of the "), ran.stderr
+    else:
+        assert ran.exit_code == 0, ran.stderr
+    return result
 
 
 def test_metrics_equal_hand_computed_values(cli, ingested: Path) -> None:
     with FakeOpenAI(answer=scripted_answers()) as server:
-        result = run_eval(cli, server, "--name", "scripted", "--concurrency", "1", "--confusion-matrix")
+        ran = cli("eval", "--base-url", server.url, "--api-key", "sk-x", "--backoff", "0.01", "--name", "scripted",
+                  "--concurrency", "1", "--confusion-matrix", "--json", ok=False)  # fmt: skip
+    result = json.loads(ran.stdout)
+    assert ran.exit_code == 1 and error_line(ran.stderr) == (
+        "error: 1 of the 12 photos got no answer (InternalServerError: Error code: 500 - injected (1x)) and count as "
+        "wrong in these figures; the answers are saved: "
+        "`skinvlm eval --name scripted` again asks only those"
+    ), "figures printed, then a non-zero exit naming the photos without an answer"
     # 12 test images, 2 per class: 건선 2/2 (alias), 아토피 2/2 (alias), 여드름 0/2 (garbage: unparsed),
     # 주사 0/2 (answered 지루), 지루 2/2, 정상 1/2 (one request fails: unparsed).
     assert result["n"] == 12 and result["unparsed"] == 3 and result["failed"] == 1
@@ -214,11 +229,81 @@ def test_print_command_carries_resolution_and_limits(cli, merged_folder: Path) -
     assert "--generation-config" not in line
     assert "--generation-config vllm" in cli("serve", "--print-command", "--generation-config-vllm").stdout
     two = cli("serve", "--print-command", "--gpu", "0,1").stdout
-    assert "--tensor-parallel-size 2" in two, "two GPUs serve one model with tensor parallelism"
-    assert (
-        "--tensor-parallel-size 1"
-        in cli("serve", "--print-command", "--gpu", "0,1", "--tensor-parallel-size", "1").stdout
-    )
+    assert "--tensor-parallel-size 1 --data-parallel-size 2" in two, "two GPUs: two replicas"
+
+
+QWEN_7B = {  # Qwen2.5-VL-7B-Instruct's sizes: 8.29 B parameters
+    "model_type": "qwen2_5_vl",
+    "torch_dtype": "bfloat16",
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+    "vision_config": {"hidden_size": 1280, "depth": 32, "intermediate_size": 3420},
+}
+
+
+def test_serve_lays_gpus_out_for_throughput(cli, merged_folder: Path) -> None:
+    (merged_folder / "config.json").write_text(json.dumps(QWEN_7B))
+
+    def shown(*args: str) -> dict:
+        return cli.json("serve", "--print-command", *args)
+
+    four = shown("--gpu", "0,1,2,3", "--gpu-memory", "80")
+    assert four["command"][four["command"].index("--tensor-parallel-size") :][:4] == [
+        "--tensor-parallel-size", "1", "--data-parallel-size", "4"
+    ], "a 7B model fits one 80 GiB GPU: four replicas"  # fmt: skip
+    plan = four["layout"]
+    assert (plan["tensor_parallel"], plan["data_parallel"]) == (1, 4)
+    assert abs(plan["weights_gib"] - 8.29e9 * 2 / 2**30) < 0.3, "weights from the config: 8.29 B parameters in bf16"
+    assert plan["kv_cache_gib"] == round(2 * 28 * 4 * 128 * 2 * 4096 / 2**30, 3)
+    assert plan["summary"].startswith("4 GPU(s): tensor 1 x data 4; one replica needs ~17.6 GiB") and plan[
+        "summary"
+    ].endswith("a GPU offers 80.0 GiB x 0.9: fits one GPU")
+    asked = shown("--gpu", "0,1,2,3", "--tensor-parallel-size", "2")["shell"]
+    assert "--tensor-parallel-size 2 --data-parallel-size 2" in asked, "tensor 2 x data 2"
+    small = shown("--gpu", "0,1,2,3", "--gpu-memory", "16")
+    assert "--tensor-parallel-size 2 --data-parallel-size 2" in small["shell"]
+    assert small["layout"]["summary"].endswith("a GPU offers 16.0 GiB x 0.9: does not fit one GPU: split over 2")
+    one = shown("--gpu", "0", "--gpu-memory", "80")["shell"]
+    assert "--tensor-parallel-size 1 " in one and "--data-parallel" not in one
+    unknown = shown("--gpu", "0,1")
+    assert "GPU memory unknown here" in unknown["layout"]["summary"] and unknown["layout"]["data_parallel"] == 2
+    for args, message in (
+        (("--gpu", "0,1,2", "--tensor-parallel-size", "2"), "--tensor-parallel-size 2 does not divide the 3 GPU(s)"),
+        (("--gpu", "0,1", "--gpu-memory", "8"), "does not fit even split over all 2 GPU(s) of 7.2 GiB usable each"),
+        (("--nodes", "2"), "--nodes 2 needs --master HOST:PORT"),
+        (("--nodes", "2", "--master", "10.0.0.5"), "--nodes 2 needs --master HOST:PORT"),
+        (("--nodes", "2", "--node-rank", "2", "--master", "h:1"), "--node-rank must be 0 to 1 with --nodes 2"),
+    ):
+        refused = cli("serve", "--print-command", *args, ok=False)
+        assert refused.exit_code == 1 and message in error_line(refused.stderr), (args, refused.stderr)
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((1024, 1024), np.float16)}, str(merged_folder / "model.safetensors"))
+    exact = shown("--gpu-memory", "80")["layout"]
+    assert exact["weights_gib"] == round(1024 * 1024 * 2 / 2**30, 3), "the safetensors headers' count, served in bf16"
+
+
+def test_serve_gives_every_node_its_data_parallel_command(cli, merged_folder: Path) -> None:
+    (merged_folder / "config.json").write_text(json.dumps(QWEN_7B))
+    args = ("serve", "--print-command", "--gpu", "0,1", "--nodes", "2", "--master", "10.0.0.5:13345", "--host")
+    shown = cli.json(*args, "0.0.0.0", "--node-rank", "1")
+    head, other = (node["command"] for node in shown["nodes"])
+    assert shown["command"] == other and shown["endpoint"] == "http://10.0.0.5:8000/v1"
+    shared = ["--data-parallel-size", "4", "--data-parallel-size-local", "2"]
+    address = ["--data-parallel-address", "10.0.0.5", "--data-parallel-rpc-port", "13345"]
+    assert "--headless" not in head and all(part in head for part in shared + address)
+    assert head[head.index("--data-parallel-size") :][:8] == shared + address
+    start = other.index("--headless")
+    assert other[start : start + 7] == ["--headless", *shared, "--data-parallel-start-rank", "2"]
+    assert other[start + 7 : start + 11] == address
+    text = cli(*args, "0.0.0.0")
+    assert text.stdout.splitlines()[0] == "# node 0" and text.stdout.splitlines()[2] == "# node 1"
+    assert "layout: 2 GPU(s) on each of 2 nodes: tensor 1 x data 2" in text.stderr
 
 
 def test_serve_without_vllm_or_model_says_what_to_do(cli, merged_folder: Path, workspace: Path) -> None:

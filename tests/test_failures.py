@@ -74,7 +74,7 @@ def test_planted_secrets_reach_no_file_and_no_message(cli, ingested: Path) -> No
         assert not [t for t in texts if secret in t], f"{secret} leaked"
     settings = json.loads((ingested / "datasets" / "described" / "manifest.json").read_text())["settings"]
     assert settings["max_tokens"] == 512, "a field named like a token count is no secret"
-    assert settings["base_url"].startswith("http://***@127.0.0.1:")
+    assert settings["base_url"][0].startswith("http://***@127.0.0.1:")
 
 
 def test_a_torn_journal_line_is_repaired_and_its_record_asked_again(cli, ingested: Path) -> None:

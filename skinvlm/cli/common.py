@@ -101,6 +101,18 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
 GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
 DetailOpt = Annotated[Detail, typer.Option(help="Image detail the API is asked for.")]
+
+
+def base_url_option(default: str) -> Any:
+    return typer.Option(
+        help="OpenAI-compatible endpoint; repeat it (or list them comma-separated) to spread the requests over "
+        f"several serving the same model (default: $OPENAI_BASE_URL, which may hold such a list, else {default}).",
+        show_default=False,
+    )
+
+
+BaseUrlOpt = Annotated[list[str] | None, base_url_option("api.openai.com")]
+ConcurrencyOpt = Annotated[int, typer.Option(min=1, help="Requests in flight at most, per endpoint.")]
 MaxSideOpt = Annotated[int, typer.Option(help="Images are sent scaled to fit this many pixels on their longer side.")]
 
 

@@ -11,6 +11,8 @@ import typer
 
 from skinvlm import render
 from skinvlm.cli.common import (
+    BaseUrlOpt,
+    ConcurrencyOpt,
     ConfigOpt,
     JsonOpt,
     MaxSideOpt,
@@ -117,15 +119,15 @@ def describe(
     rules: RulesOpt = None,
     config_file: ConfigOpt = None,
     model: Annotated[str, typer.Option(help="Model name at the endpoint.")] = DescribeSettings.model,
-    base_url: Annotated[
-        str | None, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint (default: api.openai.com).")
-    ] = None,
+    base_url: BaseUrlOpt = None,
     api_key: Annotated[
         str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = DescribeSettings.concurrency,
-    rpm: Annotated[int | None, typer.Option(help="Client-side limit: requests per minute.")] = None,
-    tpm: Annotated[int | None, typer.Option(help="Client-side limit: tokens per minute (estimated).")] = None,
+    concurrency: ConcurrencyOpt = DescribeSettings.concurrency,
+    rpm: Annotated[int | None, typer.Option(help="Client-side limit per endpoint: requests per minute.")] = None,
+    tpm: Annotated[
+        int | None, typer.Option(help="Client-side limit per endpoint: tokens per minute (estimated).")
+    ] = None,
     timeout: Annotated[
         float, typer.Option(help="Seconds per request before it is retried.")
     ] = DescribeSettings.timeout,
@@ -199,7 +201,8 @@ def describe(
             api_key,
             progress=lambda p: progress(p.done, p.total, render.progress_note(p)),
         )
-    return print_json(result.as_json()) if as_json else render.describe_summary(out, result)
+    print_json(result.as_json()) if as_json else render.describe_summary(out, result)
+    stage.check_failures(result)
 
 
 @command()

@@ -12,12 +12,14 @@ import typer
 
 from skinvlm import render, stdout
 from skinvlm.cli.common import (
+    ConcurrencyOpt,
     ConfigOpt,
     DetailOpt,
     GpuOpt,
     JsonOpt,
     RulesOpt,
     WorkspaceOpt,
+    base_url_option,
     command,
     counting,
     err,
@@ -215,7 +217,19 @@ def serve(
         float, typer.Option(help="Share of each GPU's memory vLLM may take, in (0, 1].")
     ] = S.gpu_memory_utilization,
     tensor_parallel_size: Annotated[
-        int | None, typer.Option(help="GPUs to shard the model over (default: one per --gpu id).")
+        int | None,
+        typer.Option(
+            help="GPUs each replica is split over; the other --gpu ids hold more replicas (data parallel). Default: 1 "
+            "where the model's weights and KV cache fit one GPU."
+        ),
+    ] = None,
+    gpu_memory: Annotated[
+        float | None, typer.Option(help="GiB per GPU for the layout estimate (default: nvidia-smi's).")
+    ] = None,
+    nodes: Annotated[int, typer.Option(min=1, help="Machines serving as one data-parallel deployment.")] = S.nodes,
+    node_rank: Annotated[int, typer.Option(min=0, help="This machine's number among --nodes (0: the API server).")] = 0,
+    master: Annotated[
+        str | None, typer.Option(help="HOST:PORT of node 0 for vLLM's data-parallel RPC (with --nodes).")
     ] = None,
     served_model_name: Annotated[
         str, typer.Option(help="The model name clients ask for (eval's --model).")
@@ -240,16 +254,30 @@ def serve(
         printed = stage.printed_command(folder, settings)
         if as_json:
             return print_json(printed)
-        sys.stdout.write(printed["shell"] + "\n")
+        err.print(f"layout: {printed['layout']['summary']}", highlight=False, markup=False)
+        if settings.nodes == 1:
+            sys.stdout.write(printed["shell"] + "\n")
+        for node in printed["nodes"] if settings.nodes > 1 else []:
+            sys.stdout.write(f"# node {node['node_rank']}\n{node['shell']}\n")
         return
     process = None
     try:
-        process, endpoint = stage.start(folder, settings)  # a server interrupted while starting is stopped there
-        out.print(
-            f"[green]ready[/]: {endpoint} (model name {settings.served_model_name!r}); Ctrl-C stops it\n"
-            f"{stage.curl_example(endpoint, settings.served_model_name)}",
-            highlight=False,
-        )
+        stage.check_model(folder)
+        plan = stage.layout(folder, settings)
+        err.print(f"layout: {plan.describe(settings)}", highlight=False, markup=False)
+        process, endpoint = stage.start(folder, settings, plan)  # one interrupted while starting is stopped there
+        if endpoint is None:
+            out.print(
+                f"[green]started[/]: node {settings.node_rank}'s engines (headless) serve through "
+                f"{stage.endpoint(settings)}, node 0's API server; Ctrl-C stops them",
+                highlight=False,
+            )
+        else:
+            out.print(
+                f"[green]ready[/]: {endpoint} (model name {settings.served_model_name!r}); Ctrl-C stops it\n"
+                f"{stage.curl_example(endpoint, settings.served_model_name)}",
+                highlight=False,
+            )
         code = process.wait()
     except KeyboardInterrupt:
         if process is not None:
@@ -274,18 +302,12 @@ def eval_(
         int | None, typer.Option(min=1, help="A seeded sample of N images, stratified by label and view.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = E.seed,
-    base_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="OPENAI_BASE_URL",
-            help="OpenAI-compatible server (default: http://127.0.0.1:8000/v1, i.e. skinvlm serve).",
-        ),
-    ] = None,
+    base_url: Annotated[list[str] | None, base_url_option("http://127.0.0.1:8000/v1, i.e. skinvlm serve")] = None,
     model: Annotated[str, typer.Option(help="Model name at the server.")] = E.model,
     api_key: Annotated[
         str | None, typer.Option(help="API key (default: $OPENAI_API_KEY or <workspace>/.env).", show_default=False)
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = E.concurrency,
+    concurrency: ConcurrencyOpt = E.concurrency,
     timeout: Annotated[float, typer.Option(help="Seconds for each whole request to the server.")] = E.timeout,
     max_tokens: Annotated[int, typer.Option(help="Answer tokens at most.")] = E.max_tokens,
     temperature: Annotated[
@@ -359,4 +381,5 @@ def eval_(
     settings = settings_of(ctx, EvalSettings, "eval", config_file)
     with counting("evaluating") as progress:
         result = stage.evaluate(ws, loaded, settings, api_key, progress=progress)
-    return print_json(result) if as_json else render.eval_report(out, result, loaded)
+    print_json(result) if as_json else render.eval_report(out, result, loaded)
+    stage.check_failures(result)

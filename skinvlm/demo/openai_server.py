@@ -14,6 +14,7 @@ to answer otherwise, e.g. from the image colour for eval tests.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -116,7 +117,14 @@ class FakeOpenAI:
         label_probabilities: Callable[[str], dict[str, float]] | None = None,
         obeys_max_tokens: bool = True,
         structured: str = "obeys",
+        models: tuple[str, ...] = ("fake-model",),
+        die_after: int | None = None,
     ) -> None:
+        # models: the names GET /models lists. die_after: the server dies as its (die_after + 1)th chat request
+        # arrives, as a killed process does: that request and every other open connection reset, new ones refused.
+        self.models, self.die_after = models, die_after
+        self.connections: set[Any] = set()
+        self.dead = False
         # structured: what a request's `structured_outputs` regex meets, as vLLM documents it ("obeys": the label
         # is forced to one of the pattern's classes, the likeliest), or a server that "refuses" it (400) or
         # "ignores" it.
@@ -156,7 +164,26 @@ class FakeOpenAI:
         self.server.shutdown()
         self.server.server_close()
 
+    def kill(self) -> None:
+        """Die as a process does: the port closed, every connection reset (answers in the making never sent)."""
+        import socket
+
+        with self.lock:
+            self.dead = True
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+        def close_port() -> None:  # within serve_forever's poll interval; a connection accepted meanwhile is reset
+            self.server.shutdown()
+            self.server.server_close()
+
+        threading.Thread(target=close_port, daemon=True).start()
+
     def next_action(self, body: dict[str, Any]) -> str:
+        if self.die_after is not None and self.requests >= self.die_after and not self.dead:
+            self.kill()
         with self.lock:
             self.requests += 1
             self.in_flight += 1
@@ -294,6 +321,24 @@ class FakeOpenAI:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with fake.lock:
+                    fake.connections.add(self.connection)
+
+            def reset_if_dead(self) -> bool:
+                if fake.dead:
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(2)
+                return fake.dead
+
+            def finish(self) -> None:
+                with fake.lock:
+                    fake.connections.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
             def send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()
                 self.send_response(status)
@@ -329,6 +374,8 @@ class FakeOpenAI:
                     self.close_connection = True
 
             def do_GET(self) -> None:
+                if self.reset_if_dead():
+                    return None
                 parts = self.path.split("/")
                 if self.path.split("?")[0].endswith("/batches"):
                     listed = [fake.batch_object(b, "in_progress") for b in reversed(fake.batches)]
@@ -345,7 +392,8 @@ class FakeOpenAI:
                     self.end_headers()
                     self.wfile.write(data)
                     return None
-                self.send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+                listed = [{"id": name, "object": "model"} for name in fake.models]
+                self.send(200, {"object": "list", "data": listed})
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
@@ -358,9 +406,13 @@ class FakeOpenAI:
                     return self.send(404, {"error": {"message": f"no route {self.path}"}})
                 auth = self.headers.get("Authorization", "")
                 action = fake.next_action(body)
+                if self.reset_if_dead():
+                    return None
                 if fake.key is not None and auth != f"Bearer {fake.key}":
                     action = "401"
                 time.sleep(fake.latency)
+                if self.reset_if_dead():
+                    return None
                 # Counted out before the answer is written: once it is on the wire the client may
                 # rightly send its next request, before this thread gets the GIL back.
                 fake.done()
