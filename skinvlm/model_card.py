@@ -136,7 +136,8 @@ def serve_command(repo: str, folder: Path) -> str:
     """`vllm serve` as `skinvlm serve` builds it for this model, with the Hub name in place of the folder."""
     from skinvlm.serve import ServeSettings, build_command, executable
 
-    command = build_command(folder, ServeSettings())[len(executable()) :]
+    # One GPU as given: the card shows the plain command, whatever GPUs the publishing machine has.
+    command = build_command(folder, ServeSettings(tensor_parallel_size=1))[len(executable()) :]
     return shlex.join(["vllm", *(repo if part == str(folder) else part for part in command)])
 
 

@@ -50,7 +50,8 @@ def run_eval(cli, server: FakeOpenAI, *args: str) -> dict:
     ran = cli("eval", "--base-url", server.url, "--api-key", "sk-x", "--backoff", "0.01", *args, "--json", ok=False)
     result = json.loads(ran.stdout)
     if result["failed"]:
-        assert ran.exit_code == 1 and error_line(ran.stderr).startswith(f"error: {result['failed']} of the "), ran.stderr
+        line = error_line(ran.stderr)
+        assert ran.exit_code == 1 and line.startswith(f"error: {result['failed']} of the "), line
     else:
         assert ran.exit_code == 0, ran.stderr
     return result
