@@ -166,7 +166,7 @@ class Pool:
             ):
                 with attempt:
                     attempts += 1
-                    member = await self.acquire(tokens)
+                    member = await self.acquire(tokens, avoid=member if attempts > 1 else None)
                     try:
                         payload = await self.ask(member, request)
                     except Exception as exc:
@@ -198,18 +198,20 @@ class Pool:
         self.release(member, None)
         return payload
 
-    async def acquire(self, tokens: float) -> Member:
-        """A slot on the endpoint least busy among those up and not paused; waits while there is none."""
+    async def acquire(self, tokens: float, avoid: Member | None = None) -> Member:
+        """A slot on the endpoint least busy among those up and not paused, other than `avoid` (the one a retried
+        request failed on) while another is up; waits while there is none."""
         while True:
             now = time.monotonic()
-            ready = [m for m in self.members if m.up and m.in_flight < m.slots and m.not_before <= now]
+            self.start_due_probes(now)
+            others = [m for m in self.members if m is not avoid and m.up]
+            ready = [m for m in others or self.members if m.up and m.in_flight < m.slots and m.not_before <= now]
             if ready:
-                # One that throttled lately is asked only while the others are full; then the least busy.
-                member = min(ready, key=lambda m: (m.throttled, m.in_flight / m.slots, m.sent))
+                # One that failed or throttled lately is asked only while the others are full; then the least busy.
+                member = min(ready, key=lambda m: (m.throttled + m.failures, m.in_flight / m.slots, m.sent))
                 member.in_flight += 1
                 break
             self.stop_if_all_out(now)
-            self.start_due_probes(now)
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.next_change(now))
@@ -245,7 +247,7 @@ class Pool:
             member.failures += 1
             if member.failures >= DOWN_AFTER and member.up:
                 self.take_out(member, f"after {member.failures} failures in a row ({type(exc).__name__})")
-        else:  # it answered, if not well: it is up
+        elif isinstance(exc, Exception):  # it answered, if not well: it is up (a cancelled request says nothing)
             member.failures = 0
         self.wake.set()
 
