@@ -65,7 +65,7 @@ def is_endpoint_failure(exc: BaseException) -> bool:
     """Nothing (or only a proxy) answered: a sign of the endpoint, not of the request."""
     import openai
 
-    if isinstance(exc, TimeoutError | openai.APIConnectionError):  # APITimeoutError is one too
+    if isinstance(exc, TimeoutError | openai_api.BodyCutShort | openai.APIConnectionError):  # APITimeoutError too
         return True
     return openai_api.status_of(exc) in ENDPOINT_FAILURE_STATUS
 

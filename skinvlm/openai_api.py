@@ -209,6 +209,7 @@ def is_retryable(exc: BaseException) -> bool:
     # A garbled body (bad JSON) is a server hiccup like a 5xx, not a verdict on the request.
     transient = (
         TimeoutError,  # the whole request outlived --timeout
+        BodyCutShort,
         openai.APITimeoutError,
         openai.APIConnectionError,
         openai.APIResponseValidationError,
@@ -274,6 +275,10 @@ async def check_server(client: Any, ep: Endpoint, wait: float | None = None) -> 
             return []
 
 
+class BodyCutShort(ConnectionError):
+    """The connection broke while an answer was coming: retried, and a sign of the endpoint (endpoints.Pool)."""
+
+
 class AnswerTooLarge(Exception):
     """A response body far beyond any answer: the peer is broken (or hostile); asking again would not help."""
 
@@ -287,12 +292,19 @@ async def bounded_completion(client: Any, timeout: float, request: dict[str, Any
     async def read() -> bytes:
         async with client.chat.completions.with_streaming_response.create(**request) as response:
             body = bytearray()
-            async for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise AnswerTooLarge(
-                        f"the response body passed {MAX_BODY_BYTES // 2**20} MiB; no answer is that long"
-                    )
+            try:
+                async for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        raise AnswerTooLarge(
+                            f"the response body passed {MAX_BODY_BYTES // 2**20} MiB; no answer is that long"
+                        )
+            except AnswerTooLarge:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the HTTP library's own error for a body cut short
+                # The status came, the body did not: the server died or the connection broke mid-answer, whatever
+                # class the HTTP library in use gives it (httpx's RemoteProtocolError, ...).
+                raise BodyCutShort(f"the answer was cut short after {len(body)} bytes: {exc}") from exc
             return bytes(body)
 
     try:

@@ -73,6 +73,13 @@ def test_an_endpoint_that_comes_back_is_taken_back(cli, ingested: Path) -> None:
     assert max(attempts.values()) <= 2, "a reset on B costs the request one more try, on A"
 
 
+def test_an_answer_cut_short_is_asked_again(cli, ingested: Path) -> None:
+    with FakeOpenAI(plan=["cut", "cut"]) as server:
+        result = json.loads(describe(cli, "--base-url", server.url, "--limit", "1", "--json").stdout)
+    assert result["statuses"]["ok"] == 1 and server.requests == 3
+    assert journal(ingested)[0]["attempts"] == 3, "a body the connection cut is retried like a reset"
+
+
 def perfect(body: dict) -> str:
     label = colour_label(tuple(np.asarray(image_of(body)).reshape(-1, 3).mean(axis=0)))
     return f"<label>{label}</label>\n<summary>테스트 소견입니다.</summary>"

@@ -4,8 +4,8 @@ It answers POST /v1/chat/completions and GET /v1/models over real HTTP (keep-ali
 and the Batch API: POST /v1/files (multipart), POST /v1/batches, GET /v1/batches (list),
 GET /v1/batches/ID, GET /v1/files/ID/content.
 `plan` is consumed one entry per chat request, then `default` applies:
-ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset | endless (a body streamed without end) |
-trickle (a byte a second) | huge (a 300 MB body).
+ok | 429 | 500 | slow | garbage | badjson | 400 | 401 | reset | cut (status and headers, half the body, then
+the connection closed) | endless (a body streamed without end) | trickle (a byte a second) | huge (a 300 MB body).
 An `answer` function may return "!500" (any status) to fail that request.
 The default answer is label-conditioned (it reads the diagnosis from the prompt); pass `answer`
 to answer otherwise, e.g. from the image colour for eval tests.
@@ -420,6 +420,16 @@ class FakeOpenAI:
 
             def act(self, action: str, body: dict[str, Any], auth: str) -> None:
                 if action == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if action == "cut":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "400")
+                    self.end_headers()
+                    self.wfile.write(b'{"id": "chatcmpl-test", "choices": [')
+                    self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
