@@ -50,6 +50,7 @@ class Member:
     down_since: float | None = None
     next_probe: float = 0.0
     probe_wait: float = PROBE_FIRST
+    out_since: str = ""  # the clock time it was taken out, as shown
     failed_probes: int = 0
     probing: bool = False
     sent: int = 0  # requests sent (what a paid endpoint may bill, answered or not)
@@ -260,8 +261,8 @@ class Pool:
 
     def take_out(self, member: Member, why: str) -> None:
         now = time.monotonic()
-        member.down_since, member.next_probe = now, now + member.probe_wait
-        member.events.append(f"dropped at {clock()} {why}")
+        member.down_since, member.next_probe, member.out_since = now, now + member.probe_wait, clock()
+        member.events.append(f"dropped at {member.out_since} {why}")
 
     def start_due_probes(self, now: float) -> None:
         for member in self.members:
@@ -307,6 +308,7 @@ class Pool:
                 "answered": m.answered,
                 "per_second": round(m.answered / elapsed, 3),
                 "up": m.up,
+                "out_since": "" if m.up else m.out_since,
                 "events": list(m.events),
             }
             for m in self.members
@@ -320,7 +322,7 @@ def note(summary: list[dict[str, Any]]) -> str:
     return "  ".join(
         f"{short(e['endpoint'])} {e['per_second']:.1f}/s"
         if e["up"]
-        else f"{short(e['endpoint'])} out since {e['events'][-1].split()[2]}"
+        else f"{short(e['endpoint'])} out since {e['out_since']}"
         for e in summary
     )
 
