@@ -103,16 +103,17 @@ def newest_eval(ws: Workspace, folder: Path, name: str | None) -> tuple[str, dic
             raise SkinvlmError(f"--eval-run {name}: no finished eval of that name in {ws.eval_root}")
         return name, json.loads(metrics.read_text(encoding="utf-8"))
     merged_at = (read_manifest(folder) or {}).get("finished", "")
-    found: list[tuple[str, str]] = []
+    # manifests say the second a run finished; two runs in one second are told apart by when their metrics landed
+    found: list[tuple[str, int, str]] = []
     for run in sorted(ws.eval_root.glob("*/metrics.json")) if ws.eval_root.is_dir() else []:
         made = read_manifest(run.parent) or {}
         model = made.get("inputs", {}).get("model") or ""
         same = bool(model) and Path(model).exists() and os.path.realpath(model) == os.path.realpath(folder)
         if same and made.get("finished", "") >= merged_at:
-            found.append((made.get("finished", ""), run.parent.name))
+            found.append((made.get("finished", ""), run.stat().st_mtime_ns, run.parent.name))
     if not found:
         return "", None
-    newest = max(found)[1]
+    newest = max(found)[2]
     return newest, json.loads((ws.eval_run(newest) / "metrics.json").read_text(encoding="utf-8"))
 
 
