@@ -231,7 +231,7 @@ def audit(ws: Any, rules: Rules, stage: str | None = None) -> AuditReport:
     stage = stage or ws.newest_text_stage()
     from datasets import load_from_disk
 
-    text = load_from_disk(str(ws.require(stage)))
+    text = load_from_disk(str(ws.require(stage, newer_reviews=True)))
     labels = load_from_disk(str(ws.require("ingested")))
     rows = []
     reviewed: Counter[str] = Counter()

@@ -129,7 +129,7 @@ def fix(
     described = load_from_disk(str(ws.require("described")))
     labels = load_from_disk(str(ws.require("ingested")))
     terms = term_pattern(rules)
-    decisions = review.decisions_of(ws)
+    decisions, decided = review.decisions_of(ws)
     reviewed: Counter[str] = Counter()
     hits: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
@@ -176,7 +176,7 @@ def fix(
             "drop_invalid": drop_invalid,
             "drop_mismatches": drop_mismatches,
         }
-        inputs = {"stage": "described", "fingerprint": stage_fingerprint(ws.described)}
+        inputs = {"stage": "described", "fingerprint": stage_fingerprint(ws.described), "review": decided}
         counts = {
             "splits": {s: d.num_rows for s, d in data.items()},
             "changed": changed,

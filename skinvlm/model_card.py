@@ -126,7 +126,7 @@ def training_data(ws: Workspace, folder: Path) -> dict[str, Any]:
     facts: dict[str, Any] = {"stage": stage, "counts": trained.get("counts", {})}
     if not stage or stage_fingerprint(ws.dataset(stage)) != trained.get("inputs", {}).get("fingerprint"):
         return facts
-    data = ws.load(stage)
+    data = ws.load(stage, newer_reviews=True)  # the data the model learnt from, whatever was decided since
     train = data["train"]
     facts["per_class_view"] = Counter(zip(train["label"], train["view"], strict=True))
     facts["data"] = data

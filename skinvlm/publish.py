@@ -373,6 +373,7 @@ def publish(
     repo = repo_name(ws, repo)
     if reason := metadata_kept(ws):
         raise SkinvlmError(f"{reason}: run `skinvlm ingest SRC --force` (answers already paid for are kept) to publish")
+    ws.require(stage)  # before the audit, which reads a fix that review decisions overtook
     phase(f"auditing {stage}")
     report = audit(ws, rules, stage)
     if report.problems and not force:

@@ -27,7 +27,7 @@ from skinvlm.audit import ENGLISH_WORD, SCRIPTS
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 from skinvlm.rules import Rules, nfc
-from skinvlm.workspace import Workspace, now_iso
+from skinvlm.workspace import Workspace, journal_digest, now_iso
 
 DECISIONS = {"accept": "accepted", "edit": "edited", "reject": "rejected"}
 STATUSES = ("unreviewed", "accepted", "edited", "rejected", "disputed")
@@ -77,10 +77,6 @@ def findings(text: str, label: str, rules: Rules) -> tuple[Finding, ...]:
     elif rules.canonical(answer.tag) != label:
         found.append(Finding("mismatch"))
     return tuple(sorted(found, key=lambda f: (f.start, f.end)))
-
-
-def review_journal(ws: Workspace) -> Path:
-    return ws.root / "journal" / "review.jsonl"
 
 
 def in_overlap(record_id: str, overlap: float) -> bool:
@@ -222,21 +218,19 @@ class ReviewState:
         return line
 
 
-def decisions_of(ws: Workspace) -> dict[str, list[dict[str, Any]]]:
-    """Every decision in the review journal, per record id, in the order made (a torn last line left out)."""
+def decisions_of(ws: Workspace) -> tuple[dict[str, list[dict[str, Any]]], str | None]:
+    """Every decision in the review journal, per record id, in the order made (a torn last line left out), and
+    the digest of the lines read (what a fix applied, so `status` sees decisions made after it)."""
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    path = review_journal(ws)
-    if not path.exists():
-        return found
-    with path.open("rb") as handle:
-        for line in handle:
-            try:
-                decision = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(decision, dict) and decision.get("id"):
-                found[decision["id"]].append(decision)
-    return found
+    data = ws.review_journal.read_bytes() if ws.review_journal.exists() else b""
+    for line in data.splitlines(keepends=True):
+        try:
+            decision = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(decision, dict) and decision.get("id"):
+            found[decision["id"]].append(decision)
+    return found, journal_digest(data)
 
 
 def append_line(path: Path, line: dict[str, Any]) -> None:
@@ -392,7 +386,7 @@ def load_items(ws: Workspace, rules: Rules, stage: str | None = None) -> tuple[s
     from datasets import load_from_disk
 
     stage = stage or ws.newest_text_stage()
-    text = load_from_disk(str(ws.require(stage)))
+    text = load_from_disk(str(ws.require(stage, newer_reviews=True)))
     ingested = load_from_disk(str(ws.require("ingested")))
     scored = label_probabilities(ws)
     items = []
@@ -427,4 +421,4 @@ def label_probabilities(ws: Workspace) -> dict[tuple[str, str], dict[str, float]
 
 def open_review(ws: Workspace, rules: Rules, stage: str | None, overlap: float) -> tuple[ReviewState, str]:
     stage, items = load_items(ws, rules, stage)
-    return ReviewState(items, review_journal(ws), overlap), stage
+    return ReviewState(items, ws.review_journal, overlap), stage

@@ -127,6 +127,10 @@ class Workspace:
         return self.root / "journal" / "describe.jsonl"
 
     @property
+    def review_journal(self) -> Path:
+        return self.root / "journal" / "review.jsonl"
+
+    @property
     def publish_dataset(self) -> Path:
         """What `publish` uploads as a dataset repo, exactly: shards and card."""
         return self.root / "publish" / "dataset"
@@ -149,14 +153,17 @@ class Workspace:
     def env_file(self) -> Path:
         return self.root / ".env"
 
-    def require(self, stage: str) -> Path:
-        """The stage's folder, which must exist and still match what it was made from."""
+    def require(self, stage: str, newer_reviews: bool = False) -> Path:
+        """The stage's folder, which must exist and still match what it was made from (and, unless
+        `newer_reviews`, the clinicians' review decisions as they stand: review itself and audit read on)."""
         path = current(self.dataset(stage))
         if not (path / "dataset_dict.json").exists():
             raise SkinvlmError(f"{path} does not exist yet: run `{MADE_BY[stage]}` first")
-        rerun = out_of_date(self, path)
+        rerun = out_of_date(self, path, reviews=not newer_reviews)
         if rerun:
             steps = " then ".join(f"`{command}`" for command in rerun)
+            if reviewed_since(self, path):
+                raise SkinvlmError(f"clinicians made review decisions after datasets/{stage} was made: run {steps}")
             raise SkinvlmError(f"datasets/{stage} was made from data that has changed since: run {steps}")
         return path
 
@@ -167,11 +174,11 @@ class Workspace:
         return max(present, key=lambda s: (self.dataset(s) / MANIFEST).stat().st_mtime)
 
     # -- datasets ----------------------------------------------------------------------------
-    def load(self, stage: str) -> DatasetDict:
+    def load(self, stage: str, newer_reviews: bool = False) -> DatasetDict:
         """Load a stage; text stages come back joined with the ingested images (no copy)."""
         from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
-        data = load_from_disk(str(self.require(stage)))
+        data = load_from_disk(str(self.require(stage, newer_reviews)))
         if stage not in TEXT_STAGES:
             return data
         images = load_from_disk(str(self.require("ingested")))
@@ -470,8 +477,26 @@ def stage_fingerprint(folder: Path) -> str | None:
     return found.get("content") or fingerprint(found)
 
 
-def out_of_date(ws: Workspace, folder: Path) -> list[str]:
-    """The commands to re-run, in order, because what `folder` was made from changed since; [] when current."""
+def journal_digest(data: bytes) -> str | None:
+    """A journal's finished lines, as a digest (None when it has none): a line still being written is not one."""
+    finished = data[: data.rfind(b"\n") + 1]
+    return hashlib.sha256(finished).hexdigest()[:16] if finished else None
+
+
+def review_digest(ws: Workspace) -> str | None:
+    """The clinicians' decisions as they stand now (None: no review yet)."""
+    return journal_digest(ws.review_journal.read_bytes()) if ws.review_journal.exists() else None
+
+
+def reviewed_since(ws: Workspace, folder: Path) -> bool:
+    """Whether review decisions were made after `folder` (a fix) applied them; stages that apply none say nothing."""
+    inputs = (read_manifest(folder) or {}).get("inputs", {})
+    return "review" in inputs and inputs["review"] != review_digest(ws)
+
+
+def out_of_date(ws: Workspace, folder: Path, reviews: bool = True) -> list[str]:
+    """The commands to re-run, in order, because what `folder` was made from changed since (with `reviews`, the
+    review decisions a fix applied too); [] when current."""
     found = read_manifest(folder) or {}
     inputs = found.get("inputs", {})
     if inputs.get("stage") in DATASET_STAGES:
@@ -480,8 +505,9 @@ def out_of_date(ws: Workspace, folder: Path) -> list[str]:
         source = Path(inputs["adapter"])
     else:
         return []  # made from a folder of images, or by hand
-    upstream = out_of_date(ws, source)
-    if upstream or inputs.get("fingerprint") != stage_fingerprint(source):
+    upstream = out_of_date(ws, source, reviews)
+    changed = inputs.get("fingerprint") != stage_fingerprint(source) or (reviews and reviewed_since(ws, folder))
+    if upstream or changed:
         return [*upstream, REMADE_BY.get(found.get("stage", ""), f"skinvlm {found.get('stage')}")]
     return []
 

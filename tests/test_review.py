@@ -214,6 +214,13 @@ def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -
         accepted_id = kim.item["id"]
         kim.decide("accept")
         server.stop()
+    stale = {s["name"]: s for s in cli.json("status")["stages"]}
+    assert stale["fixed"]["rerun"] == ["skinvlm fix"], "decisions made after the fix"
+    for command in (("train", "--dry-run", "--model", tiny, "--backend", "hf"), ("publish", "me/x", "--dry-run")):
+        refused = cli(*command, ok=False)
+        line = "error: clinicians made review decisions after datasets/fixed was made: run `skinvlm fix`\n"
+        assert refused.exit_code == 1 and refused.stderr == line, command
+    assert cli("audit", "--stage", "fixed").exit_code == 0, "audit and review itself read on"
     cli("fix")
     from datasets import load_from_disk
 
@@ -226,7 +233,7 @@ def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -
     audit = cli.json("audit", "--stage", "fixed")
     assert audit["review"] == {"unreviewed": len(fixed) - 3, "accepted": 1, "edited": 1, "rejected": 1}
     listed = {s["name"]: s for s in cli.json("status")["stages"]}
-    assert listed["fixed"]["figures"].startswith("review: unreviewed")
+    assert listed["fixed"]["figures"].startswith("review: unreviewed") and listed["fixed"]["rerun"] == []
     cli("publish", "me/reviewed", "--dry-run")
     card = (reviewable / "publish" / "dataset" / "README.md").read_text(encoding="utf-8")
     assert f"Reviewed by clinicians in `skinvlm review`: 3 of {len(fixed)} records" in card
