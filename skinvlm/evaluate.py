@@ -1,6 +1,7 @@
 """`skinvlm eval`: accuracy, macro F1, per-class and per-view report, confusion matrix.
 
-Images and true labels come from datasets/ingested (eval works right after ingest). Answers come
+Images and true labels come from datasets/ingested (eval works right after ingest), a clinician's label
+correction in the review journal standing for the folder's, as in fix, train and publish. Answers come
 from any OpenAI-compatible server (async, concurrent, retried as in describe) or from a model
 folder run in-process with transformers (CPU or GPU, batched). The `<label>` of each answer is
 mapped through the rule file's aliases; anything else is `unparsed` and counts as wrong.
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, endpoints, openai_api
+from skinvlm import devices, endpoints, openai_api, review
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
@@ -99,9 +100,10 @@ LOCAL_SERVER = "http://127.0.0.1:8000/v1"  # `skinvlm serve`'s default
 class Item:
     index: int
     id: str
-    label: str
+    label: str  # the true label: the folder's, or a clinician's correction in `skinvlm review`
     view: str
     sha256: str
+    corrected: bool = False  # the label is a clinician's correction
 
 
 # -- choosing images -------------------------------------------------------------------------
@@ -112,8 +114,9 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     if settings.split not in data:
         raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
     ds = data[settings.split]
-    columns = zip(ds["id"], ds["label"], ds["view"], ds["sha256"], strict=True)
-    items = [Item(i, rid, label, view, sha) for i, (rid, label, view, sha) in enumerate(columns)]
+    truth = [o.label for o in review.reviewed_outcomes(ds["id"], ds, review.decisions_of(ws)[0])]
+    columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], strict=True)
+    items = [Item(i, rid, label, view, sha, label != was) for i, (rid, label, was, view, sha) in enumerate(columns)]
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
     return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
@@ -715,7 +718,8 @@ def evaluate(
             elif todo:
                 asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink, live))
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
-        records = [done[i.id] for i in items if i.id in done and done[i.id].get("key") == key]
+        scored = [i for i in items if i.id in done and done[i.id].get("key") == key]
+        records = [{**done[i.id], "label": i.label} for i in scored]  # a correction made after the answer counts
         require_an_answer(records)
     except BaseException:
         # Every answer is kept, on any exit (Ctrl-C, SIGTERM, an error): a re-run asks only the rest. Only a new
@@ -730,6 +734,7 @@ def evaluate(
         "backend": backend,
         **metrics(records, rules, wall, settings.target_accuracy),
         "constrained": settings.constrained,
+        "label_corrections": sum(1 for item in scored if item.corrected),
         "failed": sum(1 for record in records if record["error"]),
         "failure_reasons": dict(failure_reasons(records).most_common(3)),
         "from_cache": len(cached),
@@ -774,6 +779,11 @@ def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: E
         notes.append(
             f"{len(unparsed)} of {len(records)} answers have no <label> naming a class{known}: the accuracy reflects "
             f"the answer format more than the model's judgement; e.g. {example!r}"
+        )
+    if result["label_corrections"]:
+        notes.append(
+            f"{result['label_corrections']} of the {len(records)} photos are scored against the label a clinician "
+            "gave in `skinvlm review`, not their folder's"
         )
     if settings.probabilities and result["probabilities"] is None:
         notes.append("the endpoint returned no logprobs: no class probabilities, AUC or calibration")

@@ -145,7 +145,7 @@ def fix(
                 changed += 1
                 if len(examples) < EXAMPLES:
                     examples.append((before or "", after))
-        outcomes = reviewed_outcomes(ds["id"], labels[split], decisions)
+        outcomes = review.reviewed_outcomes(ds["id"], labels[split], decisions)
         reviewed.update(o.status for o in outcomes)
         fixed = [fixed_text if o.text is None else o.text for fixed_text, o in zip(fixed, outcomes, strict=True)]
         table = (
@@ -190,15 +190,6 @@ def fix(
         ws.save("fixed", data, manifest("fix", settings, inputs, counts, started))
     result.seconds = round(time.perf_counter() - clock, 2)
     return result
-
-
-def reviewed_outcomes(ids: list[str], ingested: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[Any]:
-    """Each record's review outcome: its edited text and corrected label stand; decisions made on another image
-    (the photo changed at a re-ingest since) do not count."""
-    facts = dict(zip(ingested["id"], zip(ingested["label"], ingested["sha256"], strict=True), strict=True))
-    return [
-        review.outcome(facts[r][0], [d for d in decisions.get(r, []) if d.get("sha256") == facts[r][1]]) for r in ids
-    ]
 
 
 def drop_reason(row: dict[str, Any], rules: Rules, drop_invalid: bool, drop_mismatches: bool) -> str | None:

@@ -254,6 +254,13 @@ def latest_per_reviewer(decisions: list[dict[str, Any]]) -> dict[str, dict[str, 
     return latest
 
 
+def reviewed_outcomes(ids: list[str], ingested: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[Outcome]:
+    """Each record's review outcome: its edited text and corrected label stand; decisions made on another image
+    (the photo changed at a re-ingest since) do not count."""
+    facts = dict(zip(ingested["id"], zip(ingested["label"], ingested["sha256"], strict=True), strict=True))
+    return [outcome(facts[r][0], [d for d in decisions.get(r, []) if d.get("sha256") == facts[r][1]]) for r in ids]
+
+
 def outcome(label: str, decisions: list[dict[str, Any]]) -> Outcome:
     """What a record's decisions come to; `label` is the folder's, which stands until a reviewer changes it."""
     if not decisions:

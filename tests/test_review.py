@@ -245,6 +245,41 @@ def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -
     assert only["review_left_out"] == len(fixed) - 2 and only["rows"] == 2, "accepted and edited only"
 
 
+def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, reviewable: Path) -> None:
+    import numpy as np
+
+    from skinvlm.demo.openai_server import FakeOpenAI, image_of
+    from skinvlm.demo.synthetic import colour_label
+
+    def by_colour(body: dict) -> str:  # every photo's folder label, read from its colour
+        mean = np.asarray(image_of(body), dtype=float).reshape(-1, 3).mean(axis=0)
+        return f"<label>{colour_label(tuple(mean))}</label>\n<summary>테스트 소견입니다.</summary>"
+
+    def run_eval(api: FakeOpenAI) -> dict:
+        return cli.json("eval", "--base-url", api.url, "--api-key", "sk-x", "--name", "held-out", "--no-probabilities")
+
+    with FakeOpenAI(answer=by_colour) as api:  # one server: the same endpoint, so the answers are kept
+        before = run_eval(api)
+        assert before["accuracy"] == 1.0 and before["label_corrections"] == 0 and before["notes"] == []
+        with Server(reviewable, "--reviewer", "kim") as server:
+            kim = Browserless(server.url)
+            while kim.item["split"] != "test":
+                kim.decide("accept")
+            folder = kim.item["label"]
+            clinician = "주사" if folder != "주사" else "지루"
+            kim.decide("accept", label=clinician)
+            server.stop()
+        after = run_eval(api)
+    n = after["n"]
+    assert after["from_cache"] == n and after["asked"] == 0, "the answers stand; only the truth changed"
+    assert after["label_corrections"] == 1 and after["accuracy"] == pytest.approx((n - 1) / n, abs=1e-4)
+    assert after["notes"] == [
+        f"1 of the {n} photos are scored against the label a clinician gave in `skinvlm review`, not their folder's"
+    ]
+    support = {c: after["per_class"][c]["support"] - before["per_class"][c]["support"] for c in (folder, clinician)}
+    assert support == {folder: -1, clinician: 1}, "the photo counts under the clinician's label"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
 def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(cli, reviewable: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
