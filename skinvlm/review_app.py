@@ -15,9 +15,10 @@ import json
 import os
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.review import Item, ReviewState, report
@@ -25,23 +26,42 @@ from skinvlm.rules import Rules
 from skinvlm.workspace import Workspace
 
 SESSION_COOKIE = "skinvlm_review"
+REVIEWER_COOKIE = "skinvlm_reviewer"
 TOKEN_COOKIE = "skinvlm_review_token"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sessions:
-    """Per browser: its reviewer name and CSRF token (in memory: a restart asks the page to reload)."""
+    """Per browser: a session id, a CSRF token derived from it with the workspace's review key, and the reviewer's
+    name in a cookie. Nothing is kept in memory, so an open page outlives a restart of `review`: a decision (or a
+    long edit) sent after it still lands."""
 
     default_reviewer: str
-    known: dict[str, dict[str, str]] = field(default_factory=dict)
+    key: bytes
 
-    def get(self, session_id: str | None) -> tuple[str, dict[str, str]]:
-        if session_id and session_id in self.known:
-            return session_id, self.known[session_id]
-        session_id = secrets.token_urlsafe(24)
-        self.known[session_id] = {"reviewer": self.default_reviewer, "csrf": secrets.token_urlsafe(24)}
-        return session_id, self.known[session_id]
+    def get(self, session_id: str | None, reviewer: str | None) -> tuple[str, dict[str, str]]:
+        if not session_id or len(session_id) > 64:
+            session_id = secrets.token_urlsafe(24)
+        name = unquote(reviewer or "").strip()
+        csrf = hmac.new(self.key, session_id.encode(), "sha256").hexdigest()
+        return session_id, {"reviewer": name if 0 < len(name) <= 100 else self.default_reviewer, "csrf": csrf}
+
+
+def review_key(ws: Workspace) -> bytes:
+    """The workspace's secret for CSRF tokens, made once (readable by its owner only) and shared by every server."""
+    path = ws.review_key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will ask to be reloaded)") from None
+    with os.fdopen(made, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, Any]:
@@ -94,14 +114,13 @@ def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]
     return item_json(state, state.next_for(reviewer), rules)
 
 
-def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, token: str | None, stage: str) -> Any:
+def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str) -> Any:
     """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    sessions = Sessions(reviewer)
     classes = [{"name": c.name, "english": c.english} for c in rules.classes]
 
     def authorised(request: Request) -> bool:
@@ -111,10 +130,11 @@ def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, tok
         return hmac.compare_digest(given.encode(), token.encode())
 
     def session_of(request: Request) -> tuple[str, dict[str, str]]:
-        return sessions.get(request.cookies.get(SESSION_COOKIE))
+        return sessions.get(request.cookies.get(SESSION_COOKIE), request.cookies.get(REVIEWER_COOKIE))
 
-    def with_cookies(response: Response, session_id: str, request: Request) -> Response:
+    def with_cookies(response: Response, request: Request, session_id: str, session: dict[str, str]) -> Response:
         response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
+        response.set_cookie(REVIEWER_COOKIE, quote(session["reviewer"]), httponly=True, samesite="strict")
         if token is not None and request.query_params.get("token"):
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
         response.headers["Cache-Control"] = "no-store"
@@ -146,7 +166,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, tok
         first = next_json(state, session["reviewer"], rules)
         boot = {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
         html = page_template().replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
-        return with_cookies(HTMLResponse(html), session_id, request)
+        return with_cookies(HTMLResponse(html), request, session_id, session)
 
     def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """The access token (and, for changes, the CSRF token) checked; the handler gets the session."""
@@ -159,13 +179,13 @@ def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, tok
 
         return endpoint
 
-    def answer_next(request: Request, session_id: str, reviewer: str) -> Response:
-        return with_cookies(JSONResponse(next_json(state, reviewer, rules)), session_id, request)
+    def answer_next(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        return with_cookies(JSONResponse(next_json(state, session["reviewer"], rules)), request, session_id, session)
 
     @guarded
     async def next_item(request: Request, session_id: str, session: dict[str, str]) -> Response:
         state.refresh()
-        return answer_next(request, session_id, session["reviewer"])
+        return answer_next(request, session_id, session)
 
     @guarded
     async def decide(request: Request, session_id: str, session: dict[str, str]) -> Response:
@@ -189,7 +209,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, tok
             return refused(400, "a decision is a JSON object with id, version, decision and label")
         except SkinvlmError as problem:
             return refused(409, str(problem))
-        return answer_next(request, session_id, session["reviewer"])
+        return answer_next(request, session_id, session)
 
     @guarded
     async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
@@ -200,7 +220,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, reviewer: str, tok
         if not 0 < len(name) <= 100:
             return refused(400, "a reviewer needs a name of 1-100 characters")
         session["reviewer"] = name
-        return answer_next(request, session_id, name)
+        return answer_next(request, session_id, session)
 
     @guarded
     async def image(request: Request, *_: Any) -> Response:
@@ -265,7 +285,7 @@ def serve(
     ingested = load_from_disk(str(ws.require("ingested")))
     images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
     name = reviewer or os.environ.get("USER") or "reviewer"
-    app = create_app(state, images, rules, name, token, stage)
+    app = create_app(state, images, rules, Sessions(name, review_key(ws)), token, stage)
     shown = progress(state)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
     say(f"review of {stage}: {where} (reviewer {name}; {shown['reviewed']:,} of {shown['records']:,} records "

@@ -131,6 +131,10 @@ class Workspace:
         return self.root / "journal" / "review.jsonl"
 
     @property
+    def review_key(self) -> Path:
+        return self.root / "journal" / "review.key"
+
+    @property
     def publish_dataset(self) -> Path:
         """What `publish` uploads as a dataset repo, exactly: shards and card."""
         return self.root / "publish" / "dataset"

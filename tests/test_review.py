@@ -136,6 +136,7 @@ def test_decisions_are_journalled_survive_kill_9_and_conflicts_are_refused(cli, 
         assert status == 409 and "decided by kim since it was shown" in answer["error"], "never overwritten"
         first.decide("edit", text="<label>건선</label>\n<summary>수정한 소견입니다. 경계가 분명한 판.</summary>")
         first.decide("reject", reason="사진이 흐림")
+        first.name("이수진")
         code, err = server.stop(signal.SIGKILL)
     assert [d["decision"] for d in journal(reviewable)] == ["accept", "edit", "reject"]
     assert journal(reviewable)[2]["reason"] == "사진이 흐림" and journal(reviewable)[0]["sha256"]
@@ -143,6 +144,11 @@ def test_decisions_are_journalled_survive_kill_9_and_conflicts_are_refused(cli, 
         again = Browserless(server.url)
         decided = {d["id"] for d in journal(reviewable)}
         assert again.item["id"] not in decided and again.item["progress"]["reviewed"] == 3, "nothing lost"
+        first.url = server.url  # the page opened before the kill -9: its cookies and CSRF token as they were
+        first.fresh()
+        first.decide("accept")
+        assert journal(reviewable)[-1]["reviewer"] == "이수진", "the page outlives the restart, its name too"
+        assert (reviewable / "journal" / "review.key").stat().st_mode & 0o077 == 0, "the owner's only"
         assert Browserless(server.url).post("/api/decide", {"id": "x"}, csrf="forged")[0] == 403
         code, err = server.stop(signal.SIGTERM)
     assert code == 143 and err.strip().splitlines()[-1].startswith("interrupted by SIGTERM"), err
