@@ -114,12 +114,17 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     if settings.split not in data:
         raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
     ds = data[settings.split]
-    truth = [o.label for o in review.reviewed_outcomes(ds["id"], ds, review.decisions_of(ws)[0])]
+    truth = true_labels(ds, review.decisions_of(ws)[0])
     columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], strict=True)
     items = [Item(i, rid, label, view, sha, label != was) for i, (rid, label, was, view, sha) in enumerate(columns)]
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
     return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
+
+
+def true_labels(ds: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each photo's true label: its folder's, or the one the clinicians agreed on in `skinvlm review` (as in fix)."""
+    return [o.label for o in review.reviewed_outcomes(ds["id"], ds, decisions)]
 
 
 def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
@@ -810,6 +815,8 @@ def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]
 
 
 def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], rules: Rules) -> dict[str, Any]:
+    from datasets import load_from_disk
+
     from skinvlm import stats
 
     a, b = run_answers(ws, first), run_answers(ws, second)
@@ -823,7 +830,10 @@ def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], ru
     both = sorted(i for i in a if not a[i]["error"] and not b[i]["error"])  # the photos both runs answered
     if not both:
         raise SkinvlmError(f"no photo was answered by both {first['name']!r} and {second['name']!r}")
-    truth = [a[i]["label"] for i in both]
+    decisions = review.decisions_of(ws)[0]
+    ingested = load_from_disk(str(ws.require("ingested")))
+    now = {i: label for ds in ingested.values() for i, label in zip(ds["id"], true_labels(ds, decisions), strict=True)}
+    truth = [now.get(i, a[i]["label"]) for i in both]  # the true labels as they stand, not as when answered
     result = stats.paired(
         truth, [a[i]["predicted"] for i in both], [b[i]["predicted"] for i in both], rules.class_names
     )

@@ -261,11 +261,12 @@ def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, review
         mean = np.asarray(image_of(body), dtype=float).reshape(-1, 3).mean(axis=0)
         return f"<label>{colour_label(tuple(mean))}</label>\n<summary>테스트 소견입니다.</summary>"
 
-    def run_eval(api: FakeOpenAI) -> dict:
-        return cli.json("eval", "--base-url", api.url, "--api-key", "sk-x", "--name", "held-out", "--no-probabilities")
+    def run_eval(api: FakeOpenAI, name: str = "held-out") -> dict:
+        return cli.json("eval", "--base-url", api.url, "--api-key", "sk-x", "--name", name, "--no-probabilities")
 
     with FakeOpenAI(answer=by_colour) as api:  # one server: the same endpoint, so the answers are kept
         before = run_eval(api)
+        run_eval(api, "earlier")  # its stored answers say the folder's labels
         assert before["accuracy"] == 1.0 and before["label_corrections"] == 0 and before["notes"] == []
         with Server(reviewable, "--reviewer", "kim") as server:
             kim = Browserless(server.url)
@@ -284,6 +285,8 @@ def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, review
     ]
     support = {c: after["per_class"][c]["support"] - before["per_class"][c]["support"] for c in (folder, clinician)}
     assert support == {folder: -1, clinician: 1}, "the photo counts under the clinician's label"
+    (pair,) = cli.json("eval", "--compare", "earlier", "--compare", "held-out")["paired"]
+    assert pair["mcnemar"]["both_wrong"] == 1, "runs are paired on the true labels as they stand"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
