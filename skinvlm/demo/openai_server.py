@@ -97,6 +97,9 @@ def image_key(body: dict[str, Any]) -> str:
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The servers this stands in for listen with a deep backlog (uvicorn, so vLLM: 2048). socketserver's 5 let a
+    # burst of new connections (16 per endpoint, on a busy 2-core CI machine) fail as if the server were down.
+    request_queue_size = 2048
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up mid-answer (cancelled runs, timeouts) are part of the tests
