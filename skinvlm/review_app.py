@@ -49,19 +49,27 @@ class Sessions:
 
 
 def review_key(ws: Workspace) -> bytes:
-    """The workspace's secret for CSRF tokens, made once (readable by its owner only) and shared by every server."""
+    """The workspace's secret for CSRF tokens, made once (readable by its owner only) and shared by every server.
+    Written whole under another name and linked into place, so a server starting at the same moment never reads
+    half of it."""
     path = ws.review_key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) == 32:
-            return key
-        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will ask to be reloaded)") from None
-    with os.fdopen(made, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another server made it first: theirs stands
+            pass
+        except OSError:  # a filesystem without hard links: a rename is whole too, if not exclusive
+            os.replace(draft, path)
+        draft.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will then ask to be reloaded)")
+    return key
 
 
 def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, Any]:

@@ -152,6 +152,9 @@ def test_decisions_are_journalled_survive_kill_9_and_conflicts_are_refused(cli, 
         assert Browserless(server.url).post("/api/decide", {"id": "x"}, csrf="forged")[0] == 403
         code, err = server.stop(signal.SIGTERM)
     assert code == 143 and err.strip().splitlines()[-1].startswith("interrupted by SIGTERM"), err
+    (reviewable / "journal" / "review.key").write_bytes(b"cut short")
+    damaged = cli("review", ok=False)
+    assert damaged.exit_code == 1 and "journal/review.key is damaged: delete it" in damaged.stderr
 
 
 def test_the_network_needs_a_token_and_nothing_leads_outside_the_records(cli, reviewable: Path) -> None:
