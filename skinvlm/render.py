@@ -397,7 +397,8 @@ def demo_closing(out: Console, result: Any, rules: Any) -> None:
             f"What the demo made in {ws}:\n{folders}\n\nOn real data (a GPU for train/serve):\n{real}",
             title="skinvlm demo done",
             expand=False,
-        )
+        ),
+        soft_wrap=False,  # the console's soft wrap would crop a panel's long lines (a deep workspace path)
     )
 
 

@@ -45,6 +45,7 @@ def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
     ):
         assert (ws / made).exists(), made
     assert "broken-truncated.png" in result.stderr and "skinvlm demo done" in result.stdout
+    assert "the pictures" in result.stdout and "--confusion-matrix" in result.stdout, "the panel's lines wrap, not cut"
     assert "audit problems" in result.stdout and "-> 0" in result.stdout
     assert "step 1/12  loss" in result.stderr and "step 12/12  loss" in result.stderr, "training progress in a log"
     listed = json.loads(cli.runner.invoke(app, ["-w", str(ws), "status", "--json"]).stdout)
