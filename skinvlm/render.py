@@ -8,15 +8,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich import table as rich_table
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from skinvlm import personal
 from skinvlm.ingest import IngestResult
 from skinvlm.numbers import p_value, rate, score, seconds
 from skinvlm.rules import Rules
+
+
+class Table(rich_table.Table):
+    """rich's table with cells that fold by default: rich's own default cuts a long value short with '…' on a
+    narrow terminal, losing what tells rows apart (an endpoint's port, the end of a path)."""
+
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)
 
 
 def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules) -> None:
@@ -118,7 +127,7 @@ def endpoint_table(out: Console, summary: list[dict[str, Any]]) -> None:
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="right" if i == 1 else "left", overflow="fold")
+        table.add_column(column, justify="right" if i == 1 else "left")
     return table
 
 

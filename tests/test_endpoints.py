@@ -133,6 +133,24 @@ def test_the_endpoint_list_may_come_from_openai_base_url_and_batch_refuses_it(cl
     assert a.requests and b.requests and a.requests + b.requests == 48
 
 
+def test_the_endpoint_table_folds_long_urls_and_events_at_80_columns() -> None:
+    from rich.console import Console
+
+    from skinvlm.render import endpoint_table
+
+    urls = [f"https://gpu-node-{n}.dermatology.clinic.internal:8000/v1" for n in (17, 18)]
+    summary = [
+        {"endpoint": urls[0], "sent": 48, "answered": 48, "per_second": 80.12, "events": []},
+        {"endpoint": urls[1], "sent": 16, "answered": 0, "per_second": 0.0,
+         "events": ["dropped at 05:20:46 after 3 failures in a row (APIConnectionError)"]},
+    ]  # fmt: skip
+    console = Console(width=80, record=True, soft_wrap=True)  # as the command line's
+    endpoint_table(console, summary)
+    shown = console.export_text()
+    first_column = "".join(line.split("│")[1].strip() for line in shown.splitlines() if line.count("│") > 2)
+    assert "…" not in shown and first_column == "".join(urls), "every URL whole, folded"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

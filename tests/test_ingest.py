@@ -112,7 +112,8 @@ def test_status_reports_the_stages(cli, clean_tree: Path) -> None:
     stages = {s["name"]: s for s in cli.json("status")["stages"]}
     assert stages["ingested"]["present"] and stages["ingested"]["rows"] == {"train": 36, "test": 12}
     assert not stages["described"]["present"]
-    assert "ingested" in cli("status").stdout
+    shown = cli("status", env={"COLUMNS": "80"}).stdout
+    assert "ingested" in shown and "…" not in shown, "cells fold at 80 columns, never cut short"
 
 
 @pytest.mark.parametrize("mode", [(), ("--deep",)], ids=["structural", "deep"])
