@@ -427,7 +427,7 @@ def stage_json(s: Any) -> dict[str, Any]:
 def status_table(out: Console, ws: Any, stages: list[Any]) -> None:
     table = Table(title=f"workspace {ws.root}")
     for column in ("stage", "present", "rows", "figures", "finished", "from", "current"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("stage", "present", "finished"))  # names and dates read whole
     for s in stages:
         rows = ", ".join(f"{k} {v:,}" for k, v in s.rows.items())
         when = s.finished[:16].replace("T", " ")
