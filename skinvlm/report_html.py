@@ -77,6 +77,8 @@ def hangul_woff(characters: str) -> bytes | None:
         return None
     options = subset.Options()
     options.flavor = "woff"  # zlib-compressed; woff2 would need brotli
+    # NanumGothic's VTT hinting sources: of no use on a screen, and fontTools prints a warning for each it drops
+    options.drop_tables += ["TSI0", "TSI1", "TSI2", "TSI3", "TSI5"]
     font = subset.load_font(str(source), options)
     cutter = subset.Subsetter(options)
     cutter.populate(text=characters)

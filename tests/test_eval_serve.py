@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -393,3 +394,14 @@ def test_an_eval_of_mostly_unparsed_answers_says_so_and_its_manifest_names_the_r
     manifest = json.loads((Path(result["output_dir"]) / "manifest.json").read_text())
     assert manifest["settings"]["name"] == result["name"] and manifest["settings"]["base_url"] == server.url
     assert "6 of 6 answers have no <label>" in cli("eval", "--compare", result["name"]).stdout + json.dumps(result)
+
+
+def test_the_report_font_is_cut_to_its_syllables_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from skinvlm.report_html import hangul_woff
+
+    with caplog.at_level(logging.WARNING):
+        woff = hangul_woff("건선아토피여드름")
+    if woff is None:
+        pytest.skip("NanumGothic (koreanize-matplotlib) or fontTools is not installed here")
+    assert woff.startswith(b"wOFF") and len(woff) < 100_000, "tens of KB, not the 4 MB font"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [], "a quiet stderr"
