@@ -78,6 +78,12 @@ def progress_note(p: Any) -> str:
 
 
 def describe_dry_run(out: Console, preview: Any, settings: Any) -> None:
+    if not preview.records:
+        out.print(
+            "nothing to ask: every record has its answer (--redo failed,invalid, mismatch, changed or all asks "
+            "again); nothing was sent"
+        )
+        return
     out.print("[bold]example request[/] (image elided):")
     out.print_json(json.dumps(preview.example, ensure_ascii=False))
     table = Table(title=f"estimate for {preview.records:,} records with {settings.model} (detail={settings.detail})")
@@ -226,6 +232,9 @@ def publish_report(out: Console, result: Any) -> None:
 
 
 def review_report(out: Console, found: dict[str, Any]) -> None:
+    if not found["reviewers"]:
+        out.print(f"review: {found['records']:,} records, no decision yet (`skinvlm review` opens the page)")
+        return
     table = _table(f"review: {found['records']:,} records", "reviewer", "accepted", "edited", "rejected", "per hour")
     for name, counts in found["reviewers"].items():
         per_hour = "-" if counts["per_hour"] is None else f"{counts['per_hour']:,.0f}"

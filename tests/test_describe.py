@@ -114,6 +114,10 @@ def test_dry_run_sends_nothing_and_estimates_cost(cli, ingested: Path) -> None:
     assert preview["records"] == 48 and preview["dollars"] > 0
     assert preview["dollars_batch"] == pytest.approx(preview["dollars"] / 2)
     assert not (ingested / "journal").exists()
+    with FakeOpenAI() as server:
+        describe(cli, server)
+        done = describe(cli, server, "--dry-run").stdout
+    assert done.startswith("nothing to ask: every record has its answer") and "{}" not in done
 
 
 def test_template_answers_are_offline_and_marked(cli, ingested: Path) -> None:

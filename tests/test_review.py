@@ -182,6 +182,8 @@ def test_the_network_needs_a_token_and_nothing_leads_outside_the_records(cli, re
 
 
 def test_two_reviewers_with_overlap_give_the_expected_kappa(cli, reviewable: Path) -> None:
+    empty = cli("review", "--report").stdout
+    assert empty == "review: 48 records, no decision yet (`skinvlm review` opens the page)\n"
     with Server(reviewable, "--overlap", "1", "--reviewer", "kim") as server:
         kim, lee = Browserless(server.url), Browserless(server.url)
         lee.name("lee")
