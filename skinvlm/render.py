@@ -653,7 +653,7 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
         effective.add_column("")
         effective.add_column("value")
         for name, value in settings.items():
-            effective.add_row(name, escape(repr(value)))
+            effective.add_row(name, escape(repr(getattr(value, "value", value))))  # an enum as the flag takes it
         console.print(effective)
 
 
