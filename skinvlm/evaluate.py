@@ -127,16 +127,15 @@ def true_labels(ds: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[str
     return [o.label for o in review.reviewed_outcomes(ds["id"], ds, decisions)]
 
 
-def answerer(ws: Workspace, settings: EvalSettings) -> dict[str, Any]:
-    """Who answers, as precisely as we can name it: the model folder's content, or the endpoint and model."""
+def answerer(ws: Workspace, settings: EvalSettings, asked: list[openai_api.Endpoint]) -> dict[str, Any]:
+    """Who answers, as precisely as we can name it: the model folder's content, or the endpoints and model."""
     if settings.model_dir:
         folder = Path(settings.model_dir).resolve()
         weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
         made = stage_fingerprint(folder) or fingerprint(weights)
         return {"model_dir": str(folder), "made": made, "max_pixels": read_settings(folder).get("max_pixels")}
-    asked = ", ".join(sorted(ep.where for ep in server_endpoints(ws, settings, None)))
     sent = {"encoding": "png", "max_pixels": served_resolution(ws, settings)}
-    return {"endpoint": asked, "model": settings.model, "image": sent}
+    return {"endpoint": ", ".join(sorted(ep.where for ep in asked)), "model": settings.model, "image": sent}
 
 
 def server_endpoints(ws: Workspace, settings: EvalSettings, api_key: str | None) -> list[openai_api.Endpoint]:
@@ -269,13 +268,13 @@ async def ask_server(
     prompt: str,
     ws: Workspace,
     settings: EvalSettings,
-    api_key: str | None,
+    asked: list[openai_api.Endpoint],
     rules: Rules,
     sink: Callable[[dict[str, Any]], None],
     live: list[dict[str, Any]],
 ) -> None:
     """Ask the server(s) for every item; `live` is kept to the endpoints' summary (endpoints.Pool.summary)."""
-    pool = Pool(server_endpoints(ws, settings, api_key), settings.concurrency, backoff=settings.backoff)
+    pool = Pool(asked, settings.concurrency, backoff=settings.backoff)
     queue = list(reversed(items))
     max_pixels = served_resolution(ws, settings)
 
@@ -692,7 +691,8 @@ def evaluate(
     ds, items = eval_items(ws, settings)
     folder = Path(settings.model_dir) if settings.model_dir else ws.merged
     prompt = read_settings(folder).get("instruction") or instruction(rules)
-    who = answerer(ws, settings)
+    asked = [] if settings.model_dir else server_endpoints(ws, settings, api_key)
+    who = answerer(ws, settings, asked)
     key = ask_key(who, prompt, settings)
     fresh = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
@@ -721,7 +721,7 @@ def evaluate(
             if settings.model_dir:
                 ask_local(ds, todo, prompt, settings, rules, sink)
             elif todo:
-                asyncio.run(ask_server(ds, todo, prompt, ws, settings, api_key, rules, sink, live))
+                asyncio.run(ask_server(ds, todo, prompt, ws, settings, asked, rules, sink, live))
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
         scored = [i for i in items if i.id in done and done[i.id].get("key") == key]
         records = [{**done[i.id], "label": i.label} for i in scored]  # a correction made after the answer counts

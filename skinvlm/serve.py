@@ -248,14 +248,18 @@ def estimate(model: Path, s: ServeSettings) -> tuple[float | None, float | None]
     saved = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "bfloat16")
     served = DTYPE_BYTES.get(saved if s.dtype == "auto" else s.dtype, 2)
     parameters = safetensors_parameters(model) or config_parameters(config)
-    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
-    hidden = text.get("hidden_size")
-    if not (parameters and layers and heads and hidden):
+    layers = text.get("num_hidden_layers")
+    if not (parameters and layers and text.get("num_attention_heads") and text.get("hidden_size")):
         return None, None
-    head_dim = text.get("head_dim") or hidden // heads
-    kv_heads = text.get("num_key_value_heads") or heads
+    kv_heads, head_dim = kv_shape(text)
     kv_cache = 2 * layers * kv_heads * head_dim * served * s.max_model_len
     return round(parameters * served / 2**30, 3), round(kv_cache / 2**30, 3)
+
+
+def kv_shape(text: dict[str, Any]) -> tuple[int, int]:
+    """(key-value heads, head dimension) of a decoder config that has its hidden size and attention heads."""
+    heads = text["num_attention_heads"]
+    return text.get("num_key_value_heads") or heads, text.get("head_dim") or text["hidden_size"] // heads
 
 
 def safetensors_parameters(model: Path) -> int:
@@ -281,8 +285,8 @@ def config_parameters(config: dict[str, Any]) -> int:
     inner, vocab = text.get("intermediate_size"), text.get("vocab_size")
     if not (hidden and layers and heads and inner and vocab):
         return 0
-    head_dim = text.get("head_dim") or hidden // heads
-    kv = (text.get("num_key_value_heads") or heads) * head_dim
+    kv_heads, head_dim = kv_shape(text)
+    kv = kv_heads * head_dim
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
     embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
     vision = config.get("vision_config") or {}

@@ -166,7 +166,7 @@ class Workspace:
         rerun = out_of_date(self, path, reviews=not newer_reviews)
         if rerun:
             steps = " then ".join(f"`{command}`" for command in rerun)
-            if reviewed_since(self, path):
+            if reviewed_since(self, (read_manifest(path) or {}).get("inputs", {})):
                 raise SkinvlmError(f"clinicians made review decisions after datasets/{stage} was made: run {steps}")
             raise SkinvlmError(f"datasets/{stage} was made from data that has changed since: run {steps}")
         return path
@@ -492,9 +492,9 @@ def review_digest(ws: Workspace) -> str | None:
     return journal_digest(ws.review_journal.read_bytes()) if ws.review_journal.exists() else None
 
 
-def reviewed_since(ws: Workspace, folder: Path) -> bool:
-    """Whether review decisions were made after `folder` (a fix) applied them; stages that apply none say nothing."""
-    inputs = (read_manifest(folder) or {}).get("inputs", {})
+def reviewed_since(ws: Workspace, inputs: dict[str, Any]) -> bool:
+    """Whether review decisions were made after the stage with these manifest `inputs` (a fix) applied them; stages
+    that apply none say nothing."""
     return "review" in inputs and inputs["review"] != review_digest(ws)
 
 
@@ -510,7 +510,7 @@ def out_of_date(ws: Workspace, folder: Path, reviews: bool = True) -> list[str]:
     else:
         return []  # made from a folder of images, or by hand
     upstream = out_of_date(ws, source, reviews)
-    changed = inputs.get("fingerprint") != stage_fingerprint(source) or (reviews and reviewed_since(ws, folder))
+    changed = inputs.get("fingerprint") != stage_fingerprint(source) or (reviews and reviewed_since(ws, inputs))
     if upstream or changed:
         return [*upstream, REMADE_BY.get(found.get("stage", ""), f"skinvlm {found.get('stage')}")]
     return []
