@@ -1,16 +1,19 @@
 """File metadata out of stored photos, losslessly: what a clinic camera or chart tool wrote stays in the clinic.
 
 A PNG keeps only the chunks that make its pixels and colours: the critical ones (IHDR, PLTE, IDAT, IEND),
-transparency, colour (iCCP, sRGB, gAMA, cHRM, sBIT, cICP, mDCV, cLLI), bKGD, pHYs, sPLT, hIST and the APNG
-frames. Text (tEXt, zTXt, iTXt), EXIF (eXIf), the time (tIME) and every private chunk go. A JPEG keeps its
-JFIF/JFXX APP0, its ICC profile (APP2 ICC_PROFILE) and Adobe's APP14 (it says how to read CMYK and YCCK
-colour); EXIF and XMP (APP1), IPTC (APP13), the other APPn, comments (COM) and anything after the end marker
-(MPF's extra images, makers' trailers) go. Neither is re-encoded: the compressed pixel data is copied as is,
-so decoded pixels equal the source's exactly.
+transparency, colour (iCCP under a neutral name, sRGB, gAMA, cHRM, sBIT, cICP, mDCV, cLLI), bKGD, pHYs, hIST and
+the APNG frames. Text (tEXt, zTXt, iTXt), EXIF (eXIf), the time (tIME), the named palette (sPLT) and every private
+chunk go. A JPEG keeps its JFIF header (APP0 without a thumbnail: that is a second photo), its ICC profile (APP2
+ICC_PROFILE) and the fields of Adobe's APP14 (how to read CMYK and YCCK colour); JFXX, EXIF and XMP (APP1), IPTC
+(APP13), the other APPn, comments (COM) and anything after the end marker (MPF's extra images, makers' trailers)
+go. Neither is re-encoded: the compressed pixel data is copied as is, so decoded pixels equal the source's
+exactly. A JPEG whose markers are not in a plain order (a second start of image, a reserved marker) is not
+copied at all: ingest decodes it and stores the pixels as PNG, or refuses it when it does not decode.
 
 EXIF orientation is honoured by turning the pixels (ingest decodes such a photo and stores it as PNG): the
 Orientation tag goes with the rest of EXIF, so a photo taken on its side is stored and shown upright
-everywhere, not only where viewers read EXIF.
+everywhere, not only where viewers read EXIF. `leftover` is the same rule as a check, run by publish on every
+stored photo before a shard is written.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_KEPT = frozenset(
-    b"IHDR PLTE IDAT IEND tRNS iCCP sRGB gAMA cHRM sBIT cICP mDCV mDCv cLLI cLLi bKGD pHYs sPLT hIST".split()
+    b"IHDR PLTE IDAT IEND tRNS iCCP sRGB gAMA cHRM sBIT cICP mDCV mDCv cLLI cLLi bKGD pHYs hIST".split()
     + [b"acTL", b"fcTL", b"fdAT"]  # APNG frames
 )
 JPEG_CLEANED = ("JPEG", "MPO")  # MPO: a JPEG with MPF's extra images after its end marker
@@ -55,12 +58,29 @@ def png_chunks(data: bytes) -> tuple[list[tuple[bytes, int, int]], str | None]:
     return chunks, "cannot decode: truncated PNG file (no IEND chunk)"
 
 
+ICC_NAME = b"ICC Profile"  # iCCP's name is free text (a camera's or a person's): stored under the one Pillow writes
+
+
 def clean_png(data: bytes, chunks: list[tuple[bytes, int, int]]) -> bytes:
-    """`data` with only the kept chunks (the very object when nothing goes, so the common case copies nothing)."""
-    if all(kind in PNG_KEPT for kind, _, _ in chunks) and chunks and chunks[-1][2] == len(data):
-        return data
+    """`data` with only the kept chunks, iCCP under a neutral name (the very object when nothing changes, so the
+    common case copies nothing)."""
     view = memoryview(data)
-    return b"".join([view[: len(PNG_SIGNATURE)], *(view[s:e] for kind, s, e in chunks if kind in PNG_KEPT)])
+    whole = [(kind, view[s:e]) for kind, s, e in chunks]
+    kept = [kept_chunk(kind, chunk) for kind, chunk in whole if kind in PNG_KEPT]
+    unchanged = len(kept) == len(whole) and all(k is chunk for k, (_, chunk) in zip(kept, whole, strict=True))
+    if unchanged and chunks and chunks[-1][2] == len(data):
+        return data
+    return b"".join([view[: len(PNG_SIGNATURE)], *kept])
+
+
+def kept_chunk(kind: bytes, chunk: memoryview) -> bytes | memoryview:
+    if kind != b"iCCP":
+        return chunk
+    name, _, profile = bytes(chunk[8:-4]).partition(b"\0")
+    if name == ICC_NAME:
+        return chunk
+    body = b"iCCP" + ICC_NAME + b"\0" + profile
+    return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
 
 
 def png_orientation(data: bytes, chunks: list[tuple[bytes, int, int]]) -> int:
@@ -115,28 +135,109 @@ def jpeg_ends(data: bytes) -> bool:
     return data.rstrip(b"\0").endswith(b"\xff\xd9") or any(m == 0xD9 for m, _, _ in jpeg_segments(data))
 
 
-def jpeg_segment_kept(marker: int, payload: bytes) -> bool:
-    if marker == 0xFE:  # COM: free text
-        return False
-    if 0xE0 <= marker <= 0xEF:  # APPn
-        return (
-            (marker == 0xE0 and payload[:5] in (b"JFIF\0", b"JFXX\0"))
-            or (marker == 0xE2 and payload.startswith(b"ICC_PROFILE\0"))
-            or (marker == 0xEE and payload.startswith(b"Adobe"))
-        )
-    return True
+JFIF_HEADER = 14  # "JFIF\0", version, units, densities and the thumbnail's size: what follows is its pixels
+ADOBE_FIELDS = 12  # "Adobe", version, two flag words and the colour transform
+FRAME_AND_TABLES = frozenset({*range(0xC0, 0xD0)} - {0xC8} | {0xDB, 0xDC, 0xDD})  # SOFn, DHT, DAC, DQT, DNL, DRI
+RESTARTS = frozenset(range(0xD0, 0xD8))
 
 
-def clean_jpeg(data: bytes) -> bytes:
-    kept, dropped, view = [], False, memoryview(data)
-    for marker, start, end in jpeg_segments(data):
-        if jpeg_segment_kept(marker, bytes(view[start + 4 : start + 16])):
-            kept.append(view[start:end])
-        else:
-            dropped = True
-    if not dropped and sum(len(k) for k in kept) == len(data):
+class UnsafeJpeg(ValueError):
+    """A JPEG whose structure is not the plain one the cleaner understands: a marker out of place (a second SOI,
+    TEM, a reserved or JPGn marker, a scan before its frame, a restart outside a scan) or a segment whose length
+    runs past the file. What such a file hides cannot be told from the segments, so it is not copied."""
+
+
+def kept_segment(marker: int, segment: memoryview) -> bytes | memoryview | None:
+    """The segment as stored (itself, or cut to its fields), or None to drop it; raises UnsafeJpeg for a marker
+    that has no place in a plain JPEG."""
+    if marker in FRAME_AND_TABLES or marker == 0xDA:
+        return segment
+    payload = bytes(segment[4:])  # an APPn or COM: 64 KiB at most
+    if marker == 0xE0:  # only JFIF's header, thumbnail cut (its pixels are a second photo); JFXX goes whole
+        if not payload.startswith(b"JFIF\0") or len(payload) < JFIF_HEADER:
+            return None
+        header = payload[: JFIF_HEADER - 2] + b"\0\0"
+        return segment if payload == header else b"\xff\xe0" + struct.pack(">H", JFIF_HEADER + 2) + header
+    if marker == 0xE2 and payload.startswith(b"ICC_PROFILE\0"):
+        return segment
+    if marker == 0xEE and payload.startswith(b"Adobe") and len(payload) >= ADOBE_FIELDS:
+        if len(payload) == ADOBE_FIELDS:
+            return segment
+        return b"\xff\xee" + struct.pack(">H", ADOBE_FIELDS + 2) + payload[:ADOBE_FIELDS]
+    if 0xE0 <= marker <= 0xEF or marker == 0xFE:  # other APPn and comments: metadata
+        return None
+    raise UnsafeJpeg(f"marker FF{marker:02X} out of place")
+
+
+def clean_jpeg(data: bytes) -> bytes | None:
+    """`data` with only what makes its pixels (the very object when nothing changes), or None when its structure
+    is not plain (`UnsafeJpeg`): such a file is decoded and stored as PNG pixels, or refused if it cannot be."""
+    try:
+        kept, same = jpeg_kept_segments(data)
+    except UnsafeJpeg:
+        return None
+    if same:
         return data
     return b"".join(kept)
+
+
+def jpeg_kept_segments(data: bytes) -> tuple[list[bytes | memoryview], bool]:
+    """(what to store, whether that is `data` unchanged); the walk by markers, strict about their order."""
+    view, kept, same = memoryview(data), [], True
+    framed = scanned = ended = False
+    for marker, start, end in strict_jpeg_segments(data):
+        if marker == 0xD8:
+            if start != 0:
+                raise UnsafeJpeg("a second start of image")
+        elif marker in RESTARTS:
+            if not scanned:
+                raise UnsafeJpeg("a restart marker outside a scan")
+        elif marker == 0xD9:
+            ended = True
+        elif marker == 0xDA and not framed:
+            raise UnsafeJpeg("a scan before its frame header")
+        framed |= 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+        scanned |= marker == 0xDA
+        whole = view[start:end]
+        segment = whole if marker in (0xD8, 0xD9) or marker in RESTARTS else kept_segment(marker, whole)
+        same &= segment is whole
+        if segment is not None:
+            kept.append(segment)
+        if ended:
+            return kept, same and end == len(data)
+    raise UnsafeJpeg("no end of image")
+
+
+def strict_jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) from SOI through EOI, a scan's entropy-coded data in its SOS segment; raises
+    UnsafeJpeg where a byte that should start a marker does not, or a length runs past the file."""
+    if not data.startswith(b"\xff\xd8"):
+        raise UnsafeJpeg("no start of image")
+    yield 0xD8, 0, 2
+    pos, size = 2, len(data)
+    while pos + 1 < size:
+        if data[pos] != 0xFF:
+            raise UnsafeJpeg(f"no marker at byte {pos}")
+        while pos + 1 < size and data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        marker = data[pos + 1] if pos + 1 < size else 0
+        if marker in (0xD8, 0xD9) or marker in RESTARTS or marker == 0x01:
+            yield marker, pos, pos + 2
+            if marker == 0xD9:
+                return
+            pos = pos + 2 if marker not in RESTARTS else next_marker(data, pos + 2)
+            continue
+        if pos + 4 > size:
+            break
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        end = pos + 2 + length
+        if length < 2 or end > size:
+            raise UnsafeJpeg(f"segment FF{marker:02X} runs past the file")
+        if marker == 0xDA:
+            end = next_marker(data, end)
+        yield marker, pos, end
+        pos = end
+    raise UnsafeJpeg("no end of image")
 
 
 # -- both --------------------------------------------------------------------------------------
@@ -181,3 +282,20 @@ def png_bytes(image: Any) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=3)
     return out.getvalue()
+
+
+def leftover(data: bytes) -> str | None:
+    """What a stored photo holds beyond the kept set, or None: the cleaners' rule as a check (cleaning it again
+    would change nothing)."""
+    if data.startswith(PNG_SIGNATURE):
+        chunks, problem = png_chunks(data)
+        extra = sorted({kind.decode("latin-1") for kind, _, _ in chunks if kind not in PNG_KEPT})
+        if problem or extra:
+            return problem or f"PNG chunks {', '.join(extra)}"
+        return None if clean_png(data, chunks) is data else "a named ICC profile or data after IEND"
+    if data.startswith(b"\xff\xd8"):
+        clean = clean_jpeg(data)
+        if clean is None:
+            return "a JPEG whose markers are out of place"
+        return None if clean is data else "JPEG metadata (APPn, COM, a thumbnail or data after the end)"
+    return "neither PNG nor JPEG"

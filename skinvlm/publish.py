@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skinvlm import openai_api
+from skinvlm import metadata, openai_api
 from skinvlm.audit import AuditReport, audit
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
@@ -329,6 +329,25 @@ def metadata_kept(ws: Workspace) -> str | None:
     return "datasets/ingested keeps file metadata (ingest --keep-metadata)" if settings["keep_metadata"] else None
 
 
+def refuse_photos_with_metadata(data: Any) -> None:
+    """Every stored photo passes ingest's metadata rule again (`metadata.leftover`) before a shard is written:
+    whatever made the dataset (an older skinvlm, a hand edit), nothing outside the kept set leaves."""
+    from datasets import Image
+
+    found: list[str] = []
+    for split, ds in data.items():
+        for batch in ds.cast_column("image", Image(decode=False)).iter(batch_size=256):
+            for record_id, image in zip(batch["id"], batch["image"], strict=True):
+                if reason := metadata.leftover(image["bytes"] or b""):
+                    found.append(f"{split}/{record_id} ({reason})")
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise SkinvlmError(
+            f"{len(found)} stored photos hold file metadata outside what skinvlm keeps: {shown}; "
+            "run `skinvlm ingest SRC --force` (answers already paid for are kept); nothing was written"
+        )
+
+
 def repo_name(ws: Workspace, repo: str | None) -> str:
     repo = repo or openai_api.setting(ws, "HF_REPO_NAME")
     if not repo or repo.count("/") != 1 or not all(repo.split("/")):
@@ -374,6 +393,8 @@ def publish(
     if reason := metadata_kept(ws):
         raise SkinvlmError(f"{reason}: run `skinvlm ingest SRC --force` (answers already paid for are kept) to publish")
     ws.require(stage)  # before the audit, which reads a fix that review decisions overtook
+    phase(f"checking the metadata of every photo in {stage}")
+    refuse_photos_with_metadata(ws.load(stage))
     phase(f"auditing {stage}")
     report = audit(ws, rules, stage)
     if report.problems and not force:

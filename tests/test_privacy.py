@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fake_secret
+from conftest import error_line, fake_secret
 from datasets import Image as ImageFeature
 from datasets import load_from_disk
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin
@@ -308,3 +308,71 @@ def test_publish_refuses_images_that_kept_their_metadata(cli, tmp_path: Path) ->
     cli("fix")
     refused = cli("publish", "me/x", "--dry-run", ok=False)
     assert "--keep-metadata" in refused.stderr and "ingest SRC --force" in refused.stderr
+
+
+# -- JPEG and PNG tricks: metadata where a lenient cleaner keeps it ------------------------------
+def jpeg(image: Image.Image, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+def tricks() -> dict[str, bytes]:
+    """Each file hides the serial, a chart number or a second photo's EXIF where the segment walk used to keep it."""
+    plain = jpeg(pixels(11))
+    head, body = plain[:2], plain[20:]  # SOI, then (after the JFIF APP0) the tables, frame and scan
+    exif_thumbnail = jpeg(pixels(12, size=(16, 16)), exif=camera_exif())
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    named_icc = chunk(b"iCCP", CHART.encode() + b"\0\0" + zlib.compress(icc))
+    palette = chunk(b"sPLT", SERIAL.encode() + b"\0\x08" + bytes([1, 2, 3, 4, 0, 9]))
+    clean_png = png_bytes(pixels(13))
+    thumbnail = b"JFIF\0\x01\x01\0\0\x01\0\x01\x02\x02" + SERIAL.encode() + b"!"  # 2x2 RGB pixels: the serial
+    return {
+        "건선/double-soi.jpg": b"\xff\xd8" + jpeg(pixels(14), exif=camera_exif()),
+        "건선/soi-app1-soi.jpg": head + segment(0xE1, b"Exif\0\0" + SERIAL.encode()) + plain,
+        "아토피/jfxx.jpg": plain[:20] + segment(0xE0, b"JFXX\0\x10" + exif_thumbnail) + body,
+        "여드름/jfif-thumbnail.jpg": head + segment(0xE0, thumbnail) + body,
+        "주사/adobe.jpg": plain[:20] + segment(0xEE, b"Adobe\0\x64\0\0\0\0\x01" + SERIAL.encode()) + body,
+        "지루/named-icc.png": clean_png[:33] + named_icc + palette + clean_png[33:],
+        "정상/plain.jpg": plain,
+    }
+
+
+def test_jpeg_and_png_tricks_carry_no_metadata_into_stored_photos_or_shards(cli, tmp_path: Path) -> None:
+    from skinvlm import metadata
+
+    for name, data in tricks().items():
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(data)
+    report = cli.json("ingest", tmp_path / "src")
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"건선/double-soi.jpg", "건선/soi-app1-soi.jpg"}, "cannot be decoded: not stored"
+    rows = stored(cli.workspace)
+    assert rows["정상/plain.jpg"]["image"]["bytes"] == tricks()["정상/plain.jpg"], "a plain JPEG is stored as it is"
+    for source, row in rows.items():
+        data = row["image"]["bytes"]
+        assert SERIAL.encode() not in data and CHART.encode() not in data, source
+        assert data.count(b"\xff\xd8") == 1 or data.startswith(b"\x89PNG"), f"a second JPEG survived in {source}"
+        assert metadata.leftover(data) is None, source
+        assert np.array_equal(decoded(data), decoded(tricks()[source])), f"pixels of {source} changed"
+    assert Image.open(io.BytesIO(rows["지루/named-icc.png"]["image"]["bytes"])).info.get("icc_profile"), "colour kept"
+    cli("describe", "--template")
+    cli("fix")
+    cli("publish", "me/skin", "--dry-run")
+    every_byte = b"".join(p.read_bytes() for p in (cli.workspace / "publish" / "dataset").rglob("*") if p.is_file())
+    assert SERIAL.encode() not in every_byte and CHART.encode() not in every_byte
+
+
+def test_publish_checks_every_stored_photo_again_before_a_shard(cli, tmp_path: Path) -> None:
+    tree(tmp_path / "src")
+    cli("ingest", tmp_path / "src", "--keep-metadata")
+    manifest = cli.workspace / "datasets" / "ingested" / "manifest.json"
+    settings = json.loads(manifest.read_text(encoding="utf-8"))
+    settings["settings"]["keep_metadata"] = False  # as a hand edit or an older skinvlm could leave it
+    manifest.write_text(json.dumps(settings), encoding="utf-8")
+    cli("describe", "--template")
+    cli("fix")
+    refused = cli("publish", "me/x", "--dry-run", ok=False)
+    line = error_line(refused.stderr)
+    assert "5 stored photos hold file metadata" in line and "PNG chunks" in line and "train/" in line, line
+    assert not (cli.workspace / "publish" / "dataset").exists(), "no shard written"
