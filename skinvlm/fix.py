@@ -36,6 +36,7 @@ class FixResult:
     report: AuditReport
     written: bool
     seconds: float = 0.0
+    review_lines_skipped: int = 0  # review journal lines that are not decisions
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class FixResult:
             "dropped": self.dropped,
             "examples": [{"before": b, "after": a} for b, a in self.examples],
             "written": self.written,
+            "review_lines_skipped": self.review_lines_skipped,
             "audit": self.report.as_json(),
         }
 
@@ -129,7 +131,7 @@ def fix(
     described = load_from_disk(str(ws.require("described")))
     labels = load_from_disk(str(ws.require("ingested")))
     terms = term_pattern(rules)
-    decisions, decided = review.decisions_of(ws)
+    decisions, decided, skipped_lines = review.decisions_of(ws)
     reviewed: Counter[str] = Counter()
     hits: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
@@ -167,7 +169,7 @@ def fix(
         rows_for_audit += rows
     phase("auditing the result")
     report = audit_rows("fixed", rows_for_audit, rules)
-    result = FixResult(hits, changed, sum(dropped_by.values()), examples, report, written=not dry_run)
+    result = FixResult(hits, changed, sum(dropped_by.values()), examples, report, not dry_run, 0.0, skipped_lines)
     if not dry_run:
         data = DatasetDict(splits).flatten_indices()
         settings = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,20 @@ def fix_report(out: Console, result: Any, ws: Any) -> None:
         out.print(f"[dim]before[/] {before!r}\n[green]after [/] {after!r}", highlight=False)
     where = f"-> {ws.fixed}" if result.written else "(dry run: nothing written)"
     out.print(f"{result.changed:,} records changed, {result.dropped:,} dropped {where}")
+    if result.review_lines_skipped:
+        out.print(skipped_lines_note(result.review_lines_skipped))
     audit_report(out, result.report, brief=True)
+
+
+def skipped_lines_note(n: int) -> str:
+    return f"journal/review.jsonl: {n:,} lines are not decisions (damaged or written by hand) and were skipped"
+
+
+def plain(text: str) -> str:
+    """Text from a journal or a page as the console shows it: Rich markup escaped, control characters (ESC, OSC,
+    newlines, bidi overrides) made visible instead of obeyed."""
+    shown = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    return escape(shown)
 
 
 def publish_report(out: Console, result: Any) -> None:
@@ -234,13 +248,20 @@ def publish_report(out: Console, result: Any) -> None:
 def review_report(out: Console, found: dict[str, Any]) -> None:
     if not found["reviewers"]:
         out.print(f"review: {found['records']:,} records, no decision yet (`skinvlm review` opens the page)")
+        if found.get("skipped_lines"):
+            out.print(skipped_lines_note(found["skipped_lines"]))
         return
     table = _table(f"review: {found['records']:,} records", "reviewer", "accepted", "edited", "rejected", "per hour")
     for name, counts in found["reviewers"].items():
         per_hour = "-" if counts["per_hour"] is None else f"{counts['per_hour']:,.0f}"
-        table.add_row(name, *(f"{counts[k]:,}" for k in ("accepted", "edited", "rejected")), per_hour)
+        table.add_row(plain(name), *(f"{counts[k]:,}" for k in ("accepted", "edited", "rejected")), per_hour)
     out.print(table)
     out.print("final status: " + ", ".join(f"{status} {n:,}" for status, n in found["decisions"].items()))
+    if found.get("skipped_lines"):
+        out.print(skipped_lines_note(found["skipped_lines"]))
+    for rejection in found.get("rejections", [])[:20]:
+        reason = plain(rejection["reason"]) if rejection["reason"] else "(no reason given)"
+        out.print(f"  rejected {rejection['id']} by {plain(rejection['reviewer'])}: {reason}", highlight=False)
     agreement = found["agreement"]
     if not agreement["items"]:
         out.print("agreement: no record was reviewed by two reviewers (--overlap F offers a share F a second time)")
@@ -252,7 +273,7 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
         out.print(f"agreement on {what.replace('_', ' ')}: {agreement['method']} kappa {kappa}{interval}, "
                   f"{agreement['items']:,} records reviewed twice")  # fmt: skip
     for item in agreement["disagreements"][:10]:
-        said = "; ".join(f"{name}: {d['decision']} {d['label']}" for name, d in item["reviewers"].items())
+        said = "; ".join(f"{plain(name)}: {d['decision']} {plain(d['label'])}" for name, d in item["reviewers"].items())
         out.print(f"  disagree on {item['id']}: {said}", highlight=False)
 
 

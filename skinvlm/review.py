@@ -115,6 +115,7 @@ class ReviewState:
         self.decisions: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.shown: dict[str, tuple[str, float]] = {}  # record id -> (reviewer, monotonic time it was shown)
         self.offset = 0
+        self.skipped = 0  # journal lines that are not decisions (damaged, or written by hand)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.refresh()
 
@@ -127,11 +128,10 @@ class ReviewState:
                 if not line.endswith(b"\n"):
                     break  # a torn last line (a server killed mid-write): read again once it is whole
                 self.offset += len(line)
-                try:
-                    decision = json.loads(line)
-                except ValueError:
-                    continue
-                if decision.get("id") in self.items:
+                decision = parse_decision(line)
+                if decision is None:
+                    self.skipped += bool(line.strip())
+                elif decision["id"] in self.items:
                     self.decisions[decision["id"]].append(decision)
 
     # -- what a record's decisions come to ----------------------------------------------------------
@@ -218,19 +218,47 @@ class ReviewState:
         return line
 
 
-def decisions_of(ws: Workspace) -> tuple[dict[str, list[dict[str, Any]]], str | None]:
-    """Every decision in the review journal, per record id, in the order made (a torn last line left out), and
-    the digest of the lines read (what a fix applied, so `status` sees decisions made after it)."""
+def parse_decision(line: bytes) -> dict[str, Any] | None:
+    """One journal line as a decision, or None when it is not one (not JSON, torn, or JSON of another shape:
+    every field the readers use is checked here, so they never meet a list, a number or an unknown decision)."""
+    try:
+        decision = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(decision, dict):
+        return None
+    text, reason, at = decision.get("text"), decision.get("reason", ""), decision.get("time", 0.0)
+    valid = (
+        isinstance(decision.get("id"), str)
+        and decision["id"]
+        and decision.get("decision") in DECISIONS
+        and isinstance(decision.get("label"), str)
+        and isinstance(decision.get("reviewer"), str)
+        and decision["reviewer"].strip()
+        and (text is None or isinstance(text, str))
+        and (decision["decision"] != "edit" or isinstance(text, str))
+        and isinstance(reason, str)
+        and isinstance(at, (int, float))
+        and not isinstance(at, bool)
+        and isinstance(decision.get("settles", False), bool)
+    )
+    return decision if valid else None
+
+
+def decisions_of(ws: Workspace) -> tuple[dict[str, list[dict[str, Any]]], str | None, int]:
+    """Every decision in the review journal, per record id, in the order made (a torn last line left out), the
+    digest of the lines read (what a fix applied, so `status` sees decisions made after it) and how many lines
+    were skipped as not decisions."""
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
     data = ws.review_journal.read_bytes() if ws.review_journal.exists() else b""
+    skipped = 0
     for line in data.splitlines(keepends=True):
-        try:
-            decision = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(decision, dict) and decision.get("id"):
+        decision = parse_decision(line)
+        if decision is not None:
             found[decision["id"]].append(decision)
-    return found, journal_digest(data)
+        elif line.strip() and line.endswith(b"\n"):
+            skipped += 1
+    return found, journal_digest(data), skipped
 
 
 def append_line(path: Path, line: dict[str, Any]) -> None:
@@ -302,6 +330,13 @@ def report(state: ReviewState, resamples: int = 1000, seed: int = 42) -> dict[st
     labels = [[d["label"] for d in opinions] for opinions in opinions_of]
     return {
         "records": len(state.items),
+        "skipped_lines": state.skipped,
+        "rejections": [
+            {"id": record_id, "reviewer": d["reviewer"], "reason": d.get("reason", ""), "at": d.get("at", "")}
+            for record_id, made in state.decisions.items()
+            for d in made
+            if d["decision"] == "reject"
+        ],
         "reviewers": {
             name: {kind: counts[kind] for kind in ("accepted", "edited", "rejected")} | throughput(times[name])
             for name, counts in sorted(reviewers.items())

@@ -9,6 +9,7 @@ access token, compared in constant time and never logged (uvicorn's access log i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
@@ -21,14 +22,93 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from skinvlm.errors import SkinvlmError
-from skinvlm.review import Item, ReviewState, report
+from skinvlm.prompts import parse_answer
+from skinvlm.review import MAX_TEXT, Item, ReviewState, report
 from skinvlm.rules import Rules
 from skinvlm.workspace import Workspace
 
+MAX_BODY = 64 * 1024  # a decision with the longest edited text is a few KiB; anything larger is refused unread
+MAX_REASON = 500
 SESSION_COOKIE = "skinvlm_review"
 REVIEWER_COOKIE = "skinvlm_reviewer"
 TOKEN_COOKIE = "skinvlm_review_token"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def local_names(bind: str) -> frozenset[str]:
+    """The names a request's Host may give: this machine's loopback names and the address the server was told to
+    listen on; for a wildcard address, also this machine's own name and addresses. A page on another site whose
+    name its DNS re-points at 127.0.0.1 (DNS rebinding) sends its own name, and is refused."""
+    import socket
+
+    names = {"127.0.0.1", "localhost", "::1", bind.lower().strip("[]")}
+    if bind in WILDCARDS:
+        hostname = socket.gethostname()
+        names |= {hostname.lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):  # a name this machine cannot resolve: its loopback names still stand
+            names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(hostname, None)}
+    return frozenset(names - {""})
+
+
+def host_of(header: str) -> str | None:
+    """The host of a Host header without its port ('[::1]:8000' -> '::1'), lowercased; None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        host, bracket, rest = header[1:].partition("]")
+        return host if bracket and (not rest or rest[1:].isdigit() and rest[0] == ":") else None
+    host, colon, port = header.partition(":")
+    return host.rstrip(".") if host and (not colon or port.isdigit()) else None
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host is not one of `names` gets 421 before any route runs. Our own few
+    lines rather than Starlette's TrustedHostMiddleware: that one answers 400 and, before Starlette 1.0 (our
+    extra allows 0.37), cut a Host of '[::1]:8000' at its first colon, refusing the IPv6 loopback."""
+
+    def __init__(self, app: Any, names: frozenset[str]) -> None:
+        self.app, self.names = app, names
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_of(header) not in self.names:
+                from starlette.responses import PlainTextResponse
+
+                answer = "this page answers only to this machine's own names (127.0.0.1, localhost)"
+                await PlainTextResponse(answer, status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BadRequest(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def json_body(request: Any) -> dict[str, Any]:
+    """The request's JSON object, read to MAX_BODY bytes at most (413 past it); NaN, Infinity, deep nesting and
+    anything but an object are a 400, never an error inside a route."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise BadRequest(413, f"a request body is {MAX_BODY // 1024} KiB at most")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY:
+            raise BadRequest(413, f"a request body is {MAX_BODY // 1024} KiB at most")
+    try:
+        value = json.loads(bytes(body), parse_constant=refuse_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "the request body is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise BadRequest(400, "the request body is not a JSON object")
+    return value
+
+
+def refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
 
 
 @dataclass(frozen=True)
@@ -53,6 +133,8 @@ def review_key(ws: Workspace) -> bytes:
     Written whole under another name and linked into place, so a server starting at the same moment never reads
     half of it."""
     path = ws.review_key
+    if path.is_symlink() and not path.exists() or path.exists() and not path.is_file():
+        raise SkinvlmError(f"{path} is not a file (a folder or a broken link): remove it and start review again")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         draft = path.with_name(f".{path.name}.{os.getpid()}")
@@ -66,7 +148,10 @@ def review_key(ws: Workspace) -> bytes:
         except OSError:  # a filesystem without hard links: a rename is whole too, if not exclusive
             os.replace(draft, path)
         draft.unlink(missing_ok=True)
-    key = path.read_bytes()
+    try:
+        key = path.read_bytes()
+    except OSError as err:
+        raise SkinvlmError(f"cannot read {path} ({err.strerror or err}): remove it and start review again") from None
     if len(key) != 32:
         raise SkinvlmError(f"{path} is damaged: delete it (open review pages will then ask to be reloaded)")
     return key
@@ -94,7 +179,7 @@ def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, 
 
 def progress(state: ReviewState) -> dict[str, int]:
     reviewed = sum(1 for record_id in state.items if state.decisions.get(record_id))
-    return {"reviewed": reviewed, "records": len(state.items)}
+    return {"reviewed": reviewed, "records": len(state.items), "skipped_lines": state.skipped}
 
 
 def image_type(data: bytes) -> str:
@@ -122,7 +207,34 @@ def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]
     return item_json(state, state.next_for(reviewer), rules)
 
 
-def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str) -> Any:
+def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str, str, str | None, str]:
+    """(id, version, decision, label, text, reason) of a decision's JSON, every field's type and size checked:
+    a malformed one is a 400 or 422 that says what is wrong."""
+    record_id, version, decision = body.get("id"), body.get("version"), body.get("decision")
+    label, text, reason = body.get("label"), body.get("text"), body.get("reason") or ""
+    if not (isinstance(record_id, str) and isinstance(decision, str) and isinstance(reason, str)):
+        raise BadRequest(400, "a decision is a JSON object with id, version, decision and label")
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**31:
+        raise BadRequest(400, "a decision's version is the whole number the page was given")
+    if label not in rules.class_names:
+        raise BadRequest(400, f"the label must be one of {', '.join(rules.class_names)}")
+    if text is not None and not isinstance(text, str):
+        raise BadRequest(400, "an edited text is a string")
+    if text is not None and len(text) > MAX_TEXT:
+        raise BadRequest(422, f"the edited text is longer than {MAX_TEXT:,} characters")
+    if len(reason) > MAX_REASON:
+        raise BadRequest(422, f"a reason is {MAX_REASON} characters at most")
+    if decision == "edit" and text is not None:
+        named = rules.canonical(parse_answer(text).tag) if parse_answer(text).well_formed else None
+        if named is not None and named != label:
+            raise BadRequest(422, f"the edited text says <label>{named}</label> but the label chosen is {label}: "
+                                  "make them agree")  # fmt: skip
+    return record_id, version, decision, label, text if decision == "edit" else None, reason
+
+
+def create_app(
+    state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str, bind: str
+) -> Any:
     """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -198,23 +310,12 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     @guarded
     async def decide(request: Request, session_id: str, session: dict[str, str]) -> Response:
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError
-            label = str(body.get("label") or "")
-            if label not in rules.class_names:
-                return refused(400, f"the label must be one of {', '.join(rules.class_names)}")
-            state.decide(
-                session["reviewer"],
-                str(body.get("id", "")),
-                int(body.get("version", -1)),
-                str(body.get("decision", "")),
-                label,
-                body.get("text") if isinstance(body.get("text"), str) else None,
-                str(body.get("reason") or ""),
-            )
-        except (ValueError, TypeError):
-            return refused(400, "a decision is a JSON object with id, version, decision and label")
+            body = await json_body(request)
+            decision = checked_decision(body, rules)
+        except BadRequest as problem:
+            return refused(problem.status, str(problem))
+        try:
+            state.decide(session["reviewer"], *decision)
         except SkinvlmError as problem:
             return refused(409, str(problem))
         return answer_next(request, session_id, session)
@@ -222,9 +323,10 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     @guarded
     async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
         try:
-            name = str((await request.json()).get("reviewer", "")).strip()
-        except (ValueError, AttributeError):
-            name = ""
+            name = (await json_body(request)).get("reviewer", "")
+        except BadRequest as problem:
+            return refused(problem.status, str(problem))
+        name = name.strip() if isinstance(name, str) else ""
         if not 0 < len(name) <= 100:
             return refused(400, "a reviewer needs a name of 1-100 characters")
         session["reviewer"] = name
@@ -250,7 +352,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
         state.refresh()
         return JSONResponse(report(state, resamples=200))
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page),
             Route("/api/next", next_item),
@@ -261,6 +363,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
             Route("/font/hangul.woff", font),
         ]
     )
+    return HostCheck(app, local_names(bind))
 
 
 def script_json(value: Any) -> str:
@@ -293,7 +396,7 @@ def serve(
     ingested = load_from_disk(str(ws.require("ingested")))
     images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
     name = reviewer or os.environ.get("USER") or "reviewer"
-    app = create_app(state, images, rules, Sessions(name, review_key(ws)), token, stage)
+    app = create_app(state, images, rules, Sessions(name, review_key(ws)), token, stage, host)
     shown = progress(state)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
     say(f"review of {stage}: {where} (reviewer {name}; {shown['reviewed']:,} of {shown['records']:,} records "

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
+from conftest import error_line
 
 pytest.importorskip("starlette", reason="the review extra is not installed (pip install -e '.[review]')")
 pytest.importorskip("uvicorn", reason="the review extra is not installed (pip install -e '.[review]')")
@@ -134,7 +136,8 @@ def test_decisions_are_journalled_survive_kill_9_and_conflicts_are_refused(cli, 
             },  # fmt: skip
         )
         assert status == 409 and "decided by kim since it was shown" in answer["error"], "never overwritten"
-        first.decide("edit", text="<label>건선</label>\n<summary>수정한 소견입니다. 경계가 분명한 판.</summary>")
+        edited = "<label>건선</label>\n<summary>수정한 소견입니다. 경계가 분명한 판.</summary>"
+        first.decide("edit", "건선", text=edited)
         first.decide("reject", reason="사진이 흐림")
         first.name("이수진")
         code, err = server.stop(signal.SIGKILL)
@@ -399,3 +402,96 @@ def test_low_label_probabilities_come_first_and_fleiss_kappa_matches_the_textboo
              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]  # fmt: skip
     ratings = [[category for category, n in enumerate(row) for _ in range(n)] for row in table]
     assert kappa(ratings) == pytest.approx(0.210, abs=0.001)
+
+
+def raw_request(url: str, method: str, path: str, host: str | None, body: bytes = b"",
+                **headers: str) -> tuple[int, str]:  # fmt: skip
+    """One request with the Host header we choose (as a DNS-rebinding page's browser would send its own name)."""
+    import http.client
+
+    where = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    connection.putrequest(method, path, skip_host=True)
+    if host is not None:
+        connection.putheader("Host", host)
+    for name, value in {**headers, "Content-Length": str(len(body))}.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    answer = connection.getresponse()
+    status, text = answer.status, answer.read().decode(errors="replace")
+    connection.close()
+    return status, text
+
+
+def test_a_foreign_host_is_refused_before_any_route_and_bad_input_is_a_clear_4xx(cli, reviewable: Path) -> None:
+    with Server(reviewable, "--reviewer", "kim") as server:
+        port = server.port
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "", "[::1"):
+            for method, path in (("GET", "/"), ("GET", "/api/next"), ("GET", "/api/report"), ("POST", "/api/decide")):
+                status, _ = raw_request(server.url, method, path, host)
+                assert status == 421, (host, path, status)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.0.0.1"):
+            assert raw_request(server.url, "GET", "/api/next", host)[0] == 200, host
+        page = Browserless(server.url)
+        sent = {"Content-Type": "application/json", "X-CSRF-Token": page.csrf, "Cookie": cookie_header(page)}
+        local = f"127.0.0.1:{port}"
+
+        def post(body: bytes) -> tuple[int, str]:
+            return raw_request(server.url, "POST", "/api/decide", local, body, **sent)
+
+        item = page.item
+        good = {"id": item["id"], "version": item["version"], "decision": "reject", "label": item["label"]}
+        assert post(b"x" * (65 * 1024))[0] == 413
+        assert post(json.dumps({**good, "reason": "r" * 501}).encode())[0] == 422
+        assert post(json.dumps({**good, "decision": "edit", "text": "가" * 5000}).encode())[0] == 422
+        assert post(json.dumps({**good, "version": "V"}).replace('"V"', "NaN").encode())[0] == 400
+        assert post(json.dumps({**good, "version": 1e400}).encode())[0] == 400
+        assert post(b"[" * 100_000 + b"]" * 100_000)[0] in (400, 413)
+        assert post(b"[" * 20_000 + b"]" * 20_000)[0] == 400, "deep nesting under the size cap"
+        assert post(b"5")[0] == 400 and post(json.dumps({**good, "id": ["x"]}).encode())[0] == 400
+        other = next(c for c in ("건선", "아토피") if c != item["label"])
+        edited = {**good, "decision": "edit", "text": f"<label>{other}</label>\n<summary>소견입니다.</summary>"}
+        status, answer = post(json.dumps(edited).encode())
+        assert status == 422 and f"says <label>{other}</label>" in answer, "never a silent label mismatch"
+        assert raw_request(server.url, "POST", "/api/reviewer", local, b"[1]", **sent)[0] == 400
+        _, err = server.stop()
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert journal(reviewable) == [], "nothing malformed was written"
+
+
+def cookie_header(page: Browserless) -> str:
+    jar = next(h for h in page.opener.handlers if isinstance(h, urllib.request.HTTPCookieProcessor)).cookiejar
+    return "; ".join(f"{c.name}={c.value}" for c in jar)
+
+
+def test_a_damaged_journal_is_read_in_one_line_and_names_are_printed_as_text(cli, reviewable: Path) -> None:
+    with Server(reviewable, "--reviewer", "kim") as server:
+        page = Browserless(server.url)
+        first = page.item["id"]
+        page.name("\x1b]8;;http://evil.example\x07[bold red]kim[/]\nfake line")
+        page.decide("reject", reason="\x1b[2Jblurred [link=http://x]here[/link]")
+        server.stop()
+    lines = journal(reviewable)
+    damaged = [b"[1,2]", b"5", b'{"decision": "bogus", "id": "x", "label": "a", "reviewer": "r"}',
+               json.dumps({**lines[0], "id": [first]}).encode(), json.dumps({**lines[0], "label": 3}).encode(),
+               json.dumps({k: v for k, v in lines[0].items() if k != "reviewer"}).encode(), b"null", b"{}"]  # fmt: skip
+    with (reviewable / "journal" / "review.jsonl").open("ab") as handle:
+        handle.write(b"\n".join(damaged) + b"\n")
+    report = cli("review", "--report")
+    assert "\x1b" not in report.stdout and "evil.example" in report.stdout, "shown as text, not obeyed"
+    assert "[bold red]kim[/]" in report.stdout and "\\x1b]8;;" in report.stdout
+    assert "8 lines are not decisions" in report.stdout and "rejected" in report.stdout
+    assert "[link=http://x]here[/link]" in report.stdout, "the reason is shown, as text"
+    assert cli.json("review", "--report")["skipped_lines"] == 8
+    fixed = cli.json("fix")
+    assert fixed["review_lines_skipped"] == 8 and cli.json("audit", "--stage", "fixed")["review"]["rejected"] == 1
+    with Server(reviewable) as server:
+        assert Browserless(server.url).item["progress"]["skipped_lines"] == 8
+        server.stop()
+    key = reviewable / "journal" / "review.key"
+    key.unlink()
+    key.mkdir()
+    assert "is not a file (a folder or a broken link)" in error_line(cli("review", ok=False).stderr)
+    key.rmdir()
+    key.symlink_to(reviewable / "nowhere")
+    assert "is not a file (a folder or a broken link)" in error_line(cli("review", ok=False).stderr)
