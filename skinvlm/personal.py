@@ -21,9 +21,9 @@ HANGUL_NAME = "[가-힣]{2,4}"
 # kind -> its patterns; where a pattern has a group `v`, that group is the datum (the name, not 환자 before it)
 PATTERNS: dict[str, tuple[str, ...]] = {
     # 6 birth digits, 7 more starting 1-8 (5-8: foreign residents); RE2's \b is ASCII, so Hangul around it is a boundary
-    "resident_number": (r"\b\d{6}[- ]?[1-8]\d{6}\b",),
+    "resident_number": (r"\b\d{6}(?:\s*-\s*|\s)?[1-8]\d{6}\b",),
     # mobile 010/011/016-019, area codes 02 and 031-064, 070 and 080, with or without +82
-    "phone": (r"(?:\+82[- .]?|\b0)(?:1[016789]|2|[3-6][1-5]|70|80)[- .)]?\d{3,4}[- .]?\d{4}\b",),
+    "phone": (r"(?:\+82[- .]?|\(0|\b0)(?:1[016789]|2|[3-6][1-5]|70|80)(?:\)\s?|[- .])?\d{3,4}[- .]?\d{4}\b",),
     "email": (r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",),
     "chart_number": (
         r"(?:등록번호|차트번호|병록번호|진료번호|환자번호|\b(?i:mrn|(?:chart|record|patient)\s*(?:no\.?|number|#|id)))"
@@ -33,8 +33,18 @@ PATTERNS: dict[str, tuple[str, ...]] = {
         rf"(?:{NAME_WORDS})\s*[:：]\s*(?P<v>{HANGUL_NAME})",
         rf"(?:{NAME_WORDS})\s+(?P<v>{HANGUL_NAME})\s*(?:님|씨|[(（]\s*(?:\d|남|여|[MF]\b))",
         r"\b(?i:patient(?:'s)?\s+name|patient|name)\s*[:：]\s*(?P<v>[A-Z][a-z]+(?:[ -][A-Z][a-z]+){0,2})",
+        rf"(?:^|[^가-힣])(?P<v>{HANGUL_NAME})\s*(?:환자|보호자)\s*(?:분|님)",  # 김철수 환자분
     ),
 }
+# What stands where a name would but is not one: the classes and their words, placeholders, and English words
+# that open a sentence ("Patient: The lesion is red"). A false name makes publish refuse clean text.
+NOT_NAMES = frozenset(
+    " ".join((
+        "건선 아토피 여드름 주사 지루 정상 피부염 습진 지루성 주사비 모낭염 두드러기 백반 홍반 구진 농포 면포 병변",
+        "미상 불명 익명 무명 없음 모름 비공개 생략 해당 해당없음 확인불가 기재안함",
+        "the a an this that these those it its there no none not unknown anonymous redacted lesion skin patient name",
+    )).split()
+)  # fmt: skip
 LABELS = {
     "resident_number": "resident registration numbers",
     "phone": "phone numbers",
@@ -70,6 +80,7 @@ def find(text: str) -> list[Finding]:
             for kind, regex in compiled()
             for m in regex.finditer(text)
             for group in [regex.groupindex.get("v", 0)]
+            if not (kind == "name" and not_a_name(m.group(group)))
         ),
         key=lambda f: (f.start, -f.end),
     )
@@ -78,6 +89,12 @@ def find(text: str) -> list[Finding]:
         if not kept or finding.start >= kept[-1].end:
             kept.append(finding)
     return kept
+
+
+def not_a_name(value: str) -> bool:
+    """A class, a clinical word or a placeholder where a name would stand (judged by its first word)."""
+    words = value.split()
+    return bool(words) and words[0].lower() in NOT_NAMES
 
 
 def mask(value: str) -> str:
