@@ -87,9 +87,7 @@ def endpoints(
     urls = [u.strip() for value in base_urls for u in value.split(",") if u.strip()]
     if not urls:
         urls = [u.strip() for u in (setting(ws, "OPENAI_BASE_URL") or "").split(",") if u.strip()]
-    twice = sorted({redact_text(u) for u in urls if urls.count(u) > 1})
-    if twice:
-        raise SkinvlmError(f"--base-url {twice[0]} is given twice: name each endpoint once")
+    refuse_one_server_twice(urls)
     key = setting(ws, "OPENAI_API_KEY", api_key)
     if not key:
         if urls or default:  # local servers (vLLM) accept any key
@@ -100,6 +98,32 @@ def endpoints(
             )
     chosen: list[str | None] = [*urls] or [default]
     return [Endpoint(url, key, model, timeout) for url in chosen]
+
+
+def refuse_one_server_twice(urls: list[str]) -> None:
+    """Two URLs that reach one server (`/v1` and `/v1/`, localhost and 127.0.0.1, a host's case, a default port
+    written out) would double its load while the pool counts it as two: refused as an exact repeat is."""
+    seen: dict[tuple[str, str, int | None, str], str] = {}
+    for url in urls:
+        key = server_key(url)
+        if key in seen:
+            first, again = redact_text(seen[key]), redact_text(url)
+            same = f"{first} is given twice" if first == again else f"{first} and {again} name one server"
+            raise SkinvlmError(f"--base-url {same}: name each endpoint once")
+        seen[key] = url
+
+
+def server_key(url: str) -> tuple[str, str, int | None, str]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower().rstrip(".")
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a port that is not a number: the client refuses it later, in its own words
+        port = None
+    loopback = host in ("localhost", "127.0.0.1", "::1")
+    return scheme, "loopback" if loopback else host, port, parts.path.rstrip("/")
 
 
 Encoded = tuple[str, int, int]  # a data URL, and the width and height it carries

@@ -129,6 +129,11 @@ def test_the_endpoint_list_may_come_from_openai_base_url_and_batch_refuses_it(cl
         )
         twice = describe(cli, *urls(a, a), ok=False)
         assert error_line(twice.stderr) == f"error: --base-url {a.url} is given twice: name each endpoint once"
+        other_spelling = a.url.replace("127.0.0.1", "LocalHost").rstrip("/") + "/"
+        alike = describe(cli, "--base-url", a.url, "--base-url", other_spelling, ok=False)
+        assert error_line(alike.stderr) == (
+            f"error: --base-url {a.url} and {other_spelling} name one server: name each endpoint once"
+        ), "one server, however it is spelled"
         cli("describe", "--api-key", KEY, "--model", "skinvlm", "--concurrency", "2", env=listed)
     assert a.requests and b.requests and a.requests + b.requests == 48
 
