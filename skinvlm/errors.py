@@ -33,10 +33,17 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(read_user_text(path, what))
     except json.JSONDecodeError as err:
-        raise SkinvlmError(f"{what} {path} is damaged (not valid JSON: {err.msg} at line {err.lineno})") from None
+        raise SkinvlmError(f"{what} {path} is damaged (not valid JSON: {json_problem(err)})") from None
     if not isinstance(value, dict):
         raise SkinvlmError(f"{what} {path} is damaged (not a JSON object)")
     return value
+
+
+def json_problem(err: json.JSONDecodeError) -> str:
+    """Where a JSON text breaks, read as one phrase: json's own message may already end in 'at' ('Unterminated
+    string starting at'), which once gave 'starting at at line 1'."""
+    where = f"line {err.lineno}, column {err.colno}"
+    return f"{err.msg} {where}" if err.msg.endswith(" at") else f"{err.msg} at {where}"
 
 
 def machine_problem(exc: BaseException, where: Path) -> str | None:

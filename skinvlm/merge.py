@@ -14,6 +14,7 @@ LoRA-targeted weight must differ from the base. One model is in memory at a time
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from collections.abc import Callable
@@ -95,6 +96,7 @@ def merge(
     cuda = devices.check_gpus(gpu)
     adapter, output = adapter or ws.adapter, output or ws.merged
     recorded = adapter_settings(adapter)
+    check_safetensors(adapter / "adapter_model.safetensors")
     trained_on = recorded.get("base_model") or base
     if not trained_on:
         raise SkinvlmError(f"{adapter}/skinvlm.json names no base model; pass --base")
@@ -121,6 +123,25 @@ def merge(
         settings = {"dtype": dtype, "backend": result.backend, "base": base, "trained_on": trained_on}
         write_manifest(tmp, manifest("merge", settings, inputs, counts, started))
     return result
+
+
+def check_safetensors(path: Path) -> None:
+    """A weights file whole (its header parses and its tensors end where the file does), checked before a base
+    model of many GB is loaded: a copy cut short otherwise surfaces as the Rust loader's error deep in peft."""
+    if not path.is_file():
+        return  # peft names what is missing in its own words (a .bin adapter, or none)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = handle.read(length) if 0 < length <= size - 8 else b""
+    try:
+        tensors = json.loads(header) if header else None
+        ends = [entry["data_offsets"][1] for name, entry in tensors.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        tensors = None
+    if tensors is None or 8 + length + max(ends, default=0) > size:
+        raise SkinvlmError(f"{path} is damaged or cut short ({size:,} bytes): copy the adapter again or train again")
 
 
 def load_model(folder: str | Path, dtype: str, cuda: bool) -> Any:

@@ -40,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, json_problem
 from skinvlm.redaction import redact
 
 if TYPE_CHECKING:
@@ -452,7 +452,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise SkinvlmError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise SkinvlmError(f"{path} is not valid JSON ({json_problem(err)})") from None
 
 
 def fingerprint(*parts: Any) -> str:

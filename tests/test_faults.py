@@ -315,3 +315,21 @@ def test_a_batch_result_file_without_end_is_one_line_and_pays_for_nothing_twice(
         done = cli.json("describe", *args)
         assert len(server.batches) == 1, "the batch is collected, not submitted again"
     assert done["statuses"]["ok"] == 4
+
+
+def test_a_cut_short_adapter_and_a_cut_short_json_are_one_readable_line(cli, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
+    (adapter / "skinvlm.json").write_text('{"base_model": "some/base"}', encoding="utf-8")
+    save_file({"lora_A.weight": torch.zeros(64, 64)}, str(adapter / "adapter_model.safetensors"))
+    whole = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(whole[: len(whole) // 2])
+    line = error_line(cli("merge", "--adapter", adapter, ok=False).stderr)
+    assert "adapter_model.safetensors is damaged or cut short" in line and "internal error" not in line, line
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LO', encoding="utf-8")
+    line = error_line(cli("merge", "--adapter", adapter, ok=False).stderr)
+    assert "Unterminated string starting at line 1, column 15" in line and "at at" not in line, line
