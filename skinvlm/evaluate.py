@@ -485,7 +485,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
         "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
         "answers_cut": sum(1 for rec in records if rec.get("cut")),
-        "intervals": stats.bootstrap(truth, predicted, classes)
+        "intervals": stats.intervals(truth, predicted, classes)
         | {"per_view": {view: stats.proportion_interval(hits) for view, hits in sorted(views.items())}},
         "probabilities": probability_summary(records, classes),
         "selective": selective_summary(records, target_accuracy),
@@ -615,6 +615,7 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
         f"- accuracy: {result['accuracy']:.4f} (95% CI {bounds(result['intervals']['accuracy'])})",
         f"- macro F1: {result['macro_f1']:.4f} (95% CI {bounds(result['intervals']['macro_f1'])}); "
         f"weighted F1: {result['weighted_f1']:.4f}",
+        f"- intervals: {interval_method(result)}",
         f"- unparsed answers: {result['unparsed']}",
         f"- latency p50/p95: {seconds(result['latency_p50'])} / {seconds(result['latency_p95'])}; "
         f"throughput {rate(result['throughput'])}",
@@ -657,8 +658,7 @@ def selective_lines(result: dict[str, Any]) -> list[str]:
         return []
     target = f"{chosen['target_accuracy']:.0%}"
     if chosen["threshold"] is None:
-        return ["", f"Referral: no threshold of the top-class probability reaches {target} accuracy on "
-                    f"{chosen['chosen_on']} photos (AURC {chosen['aurc']:.3f})."]  # fmt: skip
+        return ["", f"Referral: {chosen['why_none']} (AURC {chosen['aurc']:.3f})."]
     accuracy = (
         "-" if chosen["accuracy"] is None else f"{chosen['accuracy']:.3f} ({bounds(chosen['accuracy_interval'])})"
     )
@@ -669,6 +669,11 @@ def selective_lines(result: dict[str, Any]) -> list[str]:
         f"coverage {chosen['coverage']:.3f} ({bounds(chosen['coverage_interval'])}), accuracy {accuracy}; "
         f"the rest referred. AURC {chosen['aurc']:.3f}.",
     ]
+
+
+def interval_method(result: dict[str, Any]) -> str:
+    """How a run's 95% intervals were made (runs before Wilson and the F1 posterior: a stratified bootstrap)."""
+    return result["intervals"].get("method") or "bootstrap stratified by class"
 
 
 def bounds(pair: list[float]) -> str:

@@ -136,11 +136,11 @@ def check_safetensors(path: Path) -> None:
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
         header = handle.read(length) if 0 < length <= size - 8 else b""
     try:
-        tensors = json.loads(header) if header else None
-        ends = [entry["data_offsets"][1] for name, entry in tensors.items() if name != "__metadata__"]
+        tensors = json.loads(header)
+        end = max((entry["data_offsets"][1] for name, entry in tensors.items() if name != "__metadata__"), default=0)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        tensors = None
-    if tensors is None or 8 + length + max(ends, default=0) > size:
+        end = size  # no header to read: damaged
+    if 8 + length + end > size:
         raise SkinvlmError(f"{path} is damaged or cut short ({size:,} bytes): copy the adapter again or train again")
 
 

@@ -223,7 +223,7 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
 
 
 def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
-    from skinvlm.evaluate import report_markdown, short_backend
+    from skinvlm.evaluate import interval_method, report_markdown, short_backend
 
     metrics = facts.evaluation
     if metrics is None:
@@ -234,8 +234,8 @@ def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
     shown = metrics | {"backend": short_backend(metrics["backend"])}
     report = report_markdown(shown, rules).splitlines()[1:]  # its title is ours
     return [
-        f"Eval run `{facts.eval_name}` on {metrics['n']} held-out photos never used in training (95% intervals by "
-        "bootstrap; calibration where the model's label probabilities were read).",
+        f"Eval run `{facts.eval_name}` on {metrics['n']} held-out photos never used in training (95% intervals: "
+        f"{interval_method(metrics)}; calibration where the model's label probabilities were read).",
         *report,
     ]
 

@@ -278,6 +278,8 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
 
 
 def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
+    from skinvlm.evaluate import interval_method
+
     ci = result["intervals"]
     table = _table(
         f"eval {result['name']}: {result['n']} images, {result['backend']}",
@@ -305,7 +307,7 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
     views = ", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items())
     out.print(
         f"accuracy {result['accuracy']:.4f} {span(ci['accuracy'])}  macro F1 {result['macro_f1']:.4f} "
-        f"{span(ci['macro_f1'])}  (95% CI, {ci['resamples']:,} bootstrap resamples stratified by class)\n"
+        f"{span(ci['macro_f1'])}  (95% CI: {interval_method(result)})\n"
         f"weighted F1 {result['weighted_f1']:.4f}  unparsed {result['unparsed']}  per view: {views}\n"
         f"latency p50 {seconds(result['latency_p50'])}, p95 {seconds(result['latency_p95'])}; "
         f"{rate(result['throughput'])}",

@@ -257,7 +257,7 @@ def referral(result: dict[str, Any]) -> str:
     )
     target = f"{chosen['target_accuracy']:.0%}"
     if chosen["threshold"] is None:
-        said = f"No threshold of the top class's probability reaches {target} accuracy."
+        said = f"No referral threshold: {escape(chosen['why_none'])}."
     else:
         accuracy = (
             "-" if chosen["accuracy"] is None else f"{chosen['accuracy']:.3f} {span(chosen['accuracy_interval'])}"

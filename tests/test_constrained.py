@@ -81,3 +81,14 @@ def test_an_undertrained_model_names_more_classes_constrained(cli, described: Pa
     assert free["unparsed"] > free["n"] // 2, "undertrained: its free answers are mostly out of format"
     assert constrained["unparsed"] == 0 and constrained["accuracy"] >= free["accuracy"]
     assert constrained["accuracy"] > free["accuracy"] or free["accuracy"] == 1.0
+
+
+def test_too_few_photos_for_a_referral_threshold_print_the_figures_and_say_why(cli, ingested: Path) -> None:
+    with FakeOpenAI(answer=off_format, label_probabilities=knows_the_class) as server:
+        shown = cli("eval", "--base-url", server.url, "--api-key", "sk-x", "--name", "six", "--limit", "6",
+                    "--constrained")  # fmt: skip
+    assert "accuracy 1.0000" in shown.stdout, shown.stdout
+    assert "too few photos with class probabilities (6)" in shown.stdout
+    report = (ingested / "eval" / "six" / "report.md").read_text(encoding="utf-8")
+    assert "Referral: too few photos" in report
+    assert "No referral threshold: too few photos" in (ingested / "eval" / "six" / "report.html").read_text("utf-8")

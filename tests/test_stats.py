@@ -24,10 +24,10 @@ def test_resampled_scores_are_sklearns_on_the_whole_set_and_intervals_hold_the_e
     whole = stats.scores(stats.confusions(t, p, len(CLASSES) + 1, np.arange(len(t))[None, :]), len(CLASSES))
     assert whole["accuracy"][0] == pytest.approx(accuracy_score(truth, predicted))
     assert whole["macro_f1"][0] == pytest.approx(f1_score(truth, predicted, labels=CLASSES, average="macro"))
-    found = stats.bootstrap(truth, predicted, CLASSES)
+    found = stats.intervals(truth, predicted, CLASSES)
     low, high = found["accuracy"]
     assert low < accuracy_score(truth, predicted) < high and 0.02 < high - low < 0.06
-    assert found == stats.bootstrap(truth, predicted, CLASSES), "seeded: the same intervals every run"
+    assert found == stats.intervals(truth, predicted, CLASSES), "seeded: the same intervals every run"
 
 
 def test_paired_comparison_counts_discordant_photos() -> None:
@@ -58,3 +58,21 @@ def test_figures_are_written_one_way_everywhere() -> None:
     assert (seconds(0.4668), seconds(1.53)) == ("0.47 s", "1.53 s")
     assert (p_value(0.0), p_value(3e-7), p_value(0.125)) == ("< 0.0001", "< 0.0001", "0.1250")
     assert rate(32.456) == "32.5 images/s"
+
+
+def test_intervals_move_off_an_all_right_sample_and_off_a_one_class_model() -> None:
+    truth = CLASSES * 4  # 24 photos, 4 a class
+    right = stats.intervals(truth, list(truth), CLASSES)
+    low, high = right["accuracy"]
+    assert high == 1.0 and 0.82 < low < 0.9, "24 of 24 right: Wilson's 0.862-1.000, never 1.000-1.000"
+    assert right["macro_f1"][1] == 1.0 and right["macro_f1"][0] < 0.95
+    assert all(f1[0] < 1.0 for f1 in right["f1"].values())
+    wrong = stats.intervals(truth, ["unparsed"] * 24, CLASSES)
+    assert wrong["accuracy"][0] == 0.0 and wrong["accuracy"][1] > 0.1, "all wrong: an upper bound above 0"
+    assert wrong["macro_f1"][1] > 0.0
+    one_class = stats.intervals(truth, ["건선"] * 24, CLASSES)  # a 30-step demo model that answers one class
+    assert one_class["accuracy"][0] < 1 / 6 < one_class["accuracy"][1]
+    low, high = one_class["macro_f1"]
+    assert high - low > 0.05, f"macro F1 must vary: {low}-{high}"
+    assert one_class == stats.intervals(truth, ["건선"] * 24, CLASSES), "seeded"
+    assert stats.proportion_interval([True] * 24) == [0.862, 1.0]
