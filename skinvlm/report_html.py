@@ -296,6 +296,7 @@ def figure(record: dict[str, Any], image: str, rules: Rules, refer_below: float 
 STYLE = """
 body { font-family: SkinvlmHangul, system-ui, "Noto Sans CJK KR", "Malgun Gothic", "Apple SD Gothic Neo", sans-serif;
        margin: 2rem; color: #1b1b1b; max-width: 1400px; }
+pre, select, option, button, input, textarea { font-family: inherit; } /* their UA fonts skip the embedded Hangul */
 h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; } .referred { color: #b35c00; }
 .cards { display: flex; flex-wrap: wrap; gap: 1rem; }
 .cards div { border: 1px solid #ccc; border-radius: 6px; padding: .6rem 1rem; min-width: 8rem; }

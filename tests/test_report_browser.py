@@ -74,8 +74,29 @@ def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[
 
         page.click('.cell[data-true="건선"][data-pred="건선"]')
         assert len(page.query_selector_all(".photo:not([hidden])")) == 2, "a diagonal cell shows the right answers"
+        for element in ("pre", "#filter-true", "#filter-true option", "figcaption"):
+            family = page.eval_on_selector(element, "e => getComputedStyle(e).fontFamily")
+            assert family.startswith("SkinvlmHangul"), f"{element} draws Hangul in {family}"
         page.select_option("#filter-true", "")
         page.select_option("#filter-pred", "unparsed")
         assert len(page.query_selector_all(".photo:not([hidden])")) == metrics["unparsed"]
         browser.close()
     assert problems == [], problems
+    assert every_hangul_in_the_embedded_font(path.read_text(encoding="utf-8"))
+
+
+def every_hangul_in_the_embedded_font(html: str) -> bool:
+    """Each Hangul character of the page (the answers too) has a glyph in the font embedded in it."""
+    import base64
+    import io
+    import re
+
+    from fontTools.ttLib import TTFont
+
+    data = re.search(r"url\(data:font/woff;base64,([A-Za-z0-9+/=]+)\)", html)
+    assert data, "a font is embedded"
+    font = TTFont(io.BytesIO(base64.b64decode(data.group(1))))
+    covered = set(font.getBestCmap())
+    missing = {c for c in re.findall(r"[\uac00-\ud7a3]", html) if ord(c) not in covered}
+    assert not missing, f"no glyph for {''.join(sorted(missing))}"
+    return True
