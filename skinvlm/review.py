@@ -132,7 +132,7 @@ class ReviewState:
                 if decision is None:
                     self.skipped += bool(line.strip())
                 elif decision["id"] in self.items:
-                    self.decisions[decision["id"]].append(decision)
+                    apply(self.decisions, decision)
 
     # -- what a record's decisions come to ----------------------------------------------------------
     def outcome(self, record_id: str) -> Outcome:
@@ -227,6 +227,9 @@ def parse_decision(line: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(decision, dict):
         return None
+    if decision.get("decision") == "undo":
+        standing = isinstance(decision.get("id"), str) and isinstance(decision.get("reviewer"), str)
+        return decision if standing and decision["id"] and decision["reviewer"].strip() else None
     text, reason, at = decision.get("text"), decision.get("reason", ""), decision.get("time", 0.0)
     valid = (
         isinstance(decision.get("id"), str)
@@ -245,6 +248,26 @@ def parse_decision(line: bytes) -> dict[str, Any] | None:
     return decision if valid else None
 
 
+def undo_last(state: ReviewState, reviewer: str) -> Item:
+    """Take back `reviewer`'s newest decision (an undo line in the journal): the record is shown again. Refused
+    when someone decided the record since, whose decision it would silently become."""
+    with state.lock:
+        state.refresh()
+        mine = [(d.get("time", 0.0), rid) for rid, made in state.decisions.items() for d in made
+                if d["reviewer"] == reviewer.strip()]  # fmt: skip
+        if not mine:
+            raise SkinvlmError("nothing to undo: you have made no decision here")
+        record_id = max(mine)[1]
+        last = state.decisions[record_id][-1]
+        if last["reviewer"] != reviewer.strip():
+            raise SkinvlmError(f"{last['reviewer']} decided your last record since: it stays as decided")
+        append_line(state.path, {"reviewer": reviewer.strip(), "at": now_iso(), "time": time.time(),
+                                 "id": record_id, "decision": "undo"})  # fmt: skip
+        state.refresh()
+    state.shown[record_id] = (reviewer, time.monotonic())
+    return state.items[record_id]
+
+
 def decisions_of(ws: Workspace) -> tuple[dict[str, list[dict[str, Any]]], str | None, int]:
     """Every decision in the review journal, per record id, in the order made (a torn last line left out), the
     digest of the lines read (what a fix applied, so `status` sees decisions made after it) and how many lines
@@ -255,10 +278,19 @@ def decisions_of(ws: Workspace) -> tuple[dict[str, list[dict[str, Any]]], str | 
     for line in data.splitlines(keepends=True):
         decision = parse_decision(line)
         if decision is not None:
-            found[decision["id"]].append(decision)
+            apply(found, decision)
         elif line.strip() and line.endswith(b"\n"):
             skipped += 1
     return found, journal_digest(data), skipped
+
+
+def apply(decisions: dict[str, list[dict[str, Any]]], decision: dict[str, Any]) -> None:
+    """A journal line read: a decision joins its record's list; an undo takes back its reviewer's last one there."""
+    made = decisions[decision["id"]]
+    if decision["decision"] != "undo":
+        made.append(decision)
+    elif made and made[-1]["reviewer"] == decision["reviewer"]:
+        made.pop()
 
 
 def append_line(path: Path, line: dict[str, Any]) -> None:

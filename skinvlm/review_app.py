@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
-from skinvlm.review import MAX_TEXT, Item, ReviewState, report
+from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
 from skinvlm.rules import Rules
 from skinvlm.workspace import Workspace
 
@@ -321,6 +321,15 @@ def create_app(
         return answer_next(request, session_id, session)
 
     @guarded
+    async def undo(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        try:
+            item = undo_last(state, session["reviewer"])
+        except SkinvlmError as problem:
+            return refused(409, str(problem))
+        shown = JSONResponse(item_json(state, item, rules))
+        return with_cookies(shown, request, session_id, session)
+
+    @guarded
     async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
         try:
             name = (await json_body(request)).get("reviewer", "")
@@ -357,6 +366,7 @@ def create_app(
             Route("/", page),
             Route("/api/next", next_item),
             Route("/api/decide", decide, methods=["POST"]),
+            Route("/api/undo", undo, methods=["POST"]),
             Route("/api/reviewer", set_reviewer, methods=["POST"]),
             Route("/api/report", summary),
             Route("/image/{record_id:str}", image),

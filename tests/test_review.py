@@ -326,6 +326,7 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         page.keyboard.press("e")
         page.fill("#edit", "")
         page.keyboard.insert_text("<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>")
+        assert page.input_value("#label") == "건선", "the label written in the text drives the menu"
         page.evaluate(
             "document.getElementById('edit').dispatchEvent(new KeyboardEvent('keydown',"
             " {key: 'Enter', ctrlKey: true, isComposing: true, bubbles: true}))"
@@ -340,6 +341,12 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         page.keyboard.insert_text("초점이 맞지 않음")
         page.keyboard.press("Enter")
         page.wait_for_function(f"() => item.id !== {json.dumps(third)}")
+        page.keyboard.press("u")  # the reject taken back: the record is shown again, and accepted this time
+        page.wait_for_function(f"() => item.id === {json.dumps(third)}")
+        page.keyboard.press("a")
+        page.wait_for_function(f"() => item.id !== {json.dumps(third)}")
+        fitted = page.eval_on_selector("#image", "i => [i.clientWidth, i.parentElement.clientWidth]")
+        assert fitted[0] == fitted[1], "the photo fills its pane"
         shown = page.text_content("#progress")
         page.reload()
         assert page.text_content("#progress") == shown == f"3 / {len(described)} reviewed"
@@ -347,8 +354,11 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         browser.close()
         server.stop()
     decisions = journal(reviewable)
-    assert [(d["id"], d["decision"]) for d in decisions] == [(first, "accept"), (second, "edit"), (third, "reject")]
+    assert [(d["id"], d["decision"]) for d in decisions] == [
+        (first, "accept"), (second, "edit"), (third, "reject"), (third, "undo"), (third, "accept")
+    ]  # fmt: skip
     assert decisions[1]["text"] == "<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>"
+    assert decisions[1]["label"] == "건선", "the menu followed the text"
     assert decisions[2]["reason"] == "초점이 맞지 않음" and all(d["reviewer"] == "park" for d in decisions)
     assert problems == [] and first == xss_id
 
@@ -495,3 +505,34 @@ def test_a_damaged_journal_is_read_in_one_line_and_names_are_printed_as_text(cli
     key.rmdir()
     key.symlink_to(reviewable / "nowhere")
     assert "is not a file (a folder or a broken link)" in error_line(cli("review", ok=False).stderr)
+
+
+def test_undo_takes_back_the_last_decision_and_never_anothers(cli, reviewable: Path) -> None:
+    with Server(reviewable, "--reviewer", "kim", "--overlap", "1") as server:
+        kim, lee = Browserless(server.url), Browserless(server.url)
+        lee.name("lee")
+        assert kim.post("/api/undo", {})[0] == 409, "nothing to undo yet"
+        first = kim.item["id"]
+        kim.decide("reject", reason="흐림")
+        second = kim.item["id"]
+        kim.decide("accept")
+        status, again = kim.post("/api/undo", {})
+        assert status == 200 and again["id"] == second and again["version"] == 0, "the newest decision, shown again"
+        kim.item = again
+        kim.decide("edit", again["label"], text=f"<label>{again['label']}</label>\n<summary>고친 소견입니다.</summary>")
+        lee.fresh()
+        while lee.item["id"] != second:
+            lee.decide("accept")
+        lee.decide("reject", reason="다른 의견")
+        status, refused = kim.post("/api/undo", {})
+        assert status == 409 and "lee decided your last record since" in refused["error"]
+        server.stop()
+    report = cli.json("review", "--report")
+    assert report["reviewers"]["kim"] == report["reviewers"]["kim"] | {"accepted": 0, "edited": 1, "rejected": 1}
+    assert [r["id"] for r in report["rejections"] if r["reviewer"] == "kim"] == [first]
+    assert [d["decision"] for d in journal(reviewable) if d["reviewer"] == "kim"] == [
+        "reject",
+        "accept",
+        "undo",
+        "edit",
+    ]
