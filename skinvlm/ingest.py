@@ -488,6 +488,7 @@ def ingest(
     deep: bool = False,
     keep_metadata: bool = False,
     workers: int | None = None,
+    about: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
     from datasets import DatasetDict
@@ -500,6 +501,7 @@ def ingest(
         raise SkinvlmError(f"--max-side must be at least 16 pixels, got {max_side}")
     if max_pixels_in < 64 * 64:
         raise SkinvlmError(f"--max-pixels-in must be at least 4096, got {max_pixels_in}")
+    about = checked_about(about)
     Image.MAX_IMAGE_PIXELS = None  # our --max-pixels-in check, made before decoding, replaces Pillow's warning
     devices.return_freed_memory()
     files, ignored, skipped = discover(src, rules, test_size, seed)
@@ -546,6 +548,7 @@ def ingest(
             "keep_metadata": keep_metadata,
             "rules": str(rules.path),
             "workers": workers,
+            "about": about,
         }
         inputs = {
             "src": str(src.resolve()),
@@ -573,6 +576,20 @@ def ingest(
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def checked_about(about: str | None) -> str | None:
+    """--about: what the photos are, one line the cards quote; never a person's name or number."""
+    from skinvlm import personal
+
+    if about is None or not about.strip():
+        return None
+    about = " ".join(about.split())
+    if len(about) > 300:
+        raise SkinvlmError("--about is one line of 300 characters at most (what the photos are, where from)")
+    if found := personal.find(about):
+        raise SkinvlmError(f"--about holds what looks like personal data ({found[0].kind}): the cards publish it")
+    return about
 
 
 def _result(

@@ -21,10 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
-from skinvlm.publish import PublishResult, confirmed_upload, made_by, ready_to_upload, repo_name, review_lines
+from skinvlm.publish import (
+    PublishResult,
+    confirmed_upload,
+    made_by,
+    photos_about,
+    ready_to_upload,
+    repo_name,
+    review_lines,
+)
 from skinvlm.rules import Rules
 from skinvlm.vlm import SETTINGS_FILE, read_settings, write_settings
-from skinvlm.workspace import MANIFEST, Workspace, read_manifest, stage_fingerprint, writes
+from skinvlm.workspace import MANIFEST, Workspace, out_of_date, read_manifest, stage_fingerprint, writes
 
 LEFT_OUT = {MANIFEST, "README.md", SETTINGS_FILE}  # skinvlm.json goes as a cleaned copy
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -44,6 +52,7 @@ class ModelFacts:
     eval_name: str
     training: dict[str, Any]  # counts and provenance of the training data, when the workspace still has it
     dataset_repo: str | None
+    ingested: dict[str, Any]  # datasets/ingested's manifest: what the photos are (`ingest --about`)
 
 
 def model_record(folder: Path) -> dict[str, Any]:
@@ -145,6 +154,10 @@ def serve_command(repo: str, folder: Path) -> str:
 def gather(ws: Workspace, folder: Path, eval_run: str | None, license_name: str | None) -> ModelFacts:
     record = model_record(folder)
     base = base_of(folder, record)
+    if rerun := out_of_date(ws, folder):
+        steps = " then ".join(f"`{command}`" for command in rerun)
+        raise SkinvlmError(f"{folder} was made from data that has changed since (`skinvlm status` calls it stale): "
+                           f"run {steps} before publishing it")  # fmt: skip
     name, evaluation = newest_eval(ws, folder, eval_run)
     published = json.loads(ws.published.read_text(encoding="utf-8")) if ws.published.is_file() else {}
     dataset = published.get("dataset", {})
@@ -158,6 +171,7 @@ def gather(ws: Workspace, folder: Path, eval_run: str | None, license_name: str 
         eval_name=name,
         training=training_data(ws, folder),
         dataset_repo=dataset.get("repo") if dataset.get("uploaded") else None,
+        ingested=read_manifest(ws.ingested) or {},
     )
 
 
@@ -167,7 +181,16 @@ def front_matter(repo: str, facts: ModelFacts) -> list[str]:
     if facts.base:
         lines += ["base_model:", f"- {facts.base}"]
     lines += ["library_name: transformers", "pipeline_tag: image-text-to-text", "language:", "- ko"]
-    lines += [f"license: {facts.license}"] if facts.license else ["license: other", "license_name: see-base-model"]
+    if facts.license:
+        lines += [f"license: {facts.license}"]
+    elif facts.base:  # the base's own card on the Hub states it
+        lines += [
+            "license: other",
+            "license_name: see-base-model",
+            f"license_link: https://huggingface.co/{facts.base}",
+        ]
+    else:
+        lines += ["license: unknown"]
     if facts.dataset_repo:
         lines += ["datasets:", f"- {facts.dataset_repo}"]
     lines += ["tags:", "- medical", "- dermatology", "- vision-language", "- skinvlm", "- lora"]
@@ -209,15 +232,20 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
     for c in rules.classes:
         row = [pairs[(c.name, v)] for v in views]
         lines.append(f"| {c.name} | {c.english} | " + " | ".join(map(str, row)) + f" | {sum(row)} |")
+    train = training["data"]["train"]
+    by_model = set(train["model"]) - {"template"} if "model" in train.column_names else set()
+    written = (
+        "written by a vision-language model told the diagnosis" if by_model else "offline class templates, no model"
+    )
     lines += [
         "",
-        "Photos: the AI Hub set 안면부 피부질환 이미지 (one dataset, Korean patients, two views). Labels are the "
-        "folders' diagnoses. Descriptions were written by a vision-language "
-        "model told the diagnosis, then checked by `skinvlm audit` (English words, other scripts, label "
-        "agreement, personal data) and cleaned by `skinvlm fix`:",
+        f"Photos: {photos_about(facts.ingested)}; {train.num_rows:,} in the training split. Labels are the folders' "
+        f"diagnoses (or a clinician's correction in `skinvlm review`). Descriptions: {written}; checked by "
+        "`skinvlm audit` (English words, other scripts, label agreement, personal data) and cleaned by "
+        "`skinvlm fix`:",
         "",
-        *made_by({"train": training["data"]["train"]}),
-        *review_lines({"train": training["data"]["train"]}),
+        *made_by({"train": train}),
+        *review_lines({"train": train}),
     ]
     return lines
 
@@ -273,11 +301,25 @@ def card(repo: str, facts: ModelFacts, rules: Rules) -> str:
         "",
         "## Limitations",
         "",
-        "- One dataset, one population (Korean patients), two views (front and side): figures elsewhere will differ.",
-        "- Labels come from folder names; the descriptions are machine-written, checked by rules, not each read by a "
-        "clinician.",
+        f"- One source of photos ({photos_about(facts.ingested)}), two views (front and side): figures on other "
+        "photos will differ.",
+        "- Labels come from folder names unless a clinician corrected them; descriptions are checked by rules, "
+        "and read by a clinician only where `skinvlm review` says so above.",
         "- The held-out photos come from the same source as the training photos; no external validation.",
         "- It answers even when unsure; read class probabilities (`skinvlm eval --probabilities`) where it matters.",
+        "",
+        "## Population",
+        "",
+        "To be written by the team: who the photos show (ages, sexes, skin types, setting) and who they leave out.",
+        "",
+        "## Consent and ethics approval",
+        "",
+        "To be written by the team: the consent under which the photos were taken and the approval (IRB) under "
+        "which they were used. skinvlm cannot know either.",
+        "",
+        "## Regulatory status",
+        "",
+        "To be written by the team. Not cleared as a medical device unless the team states a clearance here.",
         "",
         "## How to use",
         "",

@@ -236,7 +236,7 @@ def card(
         "- image-classification",
         "size_categories:",
         f"- {size_category(total)}",
-        "# license: choose one after reading AI Hub's terms of use (the images are AI Hub's)",
+        "# license: choose one that the photos' terms of use allow",
         "tags:",
         "- medical",
         "- dermatology",
@@ -259,8 +259,8 @@ def card(
         f"# {repo}",
         "",
         "Facial skin photos with a Korean description of what is visible, for instruction-tuning "
-        "vision-language models to name the condition and explain it. Built with skinvlm from the "
-        "AI Hub set 안면부 피부질환 이미지.",
+        "vision-language models to name the condition and explain it. Built with skinvlm from: "
+        f"{photos_about(provenance.ingested)}.",
         "",
         "## Contents",
         "",
@@ -299,12 +299,29 @@ def card(
         "",
         "## Source and terms",
         "",
-        f"Images: AI Hub, 안면부 피부질환 이미지 ({AIHUB_URL}). Use them under AI Hub's terms of use: cite "
-        "the source, and get approval before any commercial use. The descriptions are machine-generated "
-        "and are not medical advice.",
+        *source_lines(provenance.ingested),
         "",
     ]
     return "\n".join(yaml + [""] + body)
+
+
+NOT_DESCRIBED = "photos not described at ingest (to be written by the team: `skinvlm ingest SRC --about TEXT --force`)"
+
+
+def photos_about(ingested: dict[str, Any]) -> str:
+    """What the photos are, as `ingest --about` recorded it (the cards never guess a source)."""
+    return ingested.get("settings", {}).get("about") or NOT_DESCRIBED
+
+
+def source_lines(ingested: dict[str, Any]) -> list[str]:
+    about = photos_about(ingested)
+    lines = [f"Images: {about}."]
+    if "AI Hub" in about or "aihub" in about.lower():
+        lines[0] += (f" AI Hub's set is at {AIHUB_URL}: use it under AI Hub's terms of use (cite the source, get "
+                     "approval before any commercial use).")  # fmt: skip
+    else:
+        lines.append("Terms of use of the photos: to be written by the team.")
+    return [*lines, "The descriptions are machine-generated (or templates) and are not medical advice."]
 
 
 def build(

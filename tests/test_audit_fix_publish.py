@@ -177,7 +177,7 @@ def test_strict_audit_exit_codes(cli, described: Path, workspace: Path) -> None:
 
 @pytest.fixture
 def clean_fixed(cli, clean_tree: Path) -> None:
-    cli("ingest", clean_tree)
+    cli("ingest", clean_tree, "--about", "AI Hub 안면부 피부질환 이미지 (test copy)")
     cli("describe", "--template")
     cli("fix")
 
@@ -193,7 +193,8 @@ def test_publish_dry_run_builds_card_and_shards(cli, clean_fixed: None, workspac
         "size_categories:\n- n<1K",
         "license",
         "| train | 건선 |",
-        "AI Hub",
+        "Built with skinvlm from: AI Hub 안면부 피부질환 이미지 (test copy).",
+        "AI Hub's terms of use",
         "describe --template",
         "path: data/train-*",
     ):

@@ -381,3 +381,16 @@ def test_publish_checks_every_stored_photo_again_before_a_shard(cli, tmp_path: P
     line = error_line(refused.stderr)
     assert "5 stored photos hold file metadata" in line and "PNG chunks" in line and "train/" in line, line
     assert not (cli.workspace / "publish" / "dataset").exists(), "no shard written"
+
+
+def test_about_says_what_the_photos_are_and_never_holds_a_name(cli, clean_tree: Path) -> None:
+    refused = cli("ingest", clean_tree, "--about", "김철수 환자분 사진, 연락처 010-2345-6789", ok=False)
+    assert "--about holds what looks like personal data" in error_line(refused.stderr)
+    assert not (cli.workspace / "datasets" / "ingested").exists()
+    cli("ingest", clean_tree, "--about", "  synthetic   test photos  ")
+    cli("describe", "--template")
+    cli("fix")
+    cli("publish", "me/x", "--dry-run")
+    card = (cli.workspace / "publish" / "dataset" / "README.md").read_text(encoding="utf-8")
+    assert "Built with skinvlm from: synthetic test photos." in card and "AI Hub" not in card
+    assert "Terms of use of the photos: to be written by the team." in card

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import FAST, fake_secret, run_cli
+from conftest import FAST, error_line, fake_secret, run_cli
 from test_audit_fix_publish import HubDouble
 
 from skinvlm.demo.synthetic import write_tree
@@ -209,7 +209,23 @@ def model_card_states_the_evaluated_figures(cli, workspace: Path, folder: Path, 
     same_second(workspace / "eval" / "tiny", workspace / "eval" / "quick")  # as on a fast machine
     default = cli("publish", "me/skin-model", "--model-dir", folder, "--dry-run")
     assert default.exit_code == 0 and "Eval run `quick`" in (out / "README.md").read_text(encoding="utf-8")
-    assert "license: other" in (out / "README.md").read_text(encoding="utf-8"), "the tiny base states none"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "license: unknown" in card and "see-base-model" not in card, "a local base: no card to point to"
+    for honest in (
+        "## Consent and ethics approval",
+        "## Population",
+        "## Regulatory status",
+        "To be written by the team",
+    ):
+        assert honest in card, honest
+    assert "Korean patients" not in card and "AI Hub" not in card, "nothing the manifests do not say"
+    assert "photos not described at ingest" in card and "offline class templates, no model" in card
+    decision = {"reviewer": "kim", "id": "x", "decision": "accept", "label": "건선", "time": 1.0}
+    (workspace / "journal").mkdir(exist_ok=True)
+    (workspace / "journal" / "review.jsonl").write_text(json.dumps(decision) + "\n", encoding="utf-8")
+    stale = cli("publish", "me/skin-model", "--model-dir", folder, "--dry-run", ok=False)
+    assert "`skinvlm status` calls it stale): run `skinvlm fix` then" in error_line(stale.stderr)
+    (workspace / "journal" / "review.jsonl").unlink()
 
 
 def same_second(first: Path, second: Path) -> None:

@@ -64,6 +64,14 @@ def ingest(
         ),
     ] = False,
     workers: Annotated[int | None, typer.Option(help="Checking threads (default: all cores).")] = None,
+    about: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TEXT",
+            help="What the photos are, for the dataset and model cards (e.g. 'AI Hub 안면부 피부질환 이미지, "
+            "clinic A 2019-2023'); no names.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -83,6 +91,7 @@ def ingest(
             deep=deep,
             keep_metadata=keep_metadata,
             workers=workers,
+            about=about,
             progress=progress,
         )
     if as_json:

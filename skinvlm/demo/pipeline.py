@@ -58,6 +58,9 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+DEMO_ABOUT = "synthetic images drawn by `skinvlm demo` (one flat colour per class, two views): not photos of skin"
+
+
 def tiny_train_flags() -> list[str]:
     """TINY_RECIPE as `skinvlm train` flags."""
     return [part for key, value in TINY_RECIPE.items() for part in (f"--{key.replace('_', '-')}", str(value))]
@@ -114,7 +117,7 @@ def run_demo(
     say(f"1/5 writing a synthetic AI-Hub-shaped tree to {root / 'extracted_data'} (one colour per class)")
     write_tree(root / "extracted_data", {"train": per_folder, "test": 2}, size=112)
     write_broken_files(root / "extracted_data" / "Training" / "images")
-    ingested = ingest.ingest(ws, root / "extracted_data", rules, force=True)
+    ingested = ingest.ingest(ws, root / "extracted_data", rules, force=True, about=DEMO_ABOUT)
     show("ingest", ingested)
     say("2/5 describing every image offline from the rule file's templates (describe --template)")
     describe.describe(ws, rules, DescribeSettings(template=True, redo=("all",)), default_describe_prompt(rules))
