@@ -456,7 +456,13 @@ def stage_json(s: Any) -> dict[str, Any]:
     }
 
 
+WIDE_STATUS = 140  # below this many columns the table's seven columns break words: one block per stage instead
+
+
 def status_table(out: Console, ws: Any, stages: list[Any]) -> None:
+    if out.width < WIDE_STATUS:
+        status_blocks(out, ws, stages)
+        return
     table = Table(title=f"workspace {ws.root}")
     for column in ("stage", "present", "rows", "figures", "finished", "from", "current"):
         table.add_column(column, no_wrap=column in ("stage", "present", "finished"))  # names and dates read whole
@@ -467,6 +473,22 @@ def status_table(out: Console, ws: Any, stages: list[Any]) -> None:
         present = "[green]yes[/]" if s.present else "[dim]no[/]"
         table.add_row(s.name, present, rows, escape(s.figures), when, escape(s.inputs), current)
     out.print(table)
+
+
+def status_blocks(out: Console, ws: Any, stages: list[Any]) -> None:
+    """`status` for a narrow terminal: a stage's name, state and date on one line, then its facts indented."""
+    out.print(f"workspace {escape(str(ws.root))}", highlight=False)
+    for s in stages:
+        if not s.present:
+            out.print(f"[bold]{s.name}[/]  [dim]not made yet[/]", highlight=False)
+            continue
+        state = f"[yellow]stale[/]: run {escape(' then '.join(s.rerun))}" if s.rerun else "[green]current[/]"
+        out.print(f"[bold]{s.name}[/]  {state}  {s.finished[:16].replace('T', ' ')}", highlight=False)
+        facts = [("rows", ", ".join(f"{k} {v:,}" for k, v in s.rows.items())), ("figures", s.figures),
+                 ("from", s.inputs)]  # fmt: skip
+        for name, value in facts:
+            if value:
+                out.print(f"  {name}: {escape(value)}", highlight=False, overflow="fold")
 
 
 def merge_result(out: Console, result: Any) -> None:

@@ -113,7 +113,13 @@ def test_status_reports_the_stages(cli, clean_tree: Path) -> None:
     assert stages["ingested"]["present"] and stages["ingested"]["rows"] == {"train": 36, "test": 12}
     assert not stages["described"]["present"]
     shown = cli("status", env={"COLUMNS": "80"}).stdout
-    assert "ingested" in shown and "…" not in shown, "cells fold at 80 columns, never cut short"
+    assert "…" not in shown and max(map(len, shown.splitlines())) <= 80, shown
+    lines = shown.splitlines()
+    assert lines[1].startswith("ingested  current  ") and lines[2] == "  rows: train 36, test 12", shown
+    assert f"  from: {clean_tree}" in shown.replace("\n", ""), "a path in one piece (folded only at the edge)"
+    assert "described  not made yet" in shown
+    wide = cli("status", env={"COLUMNS": "160"}).stdout
+    assert "┃ stage" in wide and "figures" in wide, "a wide terminal keeps the table"
 
 
 @pytest.mark.parametrize("mode", [(), ("--deep",)], ids=["structural", "deep"])
