@@ -488,7 +488,7 @@ def status_blocks(out: Console, ws: Any, stages: list[Any]) -> None:
                  ("from", s.inputs)]  # fmt: skip
         for name, value in facts:
             if value:
-                out.print(f"  {name}: {escape(value)}", highlight=False, overflow="fold")
+                out.print(f"  {name}: {escape(value)}", highlight=False, soft_wrap=True)  # the terminal folds a path
 
 
 def merge_result(out: Console, result: Any) -> None:
