@@ -283,9 +283,18 @@ def suggest(report: AuditReport, rules: Rules) -> str:
             'replace = ""',
             f"note = {toml_string(f'{script} {run}')}",
         ]
+    known = [w for w in report.english_words if w in rules.terms or w in covered]
+    if known and report.stage != "fixed":
+        lines += ["", f"# {len(known)} English words ({', '.join(sorted(known)[:8])}) already have a rule in your "
+                      f"rule file: `skinvlm fix` applies it"]  # fmt: skip
     lines += command_hints(report, rules)
     if len(lines) == 3:
-        lines.append("# nothing to suggest: the audit found no problem")
+        lines.append(
+            "# nothing to suggest: the audit found no problem"
+            if not report.problems
+            else f"# no rule or command to suggest for the {report.problems} records with problems: read them in "
+            f"`skinvlm audit --stage {report.stage}` (its table names each kind) or decide them in `skinvlm review`"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -305,9 +314,9 @@ def command_hints(report: AuditReport, rules: Rules) -> list[str]:
             "#   re-ask them with the folder label restated: skinvlm describe --redo mismatch",
             "#   or leave them out: skinvlm fix --drop-mismatches (train leaves them out by default)",
         ]
-    broken = report.statuses.get("failed", 0) + report.invalid + report.empty
+    failed = sum(n for status, n in report.statuses.items() if status != "ok")
+    broken = failed + report.invalid + report.empty
     if broken:
-        failed = report.statuses.get("failed", 0)
         hints.append(
             f"# {report.invalid} malformed, {report.empty} empty and {failed} failed records: "
             "skinvlm describe --redo failed,invalid (or fix --drop-invalid)"

@@ -328,3 +328,18 @@ def test_particles_agree_with_the_korean_word_after_a_term_swap() -> None:
     }
     for before, after in cases.items():
         assert fix_text(before, rules, terms, Counter()) == after, before
+
+
+def test_suggest_never_says_no_problem_when_the_audit_counts_some() -> None:
+    from skinvlm.audit import audit_rows, suggest
+    from skinvlm.rules import load_rules
+
+    rules = load_rules(default_rules_path())
+    translated = "<label>아토피</label>\n<summary>erythema 가 보이는 건조한 판이 양 볼에 있습니다.</summary>"
+    reused = [{"label": "아토피", "output": translated, "status": "ok"}] * 3
+    text = suggest(audit_rows("described", reused, rules), rules)
+    assert "no problem" not in text and "already have a rule in your rule file: `skinvlm fix`" in text, text
+    cut = [{"label": "아토피", "output": "<label>아토피</label>\n<summary>건조한 판이 보입니다.</summary>",
+            "status": "length"}]  # fmt: skip
+    text = suggest(audit_rows("described", cut, rules), rules)
+    assert "no problem" not in text and "1 failed records" in text, text
