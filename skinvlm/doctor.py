@@ -17,6 +17,7 @@ from importlib import metadata
 from typing import Any
 
 from skinvlm import devices
+from skinvlm.errors import install_hint
 from skinvlm.openai_api import setting
 from skinvlm.rules import shipped_file
 from skinvlm.workspace import Workspace
@@ -81,7 +82,14 @@ def package_checks(gpu_stack: bool, need_gpu: bool) -> list[Check]:
         needed = name in TRAIN_PACKAGES or need_gpu
         if version is None:
             extra = "train" if name in TRAIN_PACKAGES else "serve" if name == "vllm" else "gpu"
-            checks.append(Check(name, False if needed else None, f"not installed (pip install -e .[{extra}])", needed))
+            checks.append(
+                Check(
+                    name,
+                    False if needed else None,
+                    f"not installed ({install_hint(extra, pinned=extra != 'train')})",
+                    needed,
+                )
+            )
             continue
         fits = not spec or SpecifierSet(spec, prereleases=True).contains(version)
         detail = version + (f" (pinned {spec})" if spec else "")
@@ -130,18 +138,22 @@ def backend_checks(cuda: bool) -> list[Check]:
         unsloth = "needs CUDA" + (
             "; `train --dry-run --backend unsloth` works here"
             if have["unsloth_zoo"]
-            else " (and pip install -e .[gpu])"
+            else f" (and {install_hint('gpu', pinned=True)})"
         )
     else:
-        unsloth = "runs here" if have["unsloth"] else "pip install -c constraints-gpu.txt -e .[gpu]"
+        unsloth = "runs here" if have["unsloth"] else install_hint("gpu", pinned=True)
     if os.environ.get("SKINVLM_VLLM_BIN"):
         serve, serve_ok = f"through SKINVLM_VLLM_BIN={os.environ['SKINVLM_VLLM_BIN']}", True
     else:
         has_vllm = importlib.util.find_spec("vllm") is not None
         serve_ok = cuda and has_vllm
-        serve = "runs here" if serve_ok else ("needs CUDA" if has_vllm else "pip install -e .[serve] on a CUDA machine")
+        serve = (
+            "runs here"
+            if serve_ok
+            else ("needs CUDA" if has_vllm else f"{install_hint('serve', pinned=True)} on a CUDA machine")
+        )
     return [
-        Check("backend hf", hf_ok, hf if hf_ok else "pip install -e .[train]"),
+        Check("backend hf", hf_ok, hf if hf_ok else install_hint("train")),
         Check("backend unsloth", cuda and have["unsloth"], unsloth),
         Check("serve (vLLM)", serve_ok, serve),
     ]

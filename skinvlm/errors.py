@@ -4,6 +4,7 @@ errors (a full disk, a read-only folder) turned into such a line too."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -78,3 +79,24 @@ MACHINE_ERRORS = {
     errno.EIO: lambda path: f"input/output error at {path}: the disk may be failing",
     errno.EFBIG: lambda path: f"{path} grew past the largest file allowed here (file system or ulimit -f)",
 }
+
+
+def install_hint(extras: str, pinned: bool = False) -> str:
+    """The command that adds an extra to this very installation: `pip install -e '.[review]'` for a clone
+    installed editable (the registry's skinvlm would replace it), `pip install 'skinvlm[review]'` otherwise;
+    `pinned` adds the GPU stack's constraints file, which only a clone has."""
+    constraints = "-c constraints-gpu.txt " if pinned else ""
+    if editable_install():
+        return f"pip install {constraints}-e '.[{extras}]'"
+    return f"pip install {constraints}'skinvlm[{extras}]'"
+
+
+@functools.cache
+def editable_install() -> bool:
+    from importlib import metadata
+
+    try:
+        direct = metadata.distribution("skinvlm").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return True  # run from a source tree without installing
+    return bool(direct and json.loads(direct).get("dir_info", {}).get("editable"))

@@ -521,14 +521,18 @@ def percentile(values: list[float], q: float) -> float:
     return values[low] + (values[high] - values[low]) * (position - low)
 
 
-def hangul_font() -> bool:
-    """Whether matplotlib can draw Hangul here (koreanize-matplotlib, a dependency, registers a font)."""
-    try:
-        import koreanize_matplotlib  # noqa: F401
+def hangul_font() -> str | None:
+    """The family of a Hangul font registered with matplotlib here (NanumGothic, as koreanize-matplotlib ships
+    it), or None: registered by path, for this figure's use only."""
+    from matplotlib import font_manager
 
-        return True
-    except ImportError:
-        return False
+    from skinvlm.report_html import hangul_font_file
+
+    path = hangul_font_file()
+    if path is None:
+        return None
+    font_manager.fontManager.addfont(str(path))
+    return str(font_manager.FontProperties(fname=str(path)).get_name())
 
 
 def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str]:
@@ -549,29 +553,30 @@ def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str
     columns = names + [UNPARSED] * (counts.shape[1] - len(classes))
     rows = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    figure, axes = plt.subplots(1, 2, figsize=(16, 7), dpi=120)
-    for axis, matrix, title, fmt, top in (
-        (axes[0], counts, "images", "{:.0f}", max(counts.max(), 1)),
-        (axes[1], shares, "share of the true class (recall on the diagonal)", "{:.2f}", 1.0),
-    ):
-        shown = axis.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
-        figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
-        axis.set_xticks(range(len(columns)), columns, rotation=40, ha="right", fontsize=11)
-        axis.set_yticks(range(len(classes)), names, fontsize=11)
-        axis.set_xlabel("predicted", fontsize=12)
-        axis.set_ylabel("true", fontsize=12)
-        axis.set_title(title, fontsize=13)
-        for (i, j), value in np.ndenumerate(matrix):
-            colour = "white" if value > top / 2 else "black"
-            axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=11, color=colour)
-    figure.suptitle(
-        f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, "
-        f"n={result['n']} ({short_backend(result['backend'])})",
-        fontsize=14,
-    )
-    figure.tight_layout()
-    figure.savefig(path, bbox_inches="tight")
-    plt.close(figure)
+    with plt.rc_context({"font.family": [korean, "sans-serif"]} if korean else None):
+        figure, axes = plt.subplots(1, 2, figsize=(16, 7), dpi=120)
+        for axis, matrix, title, fmt, top in (
+            (axes[0], counts, "images", "{:.0f}", max(counts.max(), 1)),
+            (axes[1], shares, "share of the true class (recall on the diagonal)", "{:.2f}", 1.0),
+        ):
+            shown = axis.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+            axis.set_xticks(range(len(columns)), columns, rotation=40, ha="right", fontsize=11)
+            axis.set_yticks(range(len(classes)), names, fontsize=11)
+            axis.set_xlabel("predicted", fontsize=12)
+            axis.set_ylabel("true", fontsize=12)
+            axis.set_title(title, fontsize=13)
+            for (i, j), value in np.ndenumerate(matrix):
+                colour = "white" if value > top / 2 else "black"
+                axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=11, color=colour)
+        figure.suptitle(
+            f"{result['name']}: accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, "
+            f"n={result['n']} ({short_backend(result['backend'])})",
+            fontsize=14,
+        )
+        figure.tight_layout()
+        figure.savefig(path, bbox_inches="tight")
+        plt.close(figure)
     return [c.replace("\n", " ") for c in columns]
 
 

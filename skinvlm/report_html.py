@@ -56,12 +56,15 @@ HANGUL_RANGES = "U+1100-11FF, U+3130-318F, U+AC00-D7A3"
 
 
 def hangul_font_file() -> Path | None:
-    """NanumGothic as koreanize-matplotlib ships it (SIL Open Font License), or None where it is not installed."""
-    try:
-        import koreanize_matplotlib
-    except ImportError:
+    """NanumGothic as koreanize-matplotlib ships it (SIL Open Font License), or None where it is not installed.
+    Found without importing that package, whose import sets matplotlib's fonts globally and warns of its own
+    use of distutils."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("koreanize_matplotlib")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    source = Path(koreanize_matplotlib.__file__).parent / "fonts" / "NanumGothic.ttf"
+    source = Path(next(iter(spec.submodule_search_locations))) / "fonts" / "NanumGothic.ttf"
     return source if source.is_file() else None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, install_hint
 from skinvlm.prompts import parse_answer
 from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
 from skinvlm.rules import Rules
@@ -398,7 +398,7 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise SkinvlmError("skinvlm review needs the review extra: pip install 'skinvlm[review]'") from None
+        raise SkinvlmError(f"skinvlm review needs the review extra: {install_hint('review')}") from None
     if not 0 < port < 65536:
         raise SkinvlmError(f"--port must be 1-65535, not {port}")
     from datasets import Image, load_from_disk

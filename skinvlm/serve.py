@@ -35,7 +35,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.config import check_choice, check_seconds
-from skinvlm.errors import SkinvlmError, read_json_object
+from skinvlm.errors import SkinvlmError, install_hint, read_json_object
 from skinvlm.vlm import pixel_bounds, read_settings
 
 
@@ -324,8 +324,8 @@ def check_runtime() -> None:
         return
     if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
         raise SkinvlmError(
-            "vllm is not installed: on a CUDA machine run `pip install -c constraints-gpu.txt -e "
-            ".[serve]`; on this machine `skinvlm eval --model-dir models/merged` evaluates on the CPU"
+            f"vllm is not installed: on a CUDA machine run `{install_hint('serve', pinned=True)}`; on this machine "
+            "`skinvlm eval --model-dir models/merged` evaluates on the CPU"
         )
     if shutil.which("nvidia-smi") is None:
         raise SkinvlmError(

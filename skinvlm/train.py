@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import devices, selection
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, install_hint
 from skinvlm.prompts import agrees, conversation, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.samples import AnswerOnlyCollator, Summary, chat_rows, summarize, unsloth_collator
@@ -209,7 +209,7 @@ def pick_backend(requested: str, cuda: bool, dry_run: bool = False) -> str:
     if requested == "auto":
         return "unsloth" if cuda and has_unsloth else "hf"
     if requested == "unsloth" and cuda and not has_unsloth:
-        raise SkinvlmError("--backend unsloth needs `pip install -c constraints-gpu.txt -e .[train,gpu]`")
+        raise SkinvlmError(f"--backend unsloth needs `{install_hint('train,gpu', pinned=True)}`")
     if requested == "unsloth" and not cuda:
         if not dry_run:
             raise SkinvlmError(

@@ -250,6 +250,7 @@ def writing(ws: Workspace, command: str) -> Iterator[None]:
         ws.require_root()
     ws.root.mkdir(parents=True, exist_ok=True)
     path = ws.root / LOCK_FILE
+    made_lock = not path.exists()
     if path.is_dir() or (path.is_symlink() and not path.exists()):
         kind = "a folder" if path.is_dir() else "a link to nothing"
         raise SkinvlmError(f"{path} is {kind}, where skinvlm keeps its lock file: remove it and run again")
@@ -269,6 +270,16 @@ def writing(ws: Workspace, command: str) -> Iterator[None]:
         os.environ.pop(HELD_FOR, None)
         holder.unlink(missing_ok=True)
         lock.release()
+        if made_lock and not holds_work(ws):  # a command that failed in a folder it never made a workspace of
+            path.unlink(missing_ok=True)
+
+
+WORK = ("datasets", "models", "eval", "journal", "publish")
+
+
+def holds_work(ws: Workspace) -> bool:
+    """Whether a stage ever wrote in this folder (what makes it a workspace, beyond a rule file or keys)."""
+    return any((ws.root / name).exists() for name in WORK)
 
 
 def writes(command: str) -> Callable[[Callable[Params, Result]], Callable[Params, Result]]:

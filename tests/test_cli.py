@@ -297,3 +297,17 @@ def test_help_fits_an_80_column_terminal_without_cutting_words(cli) -> None:
         for param in command.params:
             for opt in param.opts if isinstance(param, click.Option) else []:
                 assert opt in shown, f"{name} {opt}"
+
+
+def test_a_failed_command_leaves_no_lock_in_a_folder_that_is_no_workspace(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from skinvlm.cli import app
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("a user's own folder")
+    for command in (["fix"], ["describe", "--template"], ["ingest", str(tmp_path / "nothing-here")]):
+        result = CliRunner().invoke(app, ["-w", str(home), *command])
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert sorted(p.name for p in home.iterdir()) == ["notes.txt"], command

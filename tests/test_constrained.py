@@ -9,7 +9,7 @@ import pytest
 from conftest import FAST, error_line
 from test_eval_serve import run_eval
 
-from skinvlm.demo.openai_server import FakeOpenAI, image_of
+from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
 from skinvlm.demo.synthetic import colour_label
 
 CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
@@ -17,8 +17,7 @@ CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
 
 def off_format(body: dict) -> str:
     """A model that knows the class but names it in words of its own (`건선성 피부질환`): unparsed when free."""
-    pixels = list(image_of(body).getdata())
-    label = colour_label(tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3)))
+    label = colour_label(mean_colour(body))
     return f"<label>{label}성 피부질환</label>\n<summary>색으로 본 소견입니다.</summary>"
 
 

@@ -24,16 +24,33 @@ def test_top_level_help_lists_exactly_the_working_commands(cli) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_help_renders(cli, command: str) -> None:
-    result = cli.runner.invoke(app, [command, "--help"])
+    result = cli.runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0 and "Usage" in result.stdout
     assert command == "demo" or "--workspace" in result.stdout, "the demo makes its own workspace"
+    for jargon in ("list[", "x>=", "x<=", "<=x"):
+        assert jargon not in result.stdout, f"{command} -h shows {jargon!r}"
+
+
+def test_top_level_help_gives_each_command_its_whole_first_sentence(cli) -> None:
+    text = cli.runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).stdout
+    commands = text.split("Commands:")[1]
+    assert "..." not in commands and all(len(line) <= 80 for line in commands.splitlines()), commands
+    assert "per class and view, confusion matrix." in text, "eval's summary whole, wrapped"
+
+
+def test_a_missing_extra_is_named_for_the_installation_at_hand() -> None:
+    from skinvlm.errors import editable_install, install_hint
+
+    assert editable_install(), "the tests run on an editable install of this checkout"
+    assert install_hint("review") == "pip install -e '.[review]'"
+    assert install_hint("gpu", pinned=True) == "pip install -c constraints-gpu.txt -e '.[gpu]'"
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
-    result = cli.runner.invoke(app, ["demo", str(tmp_path / "demo"), "--per-folder", "2", "--steps", "12"])
+    result = cli.runner.invoke(app, ["-w", str(tmp_path / "demo"), "demo", "--per-folder", "2", "--steps", "12"])
     assert result.exit_code == 0, result.stdout + result.stderr
-    ws = tmp_path / "demo" / "workspace"
+    ws = tmp_path / "demo" / "workspace"  # -w names the demo's folder, as DIR would
     for made in (
         "datasets/ingested",
         "datasets/described",

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import error_line, fake_secret
 
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, user_text
@@ -65,9 +66,11 @@ def test_label_disagreements_are_counted_reasked_dropped_and_kept_out_of_trainin
         report = cli.json("audit")
         assert report["disagreements"] == {"건선": 8} and report["mismatches"] == 8
         tiny = build(tmp_path / "tiny")
-        dry = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544")
+        with pytest.warns(UserWarning, match="datasets/fixed is missing: training on datasets/described"):
+            dry = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544")
         assert dry["rows"] == 30 and dry["mismatched"] == 8, "6 train and 2 test rows name 아토피 for 건선 photos"
-        kept = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544", "--keep-mismatches")
+        with pytest.warns(UserWarning, match="datasets/fixed is missing"):
+            kept = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544", "--keep-mismatches")
         assert kept["rows"] == 36 and kept["mismatched"] == 0
         dropped = cli.json("fix", "--drop-mismatches")
         assert dropped["dropped"] == 8 and dropped["audit"]["mismatches"] == 0

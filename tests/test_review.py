@@ -385,13 +385,12 @@ def plant_text(cli, workspace: Path, record_id: str, text: str) -> None:
 def test_low_label_probabilities_come_first_and_fleiss_kappa_matches_the_textbook(cli, reviewable: Path) -> None:
     from test_eval_serve import run_eval
 
-    from skinvlm.demo.openai_server import FakeOpenAI, image_of
+    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
     from skinvlm.demo.synthetic import colour_label
     from skinvlm.review import kappa
 
     def by_colour(body: dict) -> str:
-        pixels = list(image_of(body).getdata())
-        label = colour_label(tuple(sum(p[i] for p in pixels) / len(pixels) for i in range(3)))
+        label = colour_label(mean_colour(body))
         return f"<label>{label}</label>\n<summary>색으로 본 소견입니다.</summary>"
 
     def unsure_of_rosacea(label: str) -> dict[str, float]:

@@ -351,7 +351,8 @@ def test_train_skips_unusable_rows_and_refuses_when_none_are_left(
     write_tree(tmp_path / "src", {"train": 1, "test": 1}, size=32)
     cli("ingest", tmp_path / "src")
     cli("describe", "--template", "--split", "test")  # the train split stays pending: no usable answer
-    result = cli("train", "--model", str(tiny), *FAST, ok=False)
+    with pytest.warns(UserWarning, match="datasets/fixed is missing: training on datasets/described"):
+        result = cli("train", "--model", str(tiny), *FAST, ok=False)
     assert result.exit_code == 1 and "no usable rows" in result.stderr
 
 

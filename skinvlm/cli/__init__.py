@@ -37,15 +37,7 @@ def show_our_warnings(
 PYTHON_SHOWWARNING = warnings.showwarning
 
 
-LIBRARIES = r"(transformers|peft|trl|accelerate|torch|datasets|huggingface_hub)(\.|$)"
-
-
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.showwarning = show_our_warnings
-    # The libraries' deprecation notices speak to their developers (a renamed argument skinvlm passes), not to
-    # someone training a model: they stay out of the output (PYTHONWARNINGS=default brings them back).
-    if not os.environ.get("PYTHONWARNINGS"):
-        for category in (FutureWarning, DeprecationWarning):
-            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     app()

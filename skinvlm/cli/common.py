@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -40,11 +43,40 @@ class TypelessHelp:
 
 
 class Group(TypelessHelp, TyperGroup):
-    pass
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command's first sentence whole, wrapped: click cuts it with '...' to fit one 80-column line."""
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, command.get_short_help_str(limit=10_000)) for name, command in commands
+                if command is not None and not command.hidden]  # fmt: skip
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 class Command(TypelessHelp, TyperCommand):
-    pass
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        """Options with their ranges in words ('at least 1', not click's 'x>=1')."""
+        options = [param for param in self.get_params(ctx) if param.param_type_name == "option"]
+        records = [record for param in options if (record := param.get_help_record(ctx)) is not None]
+        if records:
+            with formatter.section("Options"):
+                formatter.write_dl([(names, readable_range(text)) for names, text in records])
+
+
+NUMBER = r"(-?[0-9][0-9.e+-]*)"
+RANGES = (
+    (re.compile(rf"{NUMBER}<=x<={NUMBER}"), r"\1 to \2"),
+    (re.compile(rf"\bx>={NUMBER}"), r"at least \1"),
+    (re.compile(rf"\bx<={NUMBER}"), r"at most \1"),
+    (re.compile(rf"\bx>{NUMBER}"), r"more than \1"),
+    (re.compile(rf"\bx<{NUMBER}"), r"less than \1"),
+)
+
+
+def readable_range(text: str) -> str:
+    for pattern, words in RANGES:
+        text = pattern.sub(words, text)
+    return text
 
 
 app = typer.Typer(
@@ -105,6 +137,7 @@ DetailOpt = Annotated[Detail, typer.Option(help="Image detail the API is asked f
 
 def base_url_option(default: str) -> Any:
     return typer.Option(
+        metavar="URL",
         help="OpenAI-compatible endpoint; repeat it (or list them comma-separated) to spread the requests over "
         f"several serving the same model (default: $OPENAI_BASE_URL, which may hold such a list, else {default}).",
         show_default=False,
@@ -145,6 +178,7 @@ def main_options(
         os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if workspace is not None:  # `skinvlm -w WS status` as well as `skinvlm status -w WS`
         ctx.default_map = {command: {"workspace": str(workspace)} for command in COMMANDS}
+        ctx.default_map["demo"] = {"folder": str(workspace)}  # the demo's own folder: `skinvlm -w DIR demo`
 
 
 GLOBAL = {"debug": False, "quiet": False}  # the options before the command, set by `main_options` each run
@@ -161,7 +195,11 @@ def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with signals.stopping_like_ctrl_c(), stdout.reserved_for_json(bool(kwargs.get("as_json"))):
+            with (
+                signals.stopping_like_ctrl_c(),
+                stdout.reserved_for_json(bool(kwargs.get("as_json"))),
+                library_notices_hidden(),
+            ):
                 return fn(*args, **kwargs)
         except SkinvlmError as problem:
             fail(str(problem))
@@ -179,6 +217,21 @@ def user_errors(fn: F) -> F:
             fail(f"internal error: {type(problem).__name__}: {problem} (--debug shows the traceback; please report it)")
 
     return wrapper  # type: ignore[return-value]
+
+
+LIBRARIES = r"(transformers|peft|trl|accelerate|torch|datasets|huggingface_hub)(\.|$)"
+
+
+@contextmanager
+def library_notices_hidden() -> Iterator[None]:
+    """The libraries' deprecation notices speak to their developers (trl reading a property transformers renamed),
+    not to someone training a model: hidden while a command runs, from the terminal and from CliRunner alike
+    (PYTHONWARNINGS=default brings them back)."""
+    with warnings.catch_warnings():
+        if not os.environ.get("PYTHONWARNINGS"):
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+        yield
 
 
 def interrupted() -> str:

@@ -171,7 +171,8 @@ def describe(
         ),
     ] = "",
     splits: Annotated[
-        list[str] | None, typer.Option("--split", help="Only these splits (repeatable; default: train and test).")
+        list[str] | None,
+        typer.Option("--split", metavar="SPLIT", help="Only these splits (repeatable; default: train and test)."),
     ] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="System prompt: TOML (system, user) or text.")] = None,
     template: Annotated[

@@ -362,7 +362,9 @@ def eval_(
     ] = False,
     compare: Annotated[
         list[str] | None,
-        typer.Option(help="Runs side by side, each later one paired with the first (`--compare A B` or repeated)."),
+        typer.Option(
+            metavar="RUN", help="Runs side by side, each later one paired with the first (`--compare A B` or repeated)."
+        ),
     ] = None,
     more_runs: Annotated[
         list[str] | None, typer.Argument(metavar="RUN", help="More runs for --compare.", show_default=False)

@@ -38,7 +38,7 @@ def doctor(workspace: WorkspaceOpt = None, gpu: GpuOpt = None, as_json: JsonOpt 
 
 @command()
 def demo(
-    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where the demo writes everything.")] = Path(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where the demo writes everything (or -w DIR).")] = Path(
         "skinvlm-demo"
     ),
     per_folder: Annotated[int, typer.Option(help="Training images per class-and-view folder.")] = 5,

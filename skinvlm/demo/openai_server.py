@@ -89,6 +89,14 @@ def image_of(body: dict[str, Any]) -> Any:
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
+def mean_colour(body: dict[str, Any]) -> tuple[float, float, float]:
+    """The mean pixel colour of the request's image (the synthetic sets draw each class in its own colour)."""
+    from PIL import ImageStat
+
+    red, green, blue = ImageStat.Stat(image_of(body)).mean
+    return red, green, blue
+
+
 def image_key(body: dict[str, Any]) -> str:
     content = body["messages"][-1]["content"]
     url = next((p["image_url"]["url"] for p in content if p.get("type") == "image_url"), "")
