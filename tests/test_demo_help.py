@@ -69,3 +69,14 @@ def test_demo_runs_every_stage(cli, tmp_path: Path) -> None:
     figures = {stage["name"]: stage["figures"] for stage in listed["stages"]}
     assert figures["adapter"].startswith("12 steps, final loss ") and figures["merged"].startswith("merge error ")
     assert figures["eval/demo"].startswith("accuracy ") and figures["eval/demo"].endswith(", 24 photos")
+
+
+def test_the_readme_is_short_and_every_page_it_links_exists() -> None:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 300, "what a user needs first; the detail lives in docs/"
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([\w./-]+\.(?:md|jpg|png))\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
