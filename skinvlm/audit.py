@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skinvlm import personal
+from skinvlm.leakage import leakage
 from skinvlm.prompts import parse_answer
 from skinvlm.rules import Rules, nfc
 
@@ -69,6 +70,7 @@ class AuditReport:
     reused: list[tuple[str, int]] = field(default_factory=list)
     problems: int = 0
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    leakage: dict[str, Any] = field(default_factory=dict)  # between splits (leakage.py); {} for fix's own audit
 
     @property
     def mismatches(self) -> int:
@@ -125,6 +127,7 @@ class AuditReport:
             "english_records": self.english_records,
             "script_records": self.script_records,
             "problems": self.problems,
+            "leakage": self.leakage,
         }
 
 
@@ -246,6 +249,7 @@ def audit(ws: Any, rules: Rules, stage: str | None = None) -> AuditReport:
             reviewed.update(ds["review"])
     report = audit_rows(stage, rows, rules)
     report.review = dict(reviewed)
+    report.leakage = leakage(ws, rules)
     return report
 
 

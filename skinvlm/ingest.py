@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -35,7 +36,7 @@ from typing import Any
 from skinvlm import devices, metadata
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
-from skinvlm.rules import Rules, nfc
+from skinvlm.rules import Rules, linear_regex, nfc, patient_pattern_problem
 from skinvlm.workspace import (
     SPLITS,
     Workspace,
@@ -43,6 +44,7 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
+    secret_key,
     staged,
     write_manifest,
     writes,
@@ -79,6 +81,7 @@ class IngestResult:
     cross_split_duplicates: list[list[str]]
     seconds: float
     metadata: dict[str, Any] = field(default_factory=dict)  # kept, or how many files were cleaned and turned
+    patients: dict[str, Any] = field(default_factory=dict)  # known (a pattern gave them), and per split
     settings: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -91,6 +94,7 @@ class IngestResult:
             "duplicates": self.duplicates,
             "cross_split_duplicates": self.cross_split_duplicates,
             "metadata": self.metadata,
+            "patients": self.patients,
             "seconds": self.seconds,
         }
 
@@ -400,6 +404,7 @@ def features() -> Any:
             "width": Value("int32"),
             "height": Value("int32"),
             "sha256": Value("string"),
+            "patient": Value("string"),  # a keyed hash of the id in the file's path, or the record id when unknown
         }
     )
 
@@ -489,6 +494,7 @@ def ingest(
     keep_metadata: bool = False,
     workers: int | None = None,
     about: str | None = None,
+    patient_pattern: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
     from datasets import DatasetDict
@@ -505,6 +511,8 @@ def ingest(
     Image.MAX_IMAGE_PIXELS = None  # our --max-pixels-in check, made before decoding, replaces Pillow's warning
     devices.return_freed_memory()
     files, ignored, skipped = discover(src, rules, test_size, seed)
+    pattern = patient_pattern or rules.patients.pattern
+    patient_of = patient_ids(files, pattern, secret_key(ws.patient_key) if pattern else b"")
     workers = workers or os.cpu_count() or 1
     by_hash: dict[str, list[ImageFile]] = defaultdict(list)
     changed: Counter[str] = Counter()
@@ -530,6 +538,7 @@ def ingest(
                 "view": f.view,
                 "split": split,
                 "source": f.source,
+                "patient": patient_of.get(f.source) or record_id(f.source),
                 **found,
             }
 
@@ -538,6 +547,8 @@ def ingest(
         (tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         result = _result(ws, files, data, skipped, ignored, by_hash, time.perf_counter() - clock)
         result.metadata = {"kept": keep_metadata, "cleaned": changed["cleaned"], "turned": changed["turned"]}
+        per_split = {split: len(set(data[split]["patient"])) for split in SPLITS}
+        result.patients = {"known": pattern is not None, **per_split}
         result.settings = {
             "src": str(src.resolve()),
             "test_size": test_size,
@@ -549,6 +560,7 @@ def ingest(
             "rules": str(rules.path),
             "workers": workers,
             "about": about,
+            "patient_pattern": pattern,
         }
         inputs = {
             "src": str(src.resolve()),
@@ -563,6 +575,7 @@ def ingest(
             "duplicates": len(result.duplicates),
             "cross_split_duplicates": len(result.cross_split_duplicates),
             "metadata": result.metadata,
+            "patients": result.patients,
         }
         content = content_digest(data, ("id", "sha256", "label", "view", "split"))
         extra = {"skipped": skipped, "cross_split": result.cross_split_duplicates, "content": content}
@@ -576,6 +589,30 @@ def ingest(
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def patient_ids(files: list[ImageFile], pattern: str | None, key: bytes) -> dict[str, str]:
+    """source -> a keyed hash of the patient id that `pattern` finds in the source path ({} without a pattern).
+    File names hold chart numbers: only the hash is stored, and nothing prints an id or a path it came from."""
+    if pattern is None:
+        return {}
+    if problem := patient_pattern_problem(pattern):
+        raise SkinvlmError(f"--patient-pattern {problem}")
+    regex = linear_regex(pattern)
+    found, missed = {}, 0
+    for f in files:
+        match = regex.search(f.source)
+        raw = match.group("patient") if match else None
+        if raw:
+            found[f.source] = "p" + hmac.new(key, raw.encode(), "sha256").hexdigest()[:15]
+        else:
+            missed += 1
+    if missed:
+        raise SkinvlmError(
+            f"the patient pattern finds no patient id in {missed:,} of {len(files):,} photo paths (it is searched in "
+            "each path relative to SRC, e.g. Training/images/TS_건선_정면/P0012_1.png): correct it; nothing was written"
+        )
+    return found
 
 
 def checked_about(about: str | None) -> str | None:

@@ -58,12 +58,25 @@ def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules
         f"pixels unchanged); {meta.get('turned', 0):,} photos turned upright by their EXIF orientation",
         highlight=False,
     )
+    out.print(patients_line(result.patients), highlight=False)
     for item in result.skipped:
         err.print(f"  [yellow]skipped[/] {item['path']}: {item['reason']}", highlight=False)
     for group in result.duplicates:
         err.print(f"  [yellow]duplicate[/] {' = '.join(group)}", highlight=False)
     for group in result.cross_split_duplicates:
         err.print(f"  [bold red]LEAKAGE: the same image is in train and test[/] {' = '.join(group)}", highlight=False)
+
+
+PATIENTS_UNKNOWN = (
+    "patients unknown: each photo counts as its own patient, so figures treat two photos of one person as "
+    "independent; declare them with `ingest --patient-pattern REGEX` (or [patients] pattern in the rule file)"
+)
+
+
+def patients_line(patients: dict[str, Any]) -> str:
+    if not patients.get("known"):
+        return PATIENTS_UNKNOWN
+    return "patients: " + ", ".join(f"{split} {n:,}" for split, n in patients.items() if split != "known")
 
 
 def money(dollars: float | None) -> str:
@@ -136,6 +149,28 @@ def _table(title: str, *columns: str) -> Table:
     for i, column in enumerate(columns):
         table.add_column(column, justify="right" if i == 1 else "left")
     return table
+
+
+def leakage_report(out: Console, found: dict[str, Any]) -> None:
+    from skinvlm.leakage import shown_pairs
+
+    if not found:
+        return
+    if not found["patients_known"]:
+        out.print(PATIENTS_UNKNOWN, highlight=False)
+    near, shared = found["near_duplicates_across_splits"], found["patients_in_both_splits"]
+    if not near and not shared:
+        out.print(f"leakage: none (no photo within {found['max_distance']} bits of one in the other split"
+                  + (", no patient in both splits)" if found["patients_known"] else ")"), highlight=False)  # fmt: skip
+        return
+    table = _table("leakage between train and test", "kind", "count", "examples")
+    table.add_row("the same photo (near duplicates)", f"{near:,}", "\n".join(shown_pairs(found["pairs"][:5])))
+    if found["patients_known"]:
+        shown = [f"patient {p['patient']}: {p['photos']} photos" for p in found["patients"][:5]]
+        table.add_row("patients in both splits", f"{shared:,}", "\n".join(shown))
+    out.print(table)
+    out.print("held-out figures are optimistic while these remain: `skinvlm ingest SRC --force` with the copies "
+              "removed (or one split per patient)", highlight=False)  # fmt: skip
 
 
 def audit_report(out: Console, report: Any, brief: bool = False) -> None:

@@ -25,7 +25,7 @@ from skinvlm.errors import SkinvlmError, install_hint
 from skinvlm.prompts import parse_answer
 from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
 from skinvlm.rules import Rules
-from skinvlm.workspace import Workspace
+from skinvlm.workspace import Workspace, secret_key
 
 MAX_BODY = 64 * 1024  # a decision with the longest edited text is a few KiB; anything larger is refused unread
 MAX_REASON = 500
@@ -129,32 +129,8 @@ class Sessions:
 
 
 def review_key(ws: Workspace) -> bytes:
-    """The workspace's secret for CSRF tokens, made once (readable by its owner only) and shared by every server.
-    Written whole under another name and linked into place, so a server starting at the same moment never reads
-    half of it."""
-    path = ws.review_key
-    if path.is_symlink() and not path.exists() or path.exists() and not path.is_file():
-        raise SkinvlmError(f"{path} is not a file (a folder or a broken link): remove it and start review again")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draft = path.with_name(f".{path.name}.{os.getpid()}")
-        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
-        try:
-            os.link(draft, path)
-        except FileExistsError:  # another server made it first: theirs stands
-            pass
-        except OSError:  # a filesystem without hard links: a rename is whole too, if not exclusive
-            os.replace(draft, path)
-        draft.unlink(missing_ok=True)
-    try:
-        key = path.read_bytes()
-    except OSError as err:
-        raise SkinvlmError(f"cannot read {path} ({err.strerror or err}): remove it and start review again") from None
-    if len(key) != 32:
-        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will then ask to be reloaded)")
-    return key
+    """The workspace's secret for CSRF tokens (`workspace.secret_key`)."""
+    return secret_key(ws.review_key)
 
 
 def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, Any]:

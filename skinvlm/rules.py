@@ -63,6 +63,12 @@ class AuditRules:
     allow: tuple[str, ...] = ()
     min_summary_chars: int = 40
     repeated_summary_min: int = 3
+    near_duplicate_distance: int = 8  # perceptual-hash bits two photos may differ by and still be one photo
+
+
+@dataclass(frozen=True)
+class PatientRules:
+    pattern: str | None = None  # RE2 with a group `patient`, searched in each photo's path relative to SRC
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Rules:
     terms: dict[str, str] = field(default_factory=dict)
     rewrites: tuple[Rewrite, ...] = ()
     audit: AuditRules = AuditRules()
+    patients: PatientRules = PatientRules()
 
     @property
     def class_names(self) -> list[str]:
@@ -177,7 +184,7 @@ def _pairs(items: Any, name: str, keys: tuple[str, str], problems: list[str]) ->
 
 
 def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: list[int]) -> Rules:
-    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit", "term", "alias"}, problems)
+    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit", "term", "alias", "patients"}, problems)
     labels = _table(raw, "labels", "labels", problems)
     _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
     classes = _parse_classes(_table(labels, "classes", "labels", problems), problems)
@@ -205,6 +212,7 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: 
         terms={k.lower(): v for k, v in terms.items()},
         rewrites=_parse_rewrites(raw.get("rewrite", []), problems, rewrite_lines),
         audit=_parse_audit(_table(raw, "audit", "top level", problems), problems),
+        patients=_parse_patients(_table(raw, "patients", "top level", problems), problems),
     )
 
 
@@ -273,16 +281,41 @@ def _parse_rewrites(items: Any, problems: list[str], lines: list[int]) -> tuple[
 
 
 def _parse_audit(table: dict[str, Any], problems: list[str]) -> AuditRules:
-    _unknown("audit", table, {"allow", "min_summary_chars", "repeated_summary_min"}, problems)
+    known = {"allow", "min_summary_chars", "repeated_summary_min", "near_duplicate_distance"}
+    _unknown("audit", table, known, problems)
     allow = table.get("allow", [])
     if not isinstance(allow, list) or not all(isinstance(w, str) for w in allow):
         problems.append("[audit] 'allow' must be a list of words")
         allow = []
     numbers = {}
-    for key, default in (("min_summary_chars", 40), ("repeated_summary_min", 3)):
+    for key, default in (("min_summary_chars", 40), ("repeated_summary_min", 3), ("near_duplicate_distance", 8)):
         value = table.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             problems.append(f"[audit] '{key}' must be a whole number >= 0")
             value = default
         numbers[key] = value
     return AuditRules(allow=tuple(w.lower() for w in allow), **numbers)
+
+
+def _parse_patients(table: dict[str, Any], problems: list[str]) -> PatientRules:
+    _unknown("patients", table, {"pattern"}, problems)
+    pattern = table.get("pattern")
+    if pattern is None:
+        return PatientRules()
+    if problem := patient_pattern_problem(pattern):
+        problems.append(f"[patients] 'pattern' {problem}")
+        return PatientRules()
+    return PatientRules(pattern)
+
+
+def patient_pattern_problem(pattern: Any) -> str | None:
+    """Why a patient pattern cannot be used, or None: RE2 (linear time), with a group named `patient`."""
+    if not isinstance(pattern, str) or not pattern:
+        return "must be a non-empty string"
+    try:
+        compiled = linear_regex(pattern)
+    except Exception as err:  # noqa: BLE001 - RE2's error types differ between its Python bindings
+        return f"is not a valid RE2 pattern ({str(err).splitlines()[0][:80]})"
+    if "patient" not in compiled.groupindex:
+        return "needs a named group (?P<patient>...) around the patient id"
+    return None

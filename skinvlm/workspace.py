@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -133,6 +134,14 @@ class Workspace:
     @property
     def review_key(self) -> Path:
         return self.root / "journal" / "review.key"
+
+    @property
+    def phash_cache(self) -> Path:
+        return self.root / "cache" / "phash.json"
+
+    @property
+    def patient_key(self) -> Path:
+        return self.root / "journal" / "patient.key"
 
     @property
     def publish_dataset(self) -> Path:
@@ -456,6 +465,34 @@ def write_manifest(folder: Path, content: dict[str, Any]) -> None:
     write_json(folder / MANIFEST, redact(content))
 
 
+def secret_key(path: Path) -> bytes:
+    """A workspace secret (32 random bytes, readable by its owner only), made once and shared by every process:
+    written whole under another name and linked into place, so one starting at the same moment never reads half
+    of it."""
+    if path.is_symlink() and not path.exists() or path.exists() and not path.is_file():
+        raise SkinvlmError(f"{path} is not a file (a folder or a broken link): remove it and run again")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another process made it first: theirs stands
+            pass
+        except OSError:  # a filesystem without hard links: a rename is whole too, if not exclusive
+            os.replace(draft, path)
+        draft.unlink(missing_ok=True)
+    try:
+        key = path.read_bytes()
+    except OSError as err:
+        raise SkinvlmError(f"cannot read {path} ({err.strerror or err}): remove it and run again") from None
+    if len(key) != 32:
+        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will then ask to be reloaded)")
+    return key
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.exists():
@@ -587,6 +624,11 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
     if (found or {}).get("stage") == "train":
         loss = counts.get("final_loss")
         return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
+    if (found or {}).get("stage") == "ingest" and counts.get("patients"):
+        patients = counts["patients"]
+        if not patients.get("known"):
+            return "patients unknown (ingest --patient-pattern)"
+        return "patients: " + ", ".join(f"{split} {n:,}" for split, n in patients.items() if split != "known")
     if (found or {}).get("stage") == "fix" and counts.get("review"):
         return "review: " + ", ".join(f"{status} {n:,}" for status, n in counts["review"].items())
     if (found or {}).get("stage") == "merge" and isinstance(counts.get("merge_error"), float):

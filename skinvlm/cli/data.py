@@ -72,6 +72,15 @@ def ingest(
             "clinic A 2019-2023'); no names.",
         ),
     ] = None,
+    patient_pattern: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REGEX",
+            help="RE2 pattern with a group (?P<patient>...) that finds the patient id in each photo's path "
+            "relative to SRC (default: [patients] pattern in the rule file; without one, each photo is its own "
+            "patient). Only a keyed hash of the id is stored.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -92,6 +101,7 @@ def ingest(
             keep_metadata=keep_metadata,
             workers=workers,
             about=about,
+            patient_pattern=patient_pattern,
             progress=progress,
         )
     if as_json:
@@ -220,7 +230,9 @@ def audit(
     workspace: WorkspaceOpt = None,
     rules: RulesOpt = None,
     stage: Annotated[TextStage | None, typer.Option(help="Which text stage (default: the newest).")] = None,
-    strict: Annotated[bool, flag("--strict", help="Exit 1 when any record has a problem.")] = False,
+    strict: Annotated[
+        bool, flag("--strict", help="Exit 1 when any record has a problem, or photos leak between splits.")
+    ] = False,
     suggest: Annotated[
         bool, flag("--suggest", help="Print TOML stanzas and commands for what the audit finds.")
     ] = False,
@@ -229,6 +241,7 @@ def audit(
     """Report what is wrong with the generated text: English, other scripts, label tags, format, length."""
     from skinvlm.audit import audit as run_audit
     from skinvlm.audit import suggest as suggestions
+    from skinvlm.leakage import found_any
 
     ws, loaded = open_workspace(workspace, rules)
     report = run_audit(ws, loaded, stage.value if stage else None)
@@ -238,7 +251,8 @@ def audit(
         print_json(report.as_json())
     else:
         render.audit_report(out, report)
-    if strict and report.problems:
+        render.leakage_report(out, report.leakage)
+    if strict and (report.problems or found_any(report.leakage)):
         raise typer.Exit(1)
 
 

@@ -1,0 +1,120 @@
+"""Patients and leakage between splits: patient ids from file names stored only as keyed hashes, patients and
+altered copies of one photo planted in both splits and counted exactly, and no false pair among distinct photos."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import error_line
+from PIL import Image, ImageEnhance
+
+from skinvlm.leakage import BKTree, near_duplicates
+
+CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
+PATTERN = r"(?P<patient>PT\d{5})_"
+JPEG = b"\xff\xd8"
+
+
+def photo(seed: int, size: int = 128) -> Image.Image:
+    """A smooth random picture (a face's broad shapes, not noise): distinct photos share no perceptual hash."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB")
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def altered_copies(image: Image.Image) -> list[bytes]:
+    """The same photo as a clinic's second export makes it: resized, re-encoded, brightened and cropped."""
+    w, h = image.size
+    return [
+        encoded(image.resize((w * 3 // 4, h * 3 // 4), Image.Resampling.LANCZOS)),
+        encoded(image, "JPEG", quality=80),
+        encoded(ImageEnhance.Brightness(image.crop((1, 1, w - 1, h - 1)).resize((w, h))).enhance(1.08)),
+    ]
+
+
+def leaky_tree(root: Path) -> dict[str, int]:
+    """Per class and view, 3 training and 1 held-out photo, each of its own patient (PT ids in the names); then
+    2 patients photographed again for the held-out split, and 3 altered copies of training photos there too."""
+    seed = 0
+    for split, prefix, n in (("Training", "TS", 3), ("Validation", "VS", 1)):
+        for label in CLASSES:
+            for view in ("정면", "측면"):
+                folder = root / split / "images" / f"{prefix}_{label}_{view}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(n):
+                    seed += 1
+                    (folder / f"PT{seed:05d}_{view}.png").write_bytes(encoded(photo(seed)))
+    held = root / "Validation" / "images"
+    for patient in (1, 2):  # another visit of two training patients: new photos, same people
+        (held / "VS_건선_정면" / f"PT{patient:05d}_again.png").write_bytes(encoded(photo(1000 + patient)))
+    for n, copy in enumerate(altered_copies(photo(4))):  # patient 4's training photo, exported again
+        suffix = "jpg" if copy.startswith(JPEG) else "png"
+        name = f"PT{90000 + n:05d}_copy.{suffix}"
+        (held / "VS_아토피_측면" / name).write_bytes(copy)
+    return {"patients_in_both_splits": 2, "near_duplicates_across_splits": 3}
+
+
+def every_byte(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_patients_and_altered_copies_in_both_splits_are_counted_exactly(cli, tmp_path: Path) -> None:
+    planted = leaky_tree(tmp_path / "src")
+    ingested = cli.json("ingest", tmp_path / "src", "--patient-pattern", PATTERN)
+    assert ingested["patients"] == {"known": True, "train": 36, "test": 17}
+    stages = {stage["name"]: stage for stage in cli.json("status")["stages"]}
+    assert stages["ingested"]["figures"] == "patients: train 36, test 17"
+    cli("describe", "--template")
+    found = cli.json("audit")["leakage"]
+    assert {k: found[k] for k in planted} == planted, found
+    assert len({p["train"] for p in found["pairs"]}) == 1 and len(found["pairs"]) == 3, "one photo, three copies"
+    assert {p["photos"] for p in found["patients"]} == {2}, "one photo in each split"
+    assert cli("audit", "--strict", ok=False).exit_code == 1, "--strict fails on leakage"
+    shown = cli("audit").stdout
+    assert "leakage between train and test" in shown and "patients in both splits" in shown
+    cache = (cli.workspace / "cache" / "phash.json").read_text(encoding="utf-8")
+    assert len(json.loads(cache)) == 36 + 17, "one hash per photo file, kept for the next audit"
+    cli("fix")
+    cli("publish", "me/x", "--dry-run")
+    out = every_byte(cli.workspace / "publish") + cli("audit", "--json").stdout.encode()
+    out += (cli.workspace / "datasets" / "ingested" / "manifest.json").read_bytes()
+    assert b"PT000" not in out and b"PT900" not in out, "no patient id from a file name leaves in any form"
+
+
+def test_no_pattern_means_unknown_patients_and_a_bad_pattern_is_one_line(cli, tmp_path: Path) -> None:
+    leaky_tree(tmp_path / "src")
+    missing = cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>ZZ\d+)", ok=False)
+    assert "finds no patient id in 53 of 53 photo paths" in error_line(missing.stderr)
+    assert "PT0" not in missing.stderr, "no path is printed"
+    unnamed = cli("ingest", tmp_path / "src", "--patient-pattern", r"PT(\d+)", ok=False)
+    assert "needs a named group (?P<patient>...)" in error_line(unnamed.stderr)
+    report = cli.json("ingest", tmp_path / "src")
+    assert report["patients"] == {"known": False, "train": 36, "test": 17}
+    cli("describe", "--template")
+    found = cli.json("audit")["leakage"]
+    assert found["patients_known"] is False and found["near_duplicates_across_splits"] == 3
+    assert "patients unknown: each photo counts as its own patient" in cli("audit").stdout
+
+
+def test_the_bk_tree_finds_what_all_pairs_find() -> None:
+    rng = np.random.default_rng(7)
+    train = {f"t{i}": int(v) for i, v in enumerate(rng.integers(0, 2**63, 400, dtype=np.int64))}
+    held = {f"h{i}": v ^ (1 << int(rng.integers(0, 60))) if i % 5 == 0 else int(rng.integers(0, 2**63))
+            for i, v in enumerate(train.values())}  # fmt: skip
+    every = sorted(
+        (a, b, (x ^ y).bit_count()) for a, x in train.items() for b, y in held.items() if (x ^ y).bit_count() <= 6
+    )
+    assert sorted(near_duplicates(train, held, 6)) == every and len(every) >= 80
+    tree = BKTree()
+    tree.add(5, "a")
+    tree.add(5, "b")
+    assert sorted(tree.within(4, 1)) == [("a", 1), ("b", 1)]
