@@ -11,7 +11,7 @@ import numpy as np
 from conftest import error_line
 from PIL import Image, ImageEnhance
 
-from skinvlm.leakage import BKTree, near_duplicates
+from skinvlm.leakage import near_duplicates
 
 CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
 PATTERN = r"(?P<patient>PT\d{5})_"
@@ -105,7 +105,7 @@ def test_no_pattern_means_unknown_patients_and_a_bad_pattern_is_one_line(cli, tm
     assert "patients unknown: each photo counts as its own patient" in cli("audit").stdout
 
 
-def test_the_bk_tree_finds_what_all_pairs_find() -> None:
+def test_the_banded_index_finds_what_all_pairs_find() -> None:
     rng = np.random.default_rng(7)
     train = {f"t{i}": int(v) for i, v in enumerate(rng.integers(0, 2**63, 400, dtype=np.int64))}
     held = {f"h{i}": v ^ (1 << int(rng.integers(0, 60))) if i % 5 == 0 else int(rng.integers(0, 2**63))
@@ -114,7 +114,5 @@ def test_the_bk_tree_finds_what_all_pairs_find() -> None:
         (a, b, (x ^ y).bit_count()) for a, x in train.items() for b, y in held.items() if (x ^ y).bit_count() <= 6
     )
     assert sorted(near_duplicates(train, held, 6)) == every and len(every) >= 80
-    tree = BKTree()
-    tree.add(5, "a")
-    tree.add(5, "b")
-    assert sorted(tree.within(4, 1)) == [("a", 1), ("b", 1)]
+    assert near_duplicates({"a": 5, "b": 5}, {"x": 4}, 1) == [("a", "x", 1), ("b", "x", 1)], "equal hashes both"
+    assert near_duplicates({"a": 0}, {"x": 2**64 - 1}, 8) == [], "64 bits apart"
