@@ -222,6 +222,8 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         f"stage of a skinvlm workspace: {counts.get('steps', '?')} optimizer steps, effective batch "
         f"{counts.get('effective_batch_size', '?')}, images at most {facts.record.get('max_pixels', '?')} pixels.",
         "",
+        selection_line(counts),
+        "",
     ]
     pairs = training.get("per_class_view")
     if pairs is None:
@@ -248,6 +250,17 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         *review_lines({"train": train}),
     ]
     return lines
+
+
+def selection_line(counts: dict[str, Any]) -> str:
+    dev = (counts.get("splits") or {}).get("dev", 0)
+    if not dev or counts.get("best_step") is None:
+        return "Model selection: the last step was kept (no development photos were scored during training)."
+    return (
+        f"Model selection: the adapter of step {counts['best_step']} was kept, chosen on {dev:,} development "
+        "photos held out of the training split (whole patients, each class's share), never on the held-out "
+        "photos the evaluation below reports."
+    )
 
 
 def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:

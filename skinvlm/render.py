@@ -713,6 +713,8 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
         f"{summary.review_left_out} by the clinicians' review left out"
     )
     table.add_row("rows", f"{summary.rows:,} ({left_out})")
+    if summary.dev_rows:
+        table.add_row("development rows", f"{summary.dev_rows:,} held out of training: the best step is chosen there")
     table.add_row("pixel_values in the batch", "yes" if summary.pixel_values else "[bold red]NO[/]")
     implied = f"(--max-pixels {summary.max_pixels:,} implies {expected})"
     table.add_row("image tokens per row", f"{summary.image_tokens_per_row} {implied}")

@@ -121,6 +121,7 @@ class Summary:
     example: str  # the first row decoded, image run collapsed, supervised spans in ⟦ ⟧
     example_supervised: str
     review_left_out: int = 0  # rejected or disputed in the clinicians' review (unreviewed too with --reviewed-only)
+    dev_rows: int = 0  # held out of `rows` as development rows (--dev-fraction), where the best step is chosen
     segments: list[tuple[str, bool]] = field(default_factory=list, repr=False)
 
     def as_json(self) -> dict[str, Any]:

@@ -64,7 +64,13 @@ def better(entry: dict[str, Any], best: dict[str, Any] | None, select_by: str) -
         return True
     if select_by == "loss":
         return entry["loss"] is not None and (best["loss"] is None or entry["loss"] < best["loss"])
-    return entry.get("macro_f1") is not None and entry["macro_f1"] > (best.get("macro_f1") or -1.0)
+    if entry.get("macro_f1") is None:
+        return False
+    if entry["macro_f1"] != best.get("macro_f1"):
+        return entry["macro_f1"] > (best.get("macro_f1") or -1.0)
+    # A tie goes to the later evaluation unless its eval loss is worse: the earliest of equal scores was kept
+    # before, which held a 300-step run at step 100 while its loss still fell.
+    return entry["loss"] is None or best["loss"] is None or entry["loss"] <= best["loss"]
 
 
 def selection_callback(

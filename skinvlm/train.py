@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,11 +292,53 @@ def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False, re
     return Rows(data, stage, unusable, mismatched, review_left_out)
 
 
+def with_dev_split(rows: Rows, settings: TrainSettings) -> Rows:
+    """The training rows less a development share (`dev` in rows.data) when evaluations are asked for: the eval
+    loss and the best step come from photos that neither train nor `eval` report on. Whole patients go to one
+    side (a patient's other photos would make the development figures optimistic); each class keeps its share."""
+    train = rows.data["train"]
+    if not settings.eval_rows:
+        return rows
+    groups = train["patient"] if "patient" in train.column_names else train["id"]
+    dev = development_indices(list(train["label"]), list(groups), settings.dev_fraction, settings.seed)
+    if not dev or len(dev) == train.num_rows:
+        return rows
+    chosen = set(dev)
+    rows.data["dev"] = train.select(sorted(dev))
+    rows.data["train"] = train.select([i for i in range(train.num_rows) if i not in chosen])
+    return rows
+
+
+def development_indices(labels: list[str], groups: list[str], fraction: float, seed: int) -> list[int]:
+    """Rows of whole groups (patients), about `fraction` of each class, seeded: each class's groups in a shuffled
+    order, taken while the class's share is not yet reached; a class with one group keeps it for training."""
+    import random
+
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    by_class: dict[str, list[str]] = {}
+    for group, rows in sorted(members.items()):
+        by_class.setdefault(Counter(labels[i] for i in rows).most_common(1)[0][0], []).append(group)
+    rng, chosen = random.Random(seed), []
+    for label in sorted(by_class):
+        candidates = by_class[label]
+        rng.shuffle(candidates)
+        target = max(1, round(fraction * sum(len(members[g]) for g in candidates)))
+        taken = 0
+        for group in candidates[:-1]:  # the last group always trains
+            if taken >= target:
+                break
+            chosen += members[group]
+            taken += len(members[group])
+    return sorted(chosen)
+
+
 def eval_rows(data: Any, settings: TrainSettings) -> Any | None:
-    if not settings.eval_rows or "test" not in data or not data["test"].num_rows:
+    if not settings.eval_rows or "dev" not in data or not data["dev"].num_rows:
         return None
-    test = data["test"].shuffle(seed=settings.seed)
-    return test.select(range(min(settings.eval_rows, test.num_rows)))
+    dev = data["dev"].shuffle(seed=settings.seed)
+    return dev.select(range(min(settings.eval_rows, dev.num_rows)))
 
 
 # -- the two backends ------------------------------------------------------------------------
@@ -418,7 +461,7 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
     """Rows, model (shape only in a dry run), processor at --max-pixels, collator, and the first batch checked."""
     if plan.backend == "unsloth":
         import_unsloth(plan.cuda)
-    rows = training_rows(ws, rules, settings.keep_mismatches, settings.reviewed_only)
+    rows = with_dev_split(training_rows(ws, rules, settings.keep_mismatches, settings.reviewed_only), settings)
     if plan.cuda and not dry_run:
         import torch
 
@@ -444,6 +487,7 @@ def set_up(ws: Workspace, rules: Rules, settings: TrainSettings, plan: Plan, dry
         # A dry run reports the world that `train` would launch; a worker, the one it is in.
         world_size=devices.processes_wanted(settings.processes, settings.gpu) if dry_run else devices.world_size(),
     )
+    summary.dev_rows = rows.data["dev"].num_rows if "dev" in rows.data else 0
     return Setup(plan, rows, model, processor, collator, summary)
 
 

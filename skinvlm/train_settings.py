@@ -70,6 +70,7 @@ class TrainSettings:
     seed: int = 1234
     eval_steps: int = 50
     eval_rows: int = 64
+    dev_fraction: float = 0.1  # of the training photos, held out as development rows when eval_rows > 0
     save_steps: int = 200
     save_total_limit: int = 3
     dataloader_workers: int = 2
@@ -99,6 +100,8 @@ class TrainSettings:
             raise SkinvlmError("--learning-rate, --max-grad-norm and --epochs must be above 0")
         if not 0 <= self.lora_dropout < 1:
             raise SkinvlmError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        if not 0 < self.dev_fraction < 0.5:
+            raise SkinvlmError(f"--dev-fraction is a share of the training photos in (0, 0.5), not {self.dev_fraction}")
         if self.select_by not in SELECT_BY:
             raise SkinvlmError(f"--select-by is one of {', '.join(SELECT_BY)}, not {self.select_by!r}")
         if self.patience is not None and self.patience < 1:

@@ -68,10 +68,11 @@ def test_label_disagreements_are_counted_reasked_dropped_and_kept_out_of_trainin
         tiny = build(tmp_path / "tiny")
         with pytest.warns(UserWarning, match="datasets/fixed is missing: training on datasets/described"):
             dry = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544")
-        assert dry["rows"] == 30 and dry["mismatched"] == 8, "6 train and 2 test rows name 아토피 for 건선 photos"
+        assert dry["rows"] + dry["dev_rows"] == 30 and dry["mismatched"] == 8, "6 train, 2 test: 아토피 for 건선"
+        assert dry["dev_rows"] == 5, "one development photo of each class left (건선's are all mismatched)"
         with pytest.warns(UserWarning, match="datasets/fixed is missing"):
             kept = cli.json("train", "--dry-run", "--model", tiny, "--max-pixels", "12544", "--keep-mismatches")
-        assert kept["rows"] == 36 and kept["mismatched"] == 0
+        assert kept["rows"] + kept["dev_rows"] == 36 and kept["mismatched"] == 0
         dropped = cli.json("fix", "--drop-mismatches")
         assert dropped["dropped"] == 8 and dropped["audit"]["mismatches"] == 0
         asked = server.requests

@@ -76,3 +76,20 @@ def test_intervals_move_off_an_all_right_sample_and_off_a_one_class_model() -> N
     assert high - low > 0.05, f"macro F1 must vary: {low}-{high}"
     assert one_class == stats.intervals(truth, ["건선"] * 24, CLASSES), "seeded"
     assert stats.proportion_interval([True] * 24) == [0.862, 1.0]
+
+
+def test_selection_keeps_the_later_of_equal_scores_and_the_development_rows_are_whole_patients() -> None:
+    from skinvlm.selection import better
+    from skinvlm.train import development_indices
+
+    first, later = {"step": 100, "macro_f1": 1.0, "loss": 1.54}, {"step": 300, "macro_f1": 1.0, "loss": 1.35}
+    assert better(later, first, "macro_f1"), "a tie goes to the later evaluation with the lower loss"
+    assert not better({"step": 400, "macro_f1": 1.0, "loss": 1.6}, later, "macro_f1")
+    assert not better({"step": 500, "macro_f1": 0.9, "loss": 0.1}, later, "macro_f1")
+    labels = [c for c in CLASSES for _ in range(20)]
+    patients = [f"{label}-{i // 2}" for label in CLASSES for i in range(20)]  # two photos a patient
+    dev = development_indices(labels, patients, 0.1, seed=3)
+    assert dev == development_indices(labels, patients, 0.1, seed=3), "seeded"
+    assert {labels[i] for i in dev} == set(CLASSES) and len(dev) == 2 * len(CLASSES), "each class its share"
+    chosen = {patients[i] for i in dev}
+    assert not chosen & {patients[i] for i in range(len(labels)) if i not in dev}, "whole patients on one side"

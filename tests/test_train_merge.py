@@ -228,6 +228,12 @@ def model_card_states_the_evaluated_figures(cli, workspace: Path, folder: Path, 
     (workspace / "journal" / "review.jsonl").unlink()
 
 
+def manifest_splits(workspace: Path) -> dict[str, int]:
+    return json.loads((workspace / "models" / "adapter" / "manifest.json").read_text(encoding="utf-8"))["counts"][
+        "splits"
+    ]
+
+
 def same_second(first: Path, second: Path) -> None:
     """Makes two eval runs' manifests say they finished in the same second; `second`'s metrics stay the newer."""
     kept = json.loads((first / "manifest.json").read_text(encoding="utf-8"))["finished"]
@@ -365,10 +371,14 @@ def test_training_keeps_the_best_evaluation_and_stops_without_improvement(cli, d
     )  # fmt: skip
     evals = result["evals"]
     assert evals and all({"step", "loss", "accuracy", "macro_f1"} <= set(e) for e in evals)
-    best = max(evals, key=lambda e: (e["macro_f1"], -e["step"]))  # the first evaluation at the highest F1
+    best = evals[0]
+    for entry in evals[1:]:  # a higher F1 wins; an equal one too, unless its eval loss is worse
+        tie = entry["macro_f1"] == best["macro_f1"] and entry["loss"] <= best["loss"]
+        best = entry if entry["macro_f1"] > best["macro_f1"] or tie else best
     assert result["best_step"] == best["step"]
     later = [e for e in evals if e["step"] > best["step"]]
     assert all(e["macro_f1"] <= best["macro_f1"] for e in later)
+    assert manifest_splits(described)["dev"] > 0, "chosen on development rows held out of the training split"
     assert result["steps"] == 120 or len(later) == 3, "stopped after --patience evaluations without improvement"
     adapter = described / "models" / "adapter"
     kept = (adapter / "adapter_model.safetensors").read_bytes()

@@ -88,8 +88,19 @@ def train(
         int, typer.Option(help="Tokens per sample at most (image included); longer ones are cut.")
     ] = T.max_length,
     seed: Annotated[int, typer.Option(help="Seed of the sample, the shuffling and the LoRA initialisation.")] = T.seed,
-    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-rows test rows every N steps.")] = T.eval_steps,
-    eval_rows: Annotated[int, typer.Option(help="Test rows for the eval loss (0: none).")] = T.eval_rows,
+    eval_steps: Annotated[
+        int, typer.Option(help="Evaluate on --eval-rows development rows every N steps.")
+    ] = T.eval_steps,
+    eval_rows: Annotated[
+        int, typer.Option(help="Development rows scored at each evaluation, for the eval loss and selection (0: none).")
+    ] = T.eval_rows,
+    dev_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Share of the training photos (stratified by class, whole patients, seeded) held out of training "
+            "as the development rows: the best step is chosen there, never on the photos eval reports."
+        ),
+    ] = T.dev_fraction,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = T.save_steps,
     save_total_limit: Annotated[int, typer.Option(help="Checkpoints kept.")] = T.save_total_limit,
     dataloader_workers: Annotated[
