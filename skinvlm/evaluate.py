@@ -41,6 +41,7 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
+    read_manifest,
     stage_fingerprint,
     write_json,
     write_manifest,
@@ -104,6 +105,7 @@ class Item:
     view: str
     sha256: str
     corrected: bool = False  # the label is a clinician's correction
+    patient: str = ""  # a keyed hash from ingest --patient-pattern; "" when patients are unknown
 
 
 # -- choosing images -------------------------------------------------------------------------
@@ -115,8 +117,11 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
         raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
     ds = data[settings.split]
     truth = true_labels(ds, review.decisions_of(ws)[0])
-    columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], strict=True)
-    items = [Item(i, rid, label, view, sha, label != was) for i, (rid, label, was, view, sha) in enumerate(columns)]
+    known = bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+    patients = ds["patient"] if known and "patient" in ds.column_names else [""] * ds.num_rows
+    columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], patients, strict=True)
+    items = [Item(i, rid, label, view, sha, label != was, patient)
+             for i, (rid, label, was, view, sha, patient) in enumerate(columns)]  # fmt: skip
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
     return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
@@ -456,6 +461,9 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     views: dict[str, list[bool]] = defaultdict(list)
     for record in records:
         views[record["view"]].append(record["predicted"] == record["label"])
+    patients = [r["patient"] for r in records] if all(r.get("patient") for r in records) else None
+    trust = stats.intervals(truth, predicted, classes, patients=patients)
+    deff = trust["design_effect"]
     latencies = sorted(rec["latency"] for rec in records)
     vision = [rec["image_tokens"] for rec in records if rec.get("image_tokens") is not None]  # in-process runs
     labels = [*classes, UNPARSED]
@@ -485,8 +493,12 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
         "throughput": round(len(records) / wall, 3) if wall > 0 else None,
         "image_tokens": {"min": min(vision), "max": max(vision)} if vision else None,
         "answers_cut": sum(1 for rec in records if rec.get("cut")),
-        "intervals": stats.intervals(truth, predicted, classes)
-        | {"per_view": {view: stats.proportion_interval(hits) for view, hits in sorted(views.items())}},
+        "patients": trust["patients"],
+        "ci_method": trust["ci_method"],
+        "design_effect": trust["design_effect"],
+        "minimal_detectable_difference": trust["minimal_detectable_difference"],
+        "intervals": trust
+        | {"per_view": {v: stats.proportion_interval(h, deff=deff) for v, h in sorted(views.items())}},
         "probabilities": probability_summary(records, classes),
         "selective": selective_summary(records, target_accuracy),
     }
@@ -621,6 +633,7 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
         f"- macro F1: {result['macro_f1']:.4f} (95% CI {bounds(result['intervals']['macro_f1'])}); "
         f"weighted F1: {result['weighted_f1']:.4f}",
         f"- intervals: {interval_method(result)}",
+        *([f"- sample: {line}"] if (line := sample_size_line(result)) else []),
         f"- unparsed answers: {result['unparsed']}",
         f"- latency p50/p95: {seconds(result['latency_p50'])} / {seconds(result['latency_p95'])}; "
         f"throughput {rate(result['throughput'])}",
@@ -674,6 +687,20 @@ def selective_lines(result: dict[str, Any]) -> list[str]:
         f"coverage {chosen['coverage']:.3f} ({bounds(chosen['coverage_interval'])}), accuracy {accuracy}; "
         f"the rest referred. AURC {chosen['aurc']:.3f}.",
     ]
+
+
+def sample_size_line(result: dict[str, Any]) -> str | None:
+    """Who the photos are and what this set can detect (runs before patient-aware eval: None)."""
+    if "ci_method" not in result:
+        return None
+    detectable = f"{result['minimal_detectable_difference'] * 100:.1f} points"
+    if result["ci_method"] == "patient":
+        deff = result["design_effect"]
+        who = (f"{result['patients']:,} patients; intervals by patient (design effect {deff:.2f}: "
+               f"{result['n']:,} photos count as {result['n'] / deff:,.0f} independent ones)")  # fmt: skip
+    else:
+        who = "patients unknown: each photo counted as independent (`ingest --patient-pattern` declares them)"
+    return f"{who}; a comparison of two models on these photos detects an accuracy difference of about {detectable}"
 
 
 def interval_method(result: dict[str, Any]) -> str:
@@ -734,7 +761,8 @@ def evaluate(
                 asyncio.run(ask_server(ds, todo, prompt, ws, settings, asked, rules, sink, live))
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
         scored = [i for i in items if i.id in done and done[i.id].get("key") == key]
-        records = [{**done[i.id], "label": i.label} for i in scored]  # a correction made after the answer counts
+        # a correction made after the answer counts; the patient as ingest knows it now
+        records = [{**done[i.id], "label": i.label, "patient": i.patient} for i in scored]
         require_an_answer(records)
     except BaseException:
         # Every answer is kept, on any exit (Ctrl-C, SIGTERM, an error): a re-run asks only the rest. Only a new

@@ -313,7 +313,7 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
 
 
 def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
-    from skinvlm.evaluate import interval_method
+    from skinvlm.evaluate import interval_method, sample_size_line
 
     ci = result["intervals"]
     table = _table(
@@ -358,6 +358,8 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
 
     for line in selective_lines(result)[1:]:  # the referral threshold, as report.md says it
         out.print(line, highlight=False)
+    if sample := sample_size_line(result):
+        out.print(escape(sample), highlight=False)
     for note in result.get("notes", []):
         out.print(f"[yellow]note[/]: {escape(note)}")
     matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])
@@ -412,6 +414,12 @@ def compare_runs(out: Console, compared: dict[str, Any], rules: Any) -> None:
             f"p {'' if m['p_value'] < 1e-4 else '= '}{p_value(m['p_value'])}",
             highlight=False,
         )
+        detectable = runs[0].get("minimal_detectable_difference")
+        if detectable is not None:
+            shown = pair["difference"]["accuracy"]["value"] * 100
+            verdict = "within what this set can tell from noise" if abs(shown) < detectable * 100 else "beyond it"
+            out.print(f"accuracy {shown:+.1f} points; these photos detect about {detectable * 100:.1f} points "
+                      f"(80% power): {verdict}", highlight=False)  # fmt: skip
 
 
 def demo_step(out: Console, err: Console, kind: str, result: Any, rules: Any) -> None:

@@ -64,11 +64,12 @@ def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
     return [round(float(low), 4), round(float(high), 4)]
 
 
-def proportion_interval(hits: list[bool], level: float = LEVEL) -> list[float]:
-    """Wilson's score interval of a share: `hits` right of len(hits)."""
+def proportion_interval(hits: list[bool], level: float = LEVEL, deff: float = 1.0) -> list[float]:
+    """Wilson's score interval of a share: `hits` right of len(hits), counted as len(hits) / deff independent
+    photos when photos come in patients (Kish's effective sample size)."""
     from scipy.stats import norm
 
-    n, right = len(hits), float(sum(bool(h) for h in hits))
+    n, right = len(hits) / deff, float(sum(bool(h) for h in hits)) / deff
     if n == 0:
         return [0.0, 1.0]
     z = float(norm.ppf(1 - (1 - level) / 2))
@@ -82,11 +83,13 @@ INTERVAL_METHOD = "Wilson score for shares; F1 from a Dirichlet posterior of eac
 PRIOR_PER_ROW = 1.0  # pseudo-photos per true class in the F1 posterior (Perks: 1/cells a cell)
 
 
-def posterior_confusions(truth: np.ndarray, predicted: np.ndarray, k: int, draws: int, seed: int) -> np.ndarray:
+def posterior_confusions(
+    truth: np.ndarray, predicted: np.ndarray, k: int, draws: int, seed: int, deff: float = 1.0
+) -> np.ndarray:
     """(draws, k, k) confusion matrices in expected counts: each true class's row drawn from the Dirichlet
-    posterior of its predictions (observed counts + PRIOR_PER_ROW / k), times the class's photo count."""
+    posterior of its predictions (observed counts / deff + PRIOR_PER_ROW / k), times the class's photo count."""
     rng = np.random.default_rng(seed)
-    observed = confusions(truth, predicted, k, np.arange(len(truth))[None, :])[0].astype(float)
+    observed = confusions(truth, predicted, k, np.arange(len(truth))[None, :])[0].astype(float) / deff
     drawn = np.zeros((draws, k, k))
     for row in np.unique(truth):
         drawn[:, row, :] = rng.dirichlet(observed[row] + PRIOR_PER_ROW / k, size=draws) * observed[row].sum()
@@ -94,20 +97,59 @@ def posterior_confusions(truth: np.ndarray, predicted: np.ndarray, k: int, draws
 
 
 def intervals(
-    truth: list[str], predicted: list[str], classes: list[str], resamples: int = RESAMPLES, seed: int = SEED
+    truth: list[str],
+    predicted: list[str],
+    classes: list[str],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    patients: list[str] | None = None,
 ) -> dict[str, Any]:
-    """95% intervals: Wilson's for accuracy, the Dirichlet posterior's for macro F1 and each class's F1."""
+    """95% intervals: Wilson's for accuracy, the Dirichlet posterior's for macro F1 and each class's F1. With
+    `patients` (one per photo), each counts len / design effect photos: a patient's photos are not independent."""
     t, p, k = encode(truth, classes), encode(predicted, classes), len(classes) + 1
-    drawn = scores(posterior_confusions(t, p, k, resamples, seed), len(classes))
+    deff = design_effect(list(t == p), patients) if patients else 1.0
+    drawn = scores(posterior_confusions(t, p, k, resamples, seed, deff), len(classes))
     whole = scores(confusions(t, p, k, np.arange(len(t))[None, :]), len(classes))
     return {
         "resamples": resamples,
         "level": LEVEL,
-        "method": INTERVAL_METHOD,
-        "accuracy": proportion_interval(list(t == p)),
+        "method": INTERVAL_METHOD + (f"; by patient: each counted as n / {deff:.2f} photos" if patients else ""),
+        "ci_method": "patient" if patients else "photo",
+        "patients": len(set(patients)) if patients else None,
+        "design_effect": round(deff, 3),
+        "minimal_detectable_difference": detectable_difference(list(t == p), deff),
+        "accuracy": proportion_interval(list(t == p), deff=deff),
         "macro_f1": holding(interval(drawn["macro_f1"]), whole["macro_f1"][0]),
         "f1": {c: holding(interval(drawn["f1"][:, i]), whole["f1"][0, i]) for i, c in enumerate(classes)},
     }
+
+
+def design_effect(right: list[bool], patients: list[str]) -> float:
+    """Variance of accuracy when patients are sampled (a ratio estimator over clusters) over its variance when
+    photos are, at least 1: how many photos one independent photo is worth here. 1 when every photo is its own
+    patient or the accuracy is 0 or 1 (no variance to compare)."""
+    hits: dict[str, list[int]] = {}
+    for patient, hit in zip(patients, right, strict=True):
+        hits.setdefault(patient, []).append(int(hit))
+    n, k = len(right), len(hits)
+    share = sum(right) / n if n else 0.0
+    if k < 2 or k == n or share in (0.0, 1.0):
+        return 1.0
+    spread = sum((sum(h) - share * len(h)) ** 2 for h in hits.values())
+    clustered = k / (k - 1) * spread / n**2
+    return max(1.0, clustered / (share * (1 - share) / n))
+
+
+def detectable_difference(right: list[bool], deff: float, power: float = 0.8) -> float:
+    """The smallest difference in accuracy between two models that a comparison on these photos detects with
+    `power` at the 5% level (two proportions near this accuracy, n / deff photos each; a paired comparison of
+    models that err alike detects somewhat less). A difference below it may be noise."""
+    from scipy.stats import norm
+
+    n = len(right) / deff
+    share = (sum(right) + 1) / (len(right) + 2)  # off 0 and 1, where the variance would vanish
+    z = float(norm.ppf(1 - (1 - LEVEL) / 2) + norm.ppf(power))
+    return round(z * float(np.sqrt(2 * share * (1 - share) / n)), 4) if n else 1.0
 
 
 def holding(bounds: list[float], observed: float) -> list[float]:

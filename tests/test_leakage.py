@@ -116,3 +116,45 @@ def test_the_banded_index_finds_what_all_pairs_find() -> None:
     assert sorted(near_duplicates(train, held, 6)) == every and len(every) >= 80
     assert near_duplicates({"a": 5, "b": 5}, {"x": 4}, 1) == [("a", "x", 1), ("b", "x", 1)], "equal hashes both"
     assert near_duplicates({"a": 0}, {"x": 2**64 - 1}, 8) == [], "64 bits apart"
+
+
+def patient_tree(root: Path) -> None:
+    """Class-coloured photos, two views of each patient: 4 patients a class in training, 3 held out."""
+    from skinvlm.demo.synthetic import image_bytes, stable_seed
+
+    for split, prefix, patients in (("Training", "TS", 4), ("Validation", "VS", 3)):
+        for c, label in enumerate(CLASSES):
+            for view in ("정면", "측면"):
+                folder = root / split / "images" / f"{prefix}_{label}_{view}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(patients):
+                    patient = f"PT{split[0]}{c}{i:03d}"
+                    (folder / f"{patient}_{view}.png").write_bytes(image_bytes(label, stable_seed(patient, view), 48))
+
+
+def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together(cli, tmp_path: Path) -> None:
+    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
+    from skinvlm.demo.synthetic import colour_label
+
+    def wrong_on_rosacea(body: dict) -> str:  # both photos of every 주사 patient wrong: wrong together
+        label = colour_label(mean_colour(body))
+        return f"<label>{'지루' if label == '주사' else label}</label>\n<summary>색으로 본 소견입니다.</summary>"
+
+    patient_tree(tmp_path / "src")
+    cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>PT\w\d{4})_")
+    with FakeOpenAI(answer=wrong_on_rosacea) as server:
+        args = ("--base-url", server.url, "--api-key", "sk-x", "--no-probabilities")
+        by_patient = cli.json("eval", *args, "--name", "patients")
+    assert by_patient["n"] == 36 and by_patient["patients"] == 18 and by_patient["ci_method"] == "patient"
+    assert by_patient["design_effect"] > 1.5, "two photos of one patient wrong together are not two errors"
+    assert by_patient["accuracy"] == round(30 / 36, 4)
+    shown = cli("eval", "--name", "patients", *args).stdout
+    assert "18 patients; intervals by patient (design effect" in shown and "detects an accuracy difference" in shown
+    report = (cli.workspace / "eval" / "patients" / "report.md").read_text(encoding="utf-8")
+    assert "- sample: 18 patients" in report
+    from skinvlm import stats
+
+    per_photo = stats.proportion_interval([True] * 30 + [False] * 6)
+    low, high = by_patient["intervals"]["accuracy"]
+    assert high - low > (per_photo[1] - per_photo[0]) * 1.2, "wider than if the 36 photos were independent"
+    assert by_patient["minimal_detectable_difference"] > 0.2, "36 photos of 18 patients tell little apart"
