@@ -495,6 +495,7 @@ def ingest(
     workers: int | None = None,
     about: str | None = None,
     patient_pattern: str | None = None,
+    resplit: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
     from datasets import DatasetDict
@@ -513,6 +514,8 @@ def ingest(
     files, ignored, skipped = discover(src, rules, test_size, seed)
     pattern = patient_pattern or rules.patients.pattern
     patient_of = patient_ids(files, pattern, secret_key(ws.patient_key) if pattern else b"")
+    if resplit is not None:
+        files = split_without_leakage(files, patient_of, resplit, seed, rules.audit.near_duplicate_distance)
     workers = workers or os.cpu_count() or 1
     by_hash: dict[str, list[ImageFile]] = defaultdict(list)
     changed: Counter[str] = Counter()
@@ -561,6 +564,8 @@ def ingest(
             "workers": workers,
             "about": about,
             "patient_pattern": pattern,
+            "resplit": resplit,
+            "split_made_by": split_description(resplit, seed, rules.audit.near_duplicate_distance, pattern),
         }
         inputs = {
             "src": str(src.resolve()),
@@ -589,6 +594,76 @@ def ingest(
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def split_description(resplit: float | None, seed: int, radius: int, pattern: str | None) -> str:
+    if resplit is None:
+        return "the source's folders (Training/Validation), or a seeded split stratified by class and view"
+    patients = "each patient" if pattern else "each photo (patients unknown)"
+    return (
+        f"ingest --resplit {resplit} --seed {seed}: every photo pooled; {resplit:.0%} of each class held out, "
+        f"{patients} and each group of near-duplicate photos (pHash within {radius} bits) wholly on one side"
+    )
+
+
+def split_without_leakage(
+    files: list[ImageFile], patient_of: dict[str, str], fraction: float, seed: int, radius: int
+) -> list[ImageFile]:
+    """Every photo pooled and split again: groups that must not be cut (a patient's photos, photos that are one
+    photo re-exported) go whole to one side; each class sends about `fraction` of its photos to test."""
+    from skinvlm.leakage import near_duplicates
+
+    if not 0 < fraction < 1:
+        raise SkinvlmError(f"--resplit is the held-out share of the photos, between 0 and 1, not {fraction}")
+    parent = list(range(len(files)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[str, int] = {}
+    for i, f in enumerate(files):  # a patient's photos: one group
+        j = first_of.setdefault(patient_of.get(f.source, f.source), i)
+        parent[root(i)] = root(j)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        found = list(pool.map(hash_or_none, files))
+    hashes = {str(i): h for i, h in enumerate(found) if h is not None}  # a broken file is skipped later anyway
+    for a, b, _ in near_duplicates(hashes, hashes, radius):  # one photo exported twice: one group
+        parent[root(int(a))] = root(int(b))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(files)):
+        groups[root(i)].append(i)
+    return assign_groups(files, list(groups.values()), fraction, seed)
+
+
+def hash_or_none(f: ImageFile) -> int | None:
+    from skinvlm.leakage import phash
+
+    try:
+        return phash(f.path.read_bytes())
+    except Exception:  # noqa: BLE001 - not an image, truncated, unreadable: the check that follows names it
+        return None
+
+
+def assign_groups(files: list[ImageFile], groups: list[list[int]], fraction: float, seed: int) -> list[ImageFile]:
+    """Whole groups to test, class by class in a seeded order, until each class holds its share there."""
+    by_class: dict[str, list[list[int]]] = defaultdict(list)
+    for group in sorted(groups):
+        by_class[Counter(files[i].label for i in group).most_common(1)[0][0]].append(group)
+    rng, split = random.Random(seed), ["train"] * len(files)
+    for label in sorted(by_class):
+        candidates = by_class[label]
+        rng.shuffle(candidates)
+        target, held = fraction * sum(len(g) for g in candidates), 0
+        for group in candidates:
+            if held + len(group) / 2 > target:
+                continue
+            for i in group:
+                split[i] = "test"
+            held += len(group)
+    return sorted((replace(f, split=s) for f, s in zip(files, split, strict=True)), key=lambda f: (f.split, f.source))
 
 
 def patient_ids(files: list[ImageFile], pattern: str | None, key: bytes) -> dict[str, str]:

@@ -158,3 +158,19 @@ def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together
     low, high = by_patient["intervals"]["accuracy"]
     assert high - low > (per_photo[1] - per_photo[0]) * 1.2, "wider than if the 36 photos were independent"
     assert by_patient["minimal_detectable_difference"] > 0.2, "36 photos of 18 patients tell little apart"
+
+
+def test_resplit_pools_every_photo_and_leaves_no_leakage(cli, tmp_path: Path) -> None:
+    leaky_tree(tmp_path / "src")
+    bad = cli("ingest", tmp_path / "src", "--resplit", "1.5", ok=False)
+    assert "--resplit is the held-out share of the photos, between 0 and 1" in error_line(bad.stderr)
+    report = cli.json("ingest", tmp_path / "src", "--patient-pattern", PATTERN, "--resplit", "0.25", "--seed", "5")
+    assert sum(report["splits"].values()) == 53 and 10 <= report["splits"]["test"] <= 16, report["splits"]
+    cli("describe", "--template")
+    found = cli.json("audit")["leakage"]
+    assert found["patients_in_both_splits"] == 0 and found["near_duplicates_across_splits"] == 0, found
+    settings = json.loads((cli.workspace / "datasets" / "ingested" / "manifest.json").read_text("utf-8"))["settings"]
+    assert settings["resplit"] == 0.25 and "each patient and each group of near-duplicate" in settings["split_made_by"]
+    again = cli.json("ingest", tmp_path / "src", "--patient-pattern", PATTERN, "--resplit", "0.25", "--seed", "5",
+                     "--force")  # fmt: skip
+    assert again["splits"] == report["splits"] and again["counts"] == report["counts"], "seeded"

@@ -81,6 +81,14 @@ def ingest(
             "patient). Only a keyed hash of the id is stored.",
         ),
     ] = None,
+    resplit: Annotated[
+        float | None,
+        typer.Option(
+            metavar="FRACTION",
+            help="Pool every photo and hold out this share of each class as the test split, each patient and each "
+            "group of near-duplicate photos wholly on one side (--seed): for trees with no split, or a leaky one.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -102,6 +110,7 @@ def ingest(
             workers=workers,
             about=about,
             patient_pattern=patient_pattern,
+            resplit=resplit,
             progress=progress,
         )
     if as_json:
