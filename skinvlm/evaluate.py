@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices, endpoints, openai_api, review
+from skinvlm import __version__, checklist, devices, endpoints, openai_api, review
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
@@ -624,7 +624,7 @@ def short_backend(backend: str) -> str:
     return f"model dir {Path(backend.removeprefix('model dir ')).name}" if backend.startswith("model dir ") else backend
 
 
-def report_markdown(result: dict[str, Any], rules: Rules) -> str:
+def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool = True) -> str:
     lines = [
         f"# Evaluation {result['name']}",
         "",
@@ -666,6 +666,8 @@ def report_markdown(result: dict[str, Any], rules: Rules) -> str:
     for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
         if label != UNPARSED:
             lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+    if with_checklist and result.get("checklist"):
+        lines += checklist.markdown(result["checklist"])
     return "\n".join(lines) + "\n"
 
 
@@ -787,6 +789,9 @@ def evaluate(
         "output_dir": str(run),
     }
     result["notes"] = run_notes(result, records, settings)
+    result["skinvlm_version"] = __version__
+    # the checklist travels to the model card: the folder's name, never where this machine keeps it
+    result["checklist"] = checklist.rows(ws, result | {"backend": short_backend(backend)}, settings.model_dir)
     write_json(run / "metrics.json", result)
     write_text(run / "report.md", report_markdown(result, rules))
     if settings.confusion_matrix:

@@ -18,7 +18,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.rules import Rules
-from skinvlm.workspace import Workspace, read_manifest, write_json
+from skinvlm.workspace import Workspace, read_manifest, stage_fingerprint, write_json
 
 EXAMPLES = 20  # pairs and patients listed in full; the counts are always whole
 
@@ -100,7 +100,7 @@ def leakage(ws: Workspace, rules: Rules) -> dict[str, Any]:
     radius = rules.audit.near_duplicate_distance
     pairs = near_duplicates(hashes.get("train", {}), hashes.get("test", {}), radius)
     patients = shared_patients(ingested) if known else Counter()
-    return {
+    found = {
         "patients_known": known,
         "patients_in_both_splits": len(patients),
         "near_duplicates_across_splits": len(pairs),
@@ -108,6 +108,17 @@ def leakage(ws: Workspace, rules: Rules) -> dict[str, Any]:
         "pairs": [{"train": a, "test": b, "distance": d} for a, b, d in pairs[:EXAMPLES]],
         "patients": [{"patient": p, "photos": n} for p, n in patients.most_common(EXAMPLES)],
     }
+    write_json(ws.leakage_record, {"ingested": stage_fingerprint(ws.ingested), **found})
+    return found
+
+
+def last_check(ws: Workspace) -> dict[str, Any] | None:
+    """The last audit's leakage figures, while datasets/ingested is still what it checked (else None)."""
+    path = ws.leakage_record
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text(encoding="utf-8"))
+    return found if found.get("ingested") == stage_fingerprint(ws.ingested) else None
 
 
 def found_any(found: dict[str, Any]) -> bool:

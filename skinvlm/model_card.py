@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skinvlm import checklist
 from skinvlm.errors import SkinvlmError
 from skinvlm.publish import (
     PublishResult,
@@ -273,7 +274,7 @@ def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
             "with `publish --eval-run`)."
         ]
     shown = metrics | {"backend": short_backend(metrics["backend"])}
-    report = report_markdown(shown, rules).splitlines()[1:]  # its title is ours
+    report = report_markdown(shown, rules, with_checklist=False).splitlines()[1:]  # its title is ours
     return [
         f"Eval run `{facts.eval_name}` on {metrics['n']} held-out photos never used in training (95% intervals: "
         f"{interval_method(metrics)}; calibration where the model's label probabilities were read).",
@@ -346,6 +347,10 @@ def card(repo: str, facts: ModelFacts, rules: Rules) -> str:
         "`skinvlm eval --base-url http://127.0.0.1:8000/v1` asks it the same way.",
         "",
     ]
+    if facts.evaluation and facts.evaluation.get("checklist"):
+        body += checklist.markdown(facts.evaluation["checklist"])[1:] + [""]
+    else:
+        body += ["## Reporting checklist (TRIPOD+AI)", "", "To be written by the team: no eval run of this folder."]
     return "\n".join([*front_matter(repo, facts), "", *body])
 
 

@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from skinvlm import devices
+from skinvlm import checklist, devices
 from skinvlm.images import as_rgb
 from skinvlm.numbers import score
 from skinvlm.rules import Rules
@@ -122,6 +122,7 @@ def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, im
 <h2>Per view</h2>
 {per_view(result)}
 {referral(result)}
+{checklist.html(result["checklist"]) if result.get("checklist") else ""}
 <h2 id="photos">Photos</h2>
 {filters(result)}
 <div id="gallery">

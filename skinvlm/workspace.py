@@ -140,6 +140,10 @@ class Workspace:
         return self.root / "cache" / "phash.json"
 
     @property
+    def leakage_record(self) -> Path:
+        return self.root / "cache" / "leakage.json"  # the last audit's leakage figures, for eval's checklist
+
+    @property
     def patient_key(self) -> Path:
         return self.root / "journal" / "patient.key"
 

@@ -16,6 +16,8 @@ from skinvlm.leakage import near_duplicates
 CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
 PATTERN = r"(?P<patient>PT\d{5})_"
 JPEG = b"\xff\xd8"
+TEAM = "to be written by the team"
+STATUSES = {"filled", "not applicable", TEAM}
 
 
 def photo(seed: int, size: int = 128) -> Image.Image:
@@ -141,7 +143,9 @@ def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together
         return f"<label>{'지루' if label == '주사' else label}</label>\n<summary>색으로 본 소견입니다.</summary>"
 
     patient_tree(tmp_path / "src")
-    cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>PT\w\d{4})_")
+    cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>PT\w\d{4})_", "--about", "test photos")
+    cli("describe", "--template")
+    cli("audit")  # the leakage check the checklist reports
     with FakeOpenAI(answer=wrong_on_rosacea) as server:
         args = ("--base-url", server.url, "--api-key", "sk-x", "--no-probabilities")
         by_patient = cli.json("eval", *args, "--name", "patients")
@@ -158,6 +162,15 @@ def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together
     low, high = by_patient["intervals"]["accuracy"]
     assert high - low > (per_photo[1] - per_photo[0]) * 1.2, "wider than if the 36 photos were independent"
     assert by_patient["minimal_detectable_difference"] > 0.2, "36 photos of 18 patients tell little apart"
+    rows = {row["item"]: row for row in by_patient["checklist"]}
+    assert len(rows) >= 20 and all(row["detail"] and row["status"] in STATUSES for row in rows.values())
+    assert rows["Patients per split"] == {"item": "Patients per split", "status": "filled",
+                                          "detail": "train 24, test 18"}  # fmt: skip
+    assert rows["Leakage between splits"]["detail"].startswith("0 near-duplicate photos and 0 patients")
+    assert rows["Data source"]["detail"] == "test photos" and rows["Consent and ethics approval"]["status"] == TEAM
+    assert "## Reporting checklist (TRIPOD+AI)" in report and "| Interval method | filled |" in report
+    page = (cli.workspace / "eval" / "patients" / "report.html").read_text(encoding="utf-8")
+    assert '<table id="checklist">' in page and "to be written by the team" in page
 
 
 def test_resplit_pools_every_photo_and_leaves_no_leakage(cli, tmp_path: Path) -> None:
