@@ -48,7 +48,7 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
         ("Model", *filled(result["backend"])),
         ("Training", *training_row(trained)),
         ("Model selection", *selection_row(trained)),
-        ("Evaluation photos", *filled(f"{result['n']} photos of the workspace's held-out split, never trained on")),
+        ("Evaluation photos", *evaluation_row(result)),
         ("Accuracy with interval", *filled(f"{result['accuracy']:.4f} (95% CI {span(ci['accuracy'])})")),
         ("Macro F1 with interval", *filled(f"{result['macro_f1']:.4f} (95% CI {span(ci['macro_f1'])})")),
         ("Interval method", *filled(ci.get("method") or "bootstrap stratified by class")),
@@ -155,8 +155,17 @@ def sample_row(result: dict[str, Any]) -> tuple[str, str]:
                   f"{result['minimal_detectable_difference'] * 100:.1f} points (80% power)")  # fmt: skip
 
 
+def evaluation_row(result: dict[str, Any]) -> tuple[str, str]:
+    if found := result.get("external"):
+        return filled(f"{result['n']} photos of the external set {found['dataset']}, never trained on")
+    return filled(f"{result['n']} photos of the workspace's held-out split, never trained on")
+
+
 def external_row(result: dict[str, Any]) -> tuple[str, str]:
-    return TEAM, "none in this run: photos from another source are to be evaluated and reported by the team"
+    if found := result.get("external"):
+        out = found["out_of_scope"]["n"]
+        return filled(f"this run: {found['dataset']}, {found['scored']} photos scored, {out} out of scope")
+    return TEAM, "none in this run: `skinvlm eval --dataset` scores photos from another source"
 
 
 def markdown(found: list[dict[str, str]]) -> list[str]:

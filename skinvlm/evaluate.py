@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import __version__, checklist, devices, endpoints, openai_api, review
+from skinvlm import __version__, checklist, devices, endpoints, external, openai_api, review
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
@@ -79,6 +80,7 @@ class EvalSettings:
     probabilities: bool = True  # class probabilities: every label scored (model dir) or logprobs (server)
     constrained: bool = False  # the label decoded from the classes only, then the summary freely
     target_accuracy: float = 0.95  # the referral threshold's goal: answer only photos this likely to be right
+    dataset: str | None = None  # external photos: a folder of class folders or a Hub dataset id (external.py)
 
     def __post_init__(self) -> None:
         self.base_url = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
@@ -125,6 +127,28 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
     return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
+
+
+def external_items(rules: Rules, settings: EvalSettings) -> tuple[Any, list[Item], list[str]]:
+    """--dataset: its photos as items (out-of-scope ones labelled OUT_OF_SCOPE), and each photo's own class name."""
+    from datasets import Image
+
+    assert settings.dataset is not None
+    ds, names = external.load(settings.dataset, settings.split)
+    raw = ds.cast_column("image", Image(decode=False))
+    items = []
+    for i, name in enumerate(names):
+        image = raw[i]["image"]
+        data = image["bytes"] or Path(image["path"]).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        items.append(Item(i, external.record_id(settings.dataset, i, name), external.our_class(name, rules), "unknown",
+                          sha))  # fmt: skip
+    if not any(item.label for item in items):
+        mapped = ", ".join(sorted(set(names))[:8])
+        raise SkinvlmError(f"--dataset {external.shown_name(settings.dataset)}: none of its classes ({mapped}) maps "
+                           "to ours: name them under [external.labels] in the rule file")  # fmt: skip
+    chosen = stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
+    return ds, chosen, names
 
 
 def true_labels(ds: Any, decisions: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -632,6 +656,7 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
         f"- accuracy: {result['accuracy']:.4f} (95% CI {bounds(result['intervals']['accuracy'])})",
         f"- macro F1: {result['macro_f1']:.4f} (95% CI {bounds(result['intervals']['macro_f1'])}); "
         f"weighted F1: {result['weighted_f1']:.4f}",
+        *([f"- external photos: {external_line(result['external'])}"] if result.get("external") else []),
         f"- intervals: {interval_method(result)}",
         *([f"- sample: {line}"] if (line := sample_size_line(result)) else []),
         f"- unparsed answers: {result['unparsed']}",
@@ -691,6 +716,14 @@ def selective_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def external_line(found: dict[str, Any]) -> str:
+    out = found["out_of_scope"]
+    answered = ", ".join(f"{c} {n}" for c, n in sorted(out["answered"].items())) or "none"
+    mapped = ", ".join(f"{theirs} -> {ours}" for theirs, ours in found["mapped"].items())
+    return (f"{found['dataset']}: {found['scored']} photos scored ({mapped}); {out['n']} out of scope "
+            f"({', '.join(out['classes']) or 'none'}), answered: {answered}")  # fmt: skip
+
+
 def sample_size_line(result: dict[str, Any]) -> str | None:
     """Who the photos are and what this set can detect (runs before patient-aware eval: None)."""
     if "ci_method" not in result:
@@ -727,7 +760,11 @@ def evaluate(
     devices.return_freed_memory()
     name = settings.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run = ws.eval_run(name)
-    ds, items = eval_items(ws, settings)
+    names: list[str] = []
+    if settings.dataset:
+        ds, items, names = external_items(rules, settings)
+    else:
+        ds, items = eval_items(ws, settings)
     folder = Path(settings.model_dir) if settings.model_dir else ws.merged
     prompt = read_settings(folder).get("instruction") or instruction(rules)
     asked = [] if settings.model_dir else server_endpoints(ws, settings, api_key)
@@ -764,7 +801,8 @@ def evaluate(
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
         scored = [i for i in items if i.id in done and done[i.id].get("key") == key]
         # a correction made after the answer counts; the patient as ingest knows it now
-        records = [{**done[i.id], "label": i.label, "patient": i.patient} for i in scored]
+        answers = [{**done[i.id], "label": i.label, "patient": i.patient} for i in scored]
+        records = [r for r in answers if r["label"] != external.OUT_OF_SCOPE]  # out of scope: counted, not scored
         require_an_answer(records)
     except BaseException:
         # Every answer is kept, on any exit (Ctrl-C, SIGTERM, an error): a re-run asks only the rest. Only a new
@@ -788,6 +826,8 @@ def evaluate(
         "key": key,
         "output_dir": str(run),
     }
+    if settings.dataset:
+        result["external"] = external.summary(settings.dataset, names, answers, rules)
     result["notes"] = run_notes(result, records, settings)
     result["skinvlm_version"] = __version__
     # the checklist travels to the model card: the folder's name, never where this machine keeps it

@@ -54,6 +54,7 @@ class ModelFacts:
     training: dict[str, Any]  # counts and provenance of the training data, when the workspace still has it
     dataset_repo: str | None
     ingested: dict[str, Any]  # datasets/ingested's manifest: what the photos are (`ingest --about`)
+    external: list[str]  # the card's lines on evals of this folder on photos from elsewhere
 
 
 def model_record(folder: Path) -> dict[str, Any]:
@@ -112,6 +113,16 @@ def newest_eval(ws: Workspace, folder: Path, name: str | None) -> tuple[str, dic
         if not metrics.is_file():
             raise SkinvlmError(f"--eval-run {name}: no finished eval of that name in {ws.eval_root}")
         return name, json.loads(metrics.read_text(encoding="utf-8"))
+    found = runs_of(ws, folder, external=False)
+    if not found:
+        return "", None
+    newest = max(found)[2]
+    return newest, json.loads((ws.eval_run(newest) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def runs_of(ws: Workspace, folder: Path, external: bool) -> list[tuple[str, int, str]]:
+    """(finished, metrics mtime, name) of the finished evals of this very folder made after it was merged: on
+    the workspace's photos, or (`external`) on photos from elsewhere (`eval --dataset`)."""
     merged_at = (read_manifest(folder) or {}).get("finished", "")
     # manifests say the second a run finished; two runs in one second are told apart by when their metrics landed
     found: list[tuple[str, int, str]] = []
@@ -119,12 +130,34 @@ def newest_eval(ws: Workspace, folder: Path, name: str | None) -> tuple[str, dic
         made = read_manifest(run.parent) or {}
         model = made.get("inputs", {}).get("model") or ""
         same = bool(model) and Path(model).exists() and os.path.realpath(model) == os.path.realpath(folder)
-        if same and made.get("finished", "") >= merged_at:
+        if same and made.get("finished", "") >= merged_at and ("external" in read_json(run)) == external:
             found.append((made.get("finished", ""), run.stat().st_mtime_ns, run.parent.name))
+    return found
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def external_lines(ws: Workspace, folder: Path) -> list[str]:
+    """Each eval of this folder on photos from elsewhere, beside the workspace's own figures above."""
+    from skinvlm.evaluate import external_line
+
+    found = sorted(runs_of(ws, folder, external=True))
     if not found:
-        return "", None
-    newest = max(found)[2]
-    return newest, json.loads((ws.eval_run(newest) / "metrics.json").read_text(encoding="utf-8"))
+        return ["None: photos from another source were not evaluated (`skinvlm eval --model-dir DIR --dataset PATH`)."]
+    lines = []
+    for _, _, name in found:
+        m = read_json(ws.eval_run(name) / "metrics.json")
+        ci = m["intervals"]
+        lines.append(f"- `{name}`: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.3f}-{ci['accuracy'][1]:.3f}), "
+                     f"macro F1 {m['macro_f1']:.4f} ({ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}) on "
+                     f"{external_line(m['external'])}")  # fmt: skip
+    return lines
 
 
 def training_data(ws: Workspace, folder: Path) -> dict[str, Any]:
@@ -173,6 +206,7 @@ def gather(ws: Workspace, folder: Path, eval_run: str | None, license_name: str 
         training=training_data(ws, folder),
         dataset_repo=dataset.get("repo") if dataset.get("uploaded") else None,
         ingested=read_manifest(ws.ingested) or {},
+        external=external_lines(ws, folder),
     )
 
 
@@ -312,6 +346,10 @@ def card(repo: str, facts: ModelFacts, rules: Rules) -> str:
         "## Evaluation",
         "",
         *evaluation_lines(facts, rules),
+        "",
+        "## External validation",
+        "",
+        *facts.external,
         "",
         "## Limitations",
         "",

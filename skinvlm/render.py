@@ -313,7 +313,7 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
 
 
 def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
-    from skinvlm.evaluate import interval_method, sample_size_line
+    from skinvlm.evaluate import external_line, interval_method, sample_size_line
 
     ci = result["intervals"]
     table = _table(
@@ -360,6 +360,8 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
         out.print(line, highlight=False)
     if sample := sample_size_line(result):
         out.print(escape(sample), highlight=False)
+    if result.get("external"):
+        out.print(escape(f"external photos: {external_line(result['external'])}"), highlight=False)
     for note in result.get("notes", []):
         out.print(f"[yellow]note[/]: {escape(note)}")
     matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])

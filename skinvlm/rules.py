@@ -82,6 +82,7 @@ class Rules:
     rewrites: tuple[Rewrite, ...] = ()
     audit: AuditRules = AuditRules()
     patients: PatientRules = PatientRules()
+    external_labels: dict[str, str] = field(default_factory=dict)  # [external.labels]: another set's class -> ours
 
     @property
     def class_names(self) -> list[str]:
@@ -184,7 +185,8 @@ def _pairs(items: Any, name: str, keys: tuple[str, str], problems: list[str]) ->
 
 
 def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: list[int]) -> Rules:
-    _unknown("top level", raw, {"labels", "views", "terms", "rewrite", "audit", "term", "alias", "patients"}, problems)
+    tables = {"labels", "views", "terms", "rewrite", "audit", "term", "alias", "patients", "external"}
+    _unknown("top level", raw, tables, problems)
     labels = _table(raw, "labels", "labels", problems)
     _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
     classes = _parse_classes(_table(labels, "classes", "labels", problems), problems)
@@ -213,6 +215,7 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: 
         rewrites=_parse_rewrites(raw.get("rewrite", []), problems, rewrite_lines),
         audit=_parse_audit(_table(raw, "audit", "top level", problems), problems),
         patients=_parse_patients(_table(raw, "patients", "top level", problems), problems),
+        external_labels=_parse_external(_table(raw, "external", "top level", problems), names, problems),
     )
 
 
@@ -295,6 +298,15 @@ def _parse_audit(table: dict[str, Any], problems: list[str]) -> AuditRules:
             value = default
         numbers[key] = value
     return AuditRules(allow=tuple(w.lower() for w in allow), **numbers)
+
+
+def _parse_external(table: dict[str, Any], names: set[str], problems: list[str]) -> dict[str, str]:
+    _unknown("external", table, {"labels"}, problems)
+    labels = _string_map(_table(table, "labels", "external", problems), "external.labels", problems)
+    for theirs, ours in labels.items():
+        if ours not in names:
+            problems.append(f"[external.labels] '{theirs}' maps to '{ours}', which is not a class")
+    return labels
 
 
 def _parse_patients(table: dict[str, Any], problems: list[str]) -> PatientRules:

@@ -187,3 +187,68 @@ def test_resplit_pools_every_photo_and_leaves_no_leakage(cli, tmp_path: Path) ->
     again = cli.json("ingest", tmp_path / "src", "--patient-pattern", PATTERN, "--resplit", "0.25", "--seed", "5",
                      "--force")  # fmt: skip
     assert again["splits"] == report["splits"] and again["counts"] == report["counts"], "seeded"
+
+
+def external_folder(root: Path) -> None:
+    """Another clinic's export: English class folders, two of ours under other names, one class we lack."""
+    from skinvlm.demo.synthetic import image_bytes
+
+    for theirs, ours in (("acne", "여드름"), ("rosacea", "주사"), ("psoriasis", "건선"), ("melanoma", "정상")):
+        (root / theirs).mkdir(parents=True)
+        for i in range(3):
+            (root / theirs / f"{theirs}-{i}.png").write_bytes(image_bytes(ours, 500 + i, 40))
+
+
+def test_external_photos_are_scored_on_the_mapped_classes_and_the_rest_counted(cli, tmp_path: Path) -> None:
+    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
+    from skinvlm.demo.synthetic import colour_label
+    from skinvlm.rules import default_rules_path
+
+    def by_colour(body: dict) -> str:
+        return f"<label>{colour_label(mean_colour(body))}</label>\n<summary>색으로 본 소견입니다.</summary>"
+
+    external_folder(tmp_path / "clinic-b")
+    rules = cli.workspace / "postprocess.toml"
+    rules.write_text(default_rules_path().read_text(encoding="utf-8") + '\n[external.labels]\nacne = "여드름"\n'
+                     'rosacea = "주사"\n', encoding="utf-8")  # fmt: skip
+    with FakeOpenAI(answer=by_colour) as server:
+        args = ("--base-url", server.url, "--api-key", "sk-x", "--no-probabilities", "--dataset", tmp_path / "clinic-b")
+        found = cli.json("eval", "--name", "clinic-b", *args)
+        again = cli.json("eval", "--name", "clinic-b", *args)
+    assert found["n"] == 9 and found["accuracy"] == 1.0, "acne and rosacea mapped, psoriasis by its English name"
+    external = found["external"]
+    assert external["dataset"] == "clinic-b" and external["scored"] == 9
+    assert external["out_of_scope"] == {"n": 3, "classes": {"melanoma": 3}, "answered": {"정상": 3}}
+    assert again["from_cache"] == 12 and again["asked"] == 0, "cached like any eval"
+    rows = {row["item"]: row for row in found["checklist"]}
+    assert rows["External validation"]["detail"] == "this run: clinic-b, 9 photos scored, 3 out of scope"
+    assert str(tmp_path) not in json.dumps(found["external"]), "the set by its name, not where it is kept"
+    (tmp_path / "elsewhere").mkdir()
+    none = cli("eval", *args[:-1], tmp_path / "elsewhere", ok=False)
+    assert "no .png/.jpg photos in class folders" in error_line(none.stderr)
+    bad = cli("eval", *args[:-2], "--dataset", "nowhere-at-all", ok=False)
+    assert "no such folder, and not a Hub dataset id" in error_line(bad.stderr)
+
+
+def test_a_hub_dataset_is_read_by_its_image_and_label_columns(cli, tmp_path: Path, monkeypatch) -> None:
+    """The Hub cannot be reached here: `datasets.load_dataset` is replaced at that boundary by a set built locally
+    the way the Hub's loader returns one (an Image column, a ClassLabel label); the rest is the real eval."""
+    import datasets
+
+    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
+    from skinvlm.demo.synthetic import colour_label, image_bytes
+
+    def hub(repo: str, split: str) -> datasets.Dataset:
+        assert (repo, split) == ("clinic/skin-set", "validation")
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["acne", "nevus"])})
+        photos = [{"bytes": image_bytes("여드름", i, 40), "path": None} for i in range(4)]
+        return datasets.Dataset.from_dict({"image": photos, "label": [0, 0, 1, 1]}, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with FakeOpenAI(
+        answer=lambda body: f"<label>{colour_label(mean_colour(body))}</label>\n<summary>소견.</summary>"
+    ) as api:
+        found = cli.json("eval", "--base-url", api.url, "--api-key", "sk-x", "--no-probabilities",
+                         "--dataset", "clinic/skin-set", "--split", "validation")  # fmt: skip
+    assert found["n"] == 2 and found["accuracy"] == 1.0, "acne is 여드름 by the shipped aliases or its English name"
+    assert found["external"]["out_of_scope"]["classes"] == {"nevus": 2}

@@ -33,9 +33,12 @@ def answer_tokens(tiny: Path, answer: str) -> int:
     return len(load_processor(tiny).tokenizer(answer, add_special_tokens=False).input_ids)
 
 
+DRY = ("--dry-run", "--eval-rows", "0")  # no development share: the batch checked is the first training rows
+
+
 def check_batch(summary: dict, backend: str, photos: Path, tiny: Path, image_tokens: int) -> None:
     """What both backends must collate from our rows."""
-    assert summary["backend"] == backend and summary["rows"] == 12
+    assert summary["backend"] == backend and summary["rows"] == 12 and summary["dev_rows"] == 0
     assert summary["pixel_values"] is True
     assert summary["image_tokens_per_row"] == [image_tokens, image_tokens]
     first_two = answers(photos)[:2]
@@ -62,23 +65,23 @@ def test_tiny_model_reloads(tiny: Path) -> None:
 
 
 def test_dry_run_hf_batches_carry_the_image_and_supervise_only_the_answer(cli, photos: Path, tiny: Path) -> None:
-    summary = cli.json("train", "--dry-run", "--model", tiny, "--backend", "hf")
+    summary = cli.json("train", *DRY, "--model", tiny, "--backend", "hf")
     check_batch(summary, "hf", photos, tiny, 1024)  # 1024x1024 at the default 1024*28*28 pixels
     assert summary["max_length"] == 4096 and summary["truncated_rows"] == 0
     assert summary["world_size"] == 1 and summary["effective_batch_size"] == 8
     check_batch(
-        cli.json("train", "--dry-run", "--model", tiny, "--backend", "hf", "--max-pixels", "200704"),
+        cli.json("train", *DRY, "--model", tiny, "--backend", "hf", "--max-pixels", "200704"),
         "hf",
         photos,
         tiny,
         256,
     )
-    cut = cli.json("train", "--dry-run", "--model", tiny, "--backend", "hf", "--max-length", "1340")
+    cut = cli.json("train", *DRY, "--model", tiny, "--backend", "hf", "--max-length", "1340")
     assert (
         cut["truncated_rows"] == 12
         and 0 < cut["supervised_tokens_per_row"][0] < summary["supervised_tokens_per_row"][0]
     )
-    table = cli("train", "--dry-run", "--model", tiny, "--backend", "hf").stdout
+    table = cli("train", *DRY, "--model", tiny, "--backend", "hf").stdout
     assert "image tokens per row" in table and "<|image_pad|>×1024" in table
     assert "│ backend            │ 'hf'" in table and "Backend." not in table, "the settings as the flags take them"
 
@@ -86,13 +89,13 @@ def test_dry_run_hf_batches_carry_the_image_and_supervise_only_the_answer(cli, p
 @needs_unsloth_zoo
 def test_dry_run_unsloth_runs_unsloths_own_collator_over_our_rows(photos: Path, tiny: Path) -> None:
     # A fresh process: Unsloth must be imported before transformers, which this one already holds.
-    done = run_cli("train", "-w", photos, "--dry-run", "--model", tiny, "--backend", "unsloth", "--json")
+    done = run_cli("train", "-w", photos, *DRY, "--model", tiny, "--backend", "unsloth", "--json")
     assert done.returncode == 0, done.stderr
     check_batch(json.loads(done.stdout), "unsloth", photos, tiny, 1024)
-    smaller = run_cli("train", "-w", photos, "--dry-run", "--model", tiny, "--backend", "unsloth", "--json",
+    smaller = run_cli("train", "-w", photos, *DRY, "--model", tiny, "--backend", "unsloth", "--json",
                       "--max-pixels", "200704")  # fmt: skip
     check_batch(json.loads(smaller.stdout), "unsloth", photos, tiny, 256)
-    cut = run_cli("train", "-w", photos, "--dry-run", "--model", tiny, "--backend", "unsloth", "--json",
+    cut = run_cli("train", "-w", photos, *DRY, "--model", tiny, "--backend", "unsloth", "--json",
                   "--max-length", "1340")  # fmt: skip
     truncated = json.loads(cut.stdout)
     assert truncated["truncated_rows"] == 12, "Unsloth's collator cuts at --max-length, not at its own 2048"
@@ -207,8 +210,15 @@ def model_card_states_the_evaluated_figures(cli, workspace: Path, folder: Path, 
     for text in ("README.md", "skinvlm.json"):
         assert str(workspace) not in (out / text).read_text(encoding="utf-8"), "no path of this machine"
     same_second(workspace / "eval" / "tiny", workspace / "eval" / "quick")  # as on a fast machine
+    from test_leakage import external_folder
+
+    external_folder(workspace.parent / "clinic-b")
+    outside = cli.json("eval", "--model-dir", folder, "--name", "outside", "--dataset", workspace.parent / "clinic-b",
+                       "--labels-only", "--no-probabilities")  # fmt: skip
+    assert outside["external"]["scored"] == 9 and outside["external"]["out_of_scope"]["n"] == 3, "by English names"
     default = cli("publish", "me/skin-model", "--model-dir", folder, "--dry-run")
     assert default.exit_code == 0 and "Eval run `quick`" in (out / "README.md").read_text(encoding="utf-8")
+    assert "## External validation\n\n- `outside`: accuracy" in (out / "README.md").read_text(encoding="utf-8")
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "license: unknown" in card and "see-base-model" not in card, "a local base: no card to point to"
     for honest in (

@@ -308,7 +308,15 @@ def eval_(
     rules: RulesOpt = None,
     config_file: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(help="Run name: eval/<name>/ (default: a timestamp).")] = None,
-    split: Annotated[str, typer.Option(help="Split of datasets/ingested.")] = E.split,
+    split: Annotated[str, typer.Option(help="Split of datasets/ingested (or of a --dataset on the Hub).")] = E.split,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PATH_OR_HUB_ID",
+            help="External photos instead of the workspace's: a folder of class folders, or a Hub dataset with "
+            "image and label columns; classes mapped by [external.labels], the rest counted as out of scope.",
+        ),
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="A seeded sample of N images, stratified by label and view.")
     ] = None,

@@ -1,0 +1,113 @@
+"""`eval --dataset`: photos from outside the workspace (another clinic, a public set), scored by the same eval.
+
+A folder of class folders (`acne/*.jpg`, `rosacea/*.png`), or a Hugging Face Hub dataset with an image and a
+label column. Its class names reach ours through `[external.labels]` in the rule file (`acne = "여드름"`), or
+directly when a folder is already named by a class, an alias or a class's English name. Photos of other classes
+are out of scope: asked like the rest, never scored, counted with what the model answered for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from skinvlm.errors import SkinvlmError
+from skinvlm.rules import Rules, nfc
+
+OUT_OF_SCOPE = ""  # an Item's label when its photo's class is none of ours
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def shown_name(dataset: str) -> str:
+    """How a report names the external set: a folder by its own name (not where this machine keeps it)."""
+    path = Path(dataset)
+    return path.name if path.exists() else dataset
+
+
+def load(dataset: str, split: str) -> tuple[Any, list[str]]:
+    """(a Dataset with an `image` column, each photo's class name as the source gives it)."""
+    path = Path(dataset)
+    if path.exists():
+        ds, names = from_folder(path)
+    elif dataset.count("/") == 1:
+        ds, names = from_hub(dataset, split)
+    else:
+        raise SkinvlmError(f"--dataset {dataset}: no such folder, and not a Hub dataset id (OWNER/NAME)")
+    return with_sizes(ds), names
+
+
+def with_sizes(ds: Any) -> Any:
+    """`width` and `height` from each photo's header (no pixels decoded), as datasets/ingested has them: the
+    decoder's memory budget reads them before it opens a photo."""
+    import io
+
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    sizes = []
+    for row in ds.cast_column("image", ImageFeature(decode=False)):
+        source = io.BytesIO(row["image"]["bytes"]) if row["image"]["bytes"] else row["image"]["path"]
+        try:
+            with Image.open(source) as image:
+                sizes.append(image.size)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise SkinvlmError(f"--dataset: photo {len(sizes) + 1} cannot be read ({err})") from None
+    return ds.add_column("width", [w for w, _ in sizes]).add_column("height", [h for _, h in sizes])
+
+
+def from_folder(root: Path) -> tuple[Any, list[str]]:
+    from datasets import Dataset, Image
+
+    if not root.is_dir():
+        raise SkinvlmError(f"--dataset {root.name} is not a folder of class folders")
+    paths, names = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for photo in sorted(folder.rglob("*")):
+            if photo.is_file() and photo.suffix.lower() in IMAGE_SUFFIXES and not photo.name.startswith("."):
+                paths.append(str(photo))
+                names.append(nfc(folder.name))
+    if not paths:
+        raise SkinvlmError(f"--dataset {root.name}: no .png/.jpg photos in class folders under it")
+    return Dataset.from_dict({"image": paths}).cast_column("image", Image()), names
+
+
+def from_hub(repo: str, split: str) -> tuple[Any, list[str]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(repo, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        raise SkinvlmError(f"--dataset {repo} --split {split}: cannot be loaded ({type(err).__name__})") from None
+    if "image" not in ds.column_names or "label" not in ds.column_names:
+        raise SkinvlmError(f"--dataset {repo} needs an `image` and a `label` column (has {', '.join(ds.column_names)})")
+    feature = ds.features["label"]
+    names = [feature.int2str(v) if hasattr(feature, "int2str") else str(v) for v in ds["label"]]
+    return ds.select_columns(["image"]), [nfc(n) for n in names]
+
+
+def our_class(name: str, rules: Rules) -> str:
+    """The class an external class name maps to, or OUT_OF_SCOPE."""
+    return rules.external_labels.get(name) or rules.canonical(name) or OUT_OF_SCOPE
+
+
+def record_id(dataset: str, index: int, name: str) -> str:
+    return hashlib.sha1(f"{shown_name(dataset)}:{name}:{index}".encode()).hexdigest()[:16]
+
+
+def summary(dataset: str, names: list[str], records: list[dict[str, Any]], rules: Rules) -> dict[str, Any]:
+    """What metrics.json says under `external`: the set, what was scored, and the photos out of scope."""
+    scope = Counter(our_class(n, rules) != OUT_OF_SCOPE for n in names)
+    out = [r for r in records if r["label"] == OUT_OF_SCOPE]
+    return {
+        "dataset": shown_name(dataset),
+        "classes": dict(Counter(names)),
+        "mapped": {n: our_class(n, rules) for n in sorted(set(names)) if our_class(n, rules)},
+        "scored": scope[True],
+        "out_of_scope": {
+            "n": scope[False],
+            "classes": dict(Counter(n for n in names if our_class(n, rules) == OUT_OF_SCOPE)),
+            "answered": dict(Counter(r["predicted"] for r in out)),
+        },
+    }
