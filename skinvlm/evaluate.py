@@ -917,7 +917,15 @@ def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], ru
     ingested = load_from_disk(str(ws.require("ingested")))
     now = {i: label for ds in ingested.values() for i, label in zip(ds["id"], true_labels(ds, decisions), strict=True)}
     truth = [now.get(i, a[i]["label"]) for i in both]  # the true labels as they stand, not as when answered
+    known = bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+    patient_of = {i: p for ds in ingested.values() if "patient" in ds.column_names
+                  for i, p in zip(ds["id"], ds["patient"], strict=True)}  # fmt: skip
+    patients = [patient_of.get(i, i) for i in both] if known else None
     result = stats.paired(
-        truth, [a[i]["predicted"] for i in both], [b[i]["predicted"] for i in both], rules.class_names
+        truth,
+        [a[i]["predicted"] for i in both],
+        [b[i]["predicted"] for i in both],
+        rules.class_names,
+        patients=patients,
     )
     return {"first": first["name"], "second": second["name"], **result}

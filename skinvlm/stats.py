@@ -163,15 +163,21 @@ def paired(
     classes: list[str],
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    patients: list[str] | None = None,
 ) -> dict[str, Any]:
     """The second run minus the first on the same photos: the differences with paired bootstrap intervals (both
-    runs resampled by the same indices), and McNemar's exact test on the photos exactly one run got right."""
+    runs resampled by the same indices: photos stratified by class, or whole patients when `patients` are known),
+    and McNemar's exact test on the photos exactly one run got right."""
     from scipy.stats import binomtest
 
     t, a, b = encode(truth, classes), encode(first, classes), encode(second, classes)
-    k, rows = len(classes) + 1, stratified_indices(t, resamples, seed)
-    drawn_a = scores(confusions(t, a, k, rows), len(classes))
-    drawn_b = scores(confusions(t, b, k, rows), len(classes))
+    k = len(classes) + 1
+    if patients:
+        drawn_a, drawn_b = patient_resampled(t, a, b, k, patients, resamples, seed, len(classes))
+    else:
+        rows = stratified_indices(t, resamples, seed)
+        drawn_a = scores(confusions(t, a, k, rows), len(classes))
+        drawn_b = scores(confusions(t, b, k, rows), len(classes))
     whole_a = scores(confusions(t, a, k, np.arange(len(t))[None, :]), len(classes))
     whole_b = scores(confusions(t, b, k, np.arange(len(t))[None, :]), len(classes))
     right_a, right_b = a == t, b == t
@@ -180,6 +186,7 @@ def paired(
     p_value = binomtest(min(only_first, only_second), discordant, 0.5).pvalue if discordant else 1.0
     return {
         "n": len(t),
+        "resampled": "patients" if patients else "photos, stratified by class",
         "difference": {
             metric: {
                 "value": round(float(whole_b[metric][0] - whole_a[metric][0]), 4),
@@ -195,6 +202,24 @@ def paired(
             "p_value": round(float(p_value), 6),
         },
     }
+
+
+def patient_resampled(
+    t: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, patients: list[str], resamples: int, seed: int, n_classes: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Both runs' scores over resamples of whole patients (a cluster bootstrap: each resample draws as many
+    patients as there are, with replacement, and takes all their photos)."""
+    groups: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+        groups.setdefault(patient, []).append(i)
+    members = [np.asarray(g) for g in groups.values()]
+    rng = np.random.default_rng(seed)
+    drawn: tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]] = ([], [])
+    for _ in range(resamples):
+        rows = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])[None, :]
+        drawn[0].append(scores(confusions(t, a, k, rows), n_classes))
+        drawn[1].append(scores(confusions(t, b, k, rows), n_classes))
+    return tuple({m: np.concatenate([d[m] for d in side]) for m in ("accuracy", "macro_f1")} for side in drawn)  # type: ignore[return-value]
 
 
 def probability_metrics(truth: list[str], probabilities: list[list[float]], classes: list[str]) -> dict[str, Any]:

@@ -146,6 +146,12 @@ def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together
     cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>PT\w\d{4})_", "--about", "test photos")
     cli("describe", "--template")
     cli("audit")  # the leakage check the checklist reports
+
+    def right(body: dict) -> str:
+        return f"<label>{colour_label(mean_colour(body))}</label>\n<summary>색으로 본 소견입니다.</summary>"
+
+    with FakeOpenAI(answer=right) as other:
+        cli.json("eval", "--base-url", other.url, "--api-key", "sk-x", "--no-probabilities", "--name", "right")
     with FakeOpenAI(answer=wrong_on_rosacea) as server:
         args = ("--base-url", server.url, "--api-key", "sk-x", "--no-probabilities")
         by_patient = cli.json("eval", *args, "--name", "patients")
@@ -162,6 +168,12 @@ def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together
     low, high = by_patient["intervals"]["accuracy"]
     assert high - low > (per_photo[1] - per_photo[0]) * 1.2, "wider than if the 36 photos were independent"
     assert by_patient["minimal_detectable_difference"] > 0.2, "36 photos of 18 patients tell little apart"
+    (pair,) = cli.json("eval", "--compare", "right", "--compare", "patients")["paired"]
+    assert pair["resampled"] == "patients" and pair["difference"]["accuracy"]["value"] == round(-6 / 36, 4)
+    low, high = pair["difference"]["accuracy"]["interval"]
+    assert low < -6 / 36 < high, "patients resampled: the 3 wrong patients are 1-5 of 18, not always 3"
+    compared = cli("eval", "--compare", "right", "--compare", "patients").stdout
+    assert "accuracy -16.7 points; these photos detect about" in compared
     rows = {row["item"]: row for row in by_patient["checklist"]}
     assert len(rows) >= 20 and all(row["detail"] and row["status"] in STATUSES for row in rows.values())
     assert rows["Patients per split"] == {"item": "Patients per split", "status": "filled",
