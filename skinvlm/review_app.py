@@ -61,18 +61,30 @@ def host_of(header: str) -> str | None:
     return host.rstrip(".") if host and (not colon or port.isdigit()) else None
 
 
+def is_address(host: str | None) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
+
+
 class HostCheck:
     """ASGI middleware: a request whose Host is not one of `names` gets 421 before any route runs. Our own few
     lines rather than Starlette's TrustedHostMiddleware: that one answers 400 and, before Starlette 1.0 (our
-    extra allows 0.37), cut a Host of '[::1]:8000' at its first colon, refusing the IPv6 loopback."""
+    extra allows 0.37), cut a Host of '[::1]:8000' at its first colon, refusing the IPv6 loopback.
+    `any_address`: on a wildcard bind, a Host that is an IP address is taken too (a clinic's machine reached as
+    192.168.x.y); DNS rebinding needs a name, so an address literal cannot be one."""
 
-    def __init__(self, app: Any, names: frozenset[str]) -> None:
-        self.app, self.names = app, names
+    def __init__(self, app: Any, names: frozenset[str], any_address: bool = False) -> None:
+        self.app, self.names, self.any_address = app, names, any_address
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
-            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if host_of(header) not in self.names:
+            host = host_of(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.names and not (self.any_address and is_address(host)):
                 from starlette.responses import PlainTextResponse
 
                 answer = "this page answers only to this machine's own names (127.0.0.1, localhost)"
@@ -349,7 +361,7 @@ def create_app(
             Route("/font/hangul.woff", font),
         ]
     )
-    return HostCheck(app, local_names(bind))
+    return HostCheck(app, local_names(bind), any_address=bind in WILDCARDS)
 
 
 def script_json(value: Any) -> str:

@@ -182,6 +182,10 @@ def test_the_network_needs_a_token_and_nothing_leads_outside_the_records(cli, re
         assert photo.headers["Content-Type"] in ("image/png", "image/jpeg")
         _, err = server.stop()
     assert token not in err
+    with Server(reviewable, "--host", "0.0.0.0", env={"SKINVLM_REVIEW_TOKEN": token}) as lan:
+        assert raw_request(lan.url, "GET", "/", f"192.168.7.31:{lan.port}")[0] == 401, "an address: the token decides"
+        assert raw_request(lan.url, "GET", "/", f"rebind.example:{lan.port}")[0] == 421, "a foreign name: refused"
+        lan.stop()
 
 
 def test_two_reviewers_with_overlap_give_the_expected_kappa(cli, reviewable: Path) -> None:
