@@ -7,6 +7,7 @@ so the report and the card state the same rows.
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from skinvlm.leakage import last_check
@@ -80,8 +81,6 @@ def span(pair: list[float]) -> str:
 
 def training_manifest(model_dir: str | None) -> dict[str, Any] | None:
     """The adapter's manifest behind a merged model folder, when the run evaluated one."""
-    from pathlib import Path
-
     if not model_dir:
         return None
     merged = read_manifest(Path(model_dir)) or {}

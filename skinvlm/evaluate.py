@@ -42,7 +42,7 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
-    read_manifest,
+    patients_known,
     stage_fingerprint,
     write_json,
     write_manifest,
@@ -119,7 +119,7 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
         raise SkinvlmError(f"datasets/ingested has no split {settings.split!r} (has: {', '.join(data)})")
     ds = data[settings.split]
     truth = true_labels(ds, review.decisions_of(ws)[0])
-    known = bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+    known = patients_known(ws)
     patients = ds["patient"] if known and "patient" in ds.column_names else [""] * ds.num_rows
     columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], patients, strict=True)
     items = [Item(i, rid, label, view, sha, label != was, patient)
@@ -917,7 +917,7 @@ def paired_with(ws: Workspace, first: dict[str, Any], second: dict[str, Any], ru
     ingested = load_from_disk(str(ws.require("ingested")))
     now = {i: label for ds in ingested.values() for i, label in zip(ds["id"], true_labels(ds, decisions), strict=True)}
     truth = [now.get(i, a[i]["label"]) for i in both]  # the true labels as they stand, not as when answered
-    known = bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+    known = patients_known(ws)
     patient_of = {i: p for ds in ingested.values() if "patient" in ds.column_names
                   for i, p in zip(ds["id"], ds["patient"], strict=True)}  # fmt: skip
     patients = [patient_of.get(i, i) for i in both] if known else None

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
+from skinvlm.ingest import IMAGE_SUFFIXES
 from skinvlm.rules import Rules, nfc
 
 OUT_OF_SCOPE = ""  # an Item's label when its photo's class is none of ours
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def shown_name(dataset: str) -> str:

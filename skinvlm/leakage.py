@@ -18,7 +18,7 @@ from typing import Any
 
 from skinvlm import devices
 from skinvlm.rules import Rules
-from skinvlm.workspace import Workspace, read_manifest, stage_fingerprint, write_json
+from skinvlm.workspace import Workspace, patients_known, stage_fingerprint, write_json
 
 EXAMPLES = 20  # pairs and patients listed in full; the counts are always whole
 
@@ -41,6 +41,7 @@ def photo_hashes(ws: Workspace, ingested: Any) -> dict[str, dict[str, int]]:
     path = ws.phash_cache
     cache: dict[str, str] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     found: dict[str, dict[str, int]] = {}
+    hashed = False
     for split, ds in ingested.items():
         rows = ds.select_columns(["id", "sha256"])
         missing = [i for i, sha in enumerate(rows["sha256"]) if sha not in cache]
@@ -49,8 +50,10 @@ def photo_hashes(ws: Workspace, ingested: Any) -> dict[str, dict[str, int]]:
             with ThreadPoolExecutor(devices.cpu_count()) as pool:
                 made = list(pool.map(phash, (row["image"]["bytes"] for row in images)))
             cache.update((rows[i]["sha256"], f"{h:016x}") for i, h in zip(missing, made, strict=True))
+            hashed = True
         found[split] = {rid: int(cache[sha], 16) for rid, sha in zip(rows["id"], rows["sha256"], strict=True)}
-    write_json(path, cache)
+    if hashed:  # a second audit reads the cache and writes nothing
+        write_json(path, cache)
     return found
 
 
@@ -95,7 +98,7 @@ def leakage(ws: Workspace, rules: Rules) -> dict[str, Any]:
     from datasets import load_from_disk
 
     ingested = load_from_disk(str(ws.require("ingested")))
-    known = bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+    known = patients_known(ws)
     hashes = photo_hashes(ws, ingested)
     radius = rules.audit.near_duplicate_distance
     pairs = near_duplicates(hashes.get("train", {}), hashes.get("test", {}), radius)

@@ -74,9 +74,9 @@ PATIENTS_UNKNOWN = (
 
 
 def patients_line(patients: dict[str, Any]) -> str:
-    if not patients.get("known"):
-        return PATIENTS_UNKNOWN
-    return "patients: " + ", ".join(f"{split} {n:,}" for split, n in patients.items() if split != "known")
+    from skinvlm.workspace import patients_text
+
+    return patients_text(patients) if patients.get("known") else PATIENTS_UNKNOWN
 
 
 def money(dollars: float | None) -> str:

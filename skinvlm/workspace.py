@@ -524,6 +524,16 @@ def content_digest(data: DatasetDict, columns: tuple[str, ...] | None = None) ->
     return digest.hexdigest()[:16]
 
 
+def patients_known(ws: Workspace) -> bool:
+    """Whether datasets/ingested was made with a patient pattern (its `patient` column then names patients)."""
+    return bool((read_manifest(ws.ingested) or {}).get("settings", {}).get("patient_pattern"))
+
+
+def patients_text(patients: dict[str, Any]) -> str:
+    """Ingest's patient counts as `status` and ingest print them ('patients: train 24, test 18')."""
+    return "patients: " + ", ".join(f"{split} {n:,}" for split, n in patients.items() if split != "known")
+
+
 def stage_fingerprint(folder: Path) -> str | None:
     """A stage's identity for the manifests of the stages built from it: its content digest when it has one,
     so a re-run that changes nothing leaves the stages after it current."""
@@ -630,9 +640,7 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
         return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
     if (found or {}).get("stage") == "ingest" and counts.get("patients"):
         patients = counts["patients"]
-        if not patients.get("known"):
-            return "patients unknown (ingest --patient-pattern)"
-        return "patients: " + ", ".join(f"{split} {n:,}" for split, n in patients.items() if split != "known")
+        return patients_text(patients) if patients.get("known") else "patients unknown (ingest --patient-pattern)"
     if (found or {}).get("stage") == "fix" and counts.get("review"):
         return "review: " + ", ".join(f"{status} {n:,}" for status, n in counts["review"].items())
     if (found or {}).get("stage") == "merge" and isinstance(counts.get("merge_error"), float):
