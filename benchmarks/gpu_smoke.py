@@ -169,10 +169,15 @@ def steady_seconds_per_step(log: list[dict[str, Any]]) -> float | None:
     return round((last_s - first_s) / (last_step - first_step), 4) if last_step > first_step else None
 
 
-def train_figures(ws: Path, model: Path, output: Path, recipe: dict[str, Any], machine: Machine) -> dict[str, Any]:
+def train_figures(
+    ws: Path, model: Path | None, output: Path, recipe: dict[str, Any], machine: Machine
+) -> dict[str, Any]:
     gpu = [] if machine.cpu else ["--gpu", "0"]
-    result = skinvlm("train", "-w", ws, "--model", model, *flags(recipe), "--output", output, *gpu)
-    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    training_log(output).parent.mkdir(parents=True, exist_ok=True)
+    PROGRESS.write_text(str(training_log(output)))  # where the parent finds figures if the part times out
+    base = ["--model", model] if model else []
+    result = skinvlm("train", "-w", ws, *base, *flags(recipe), "--output", output, *gpu)
+    log = [json.loads(line) for line in training_log(output).read_text().splitlines() if line.strip()]
     step = steady_seconds_per_step(log)
     return {
         "steps": result["steps"],
@@ -189,7 +194,35 @@ def train_figures(ws: Path, model: Path, output: Path, recipe: dict[str, Any], m
         # --select-by: held-out rows scored by class at each evaluation (no macro_f1: this backend gave no logits)
         "evals": result.get("evals", []),
         "best_step": result.get("best_step"),
+        "rewards": result.get("rewards", []),
     }
+
+
+PROGRESS = Path(os.environ.get("SKINVLM_SMOKE_PROGRESS", os.devnull))  # set by the parent for each child
+
+
+def training_log(output: Path) -> Path:
+    return output / "train_log.jsonl"
+
+
+def figures_so_far(log_path: Path) -> dict[str, Any]:
+    """What a training cut short at its time limit had measured: steps done, s/step, the latest peak VRAM."""
+    try:
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    steps = [e for e in log if "loss" in e]
+    if not steps:
+        return {}
+    peaks = [e["peak_vram_mb"] for e in log if e.get("peak_vram_mb") is not None]
+    rewards = [e["reward"] for e in log if "reward" in e]
+    return {
+        "steps_done": steps[-1]["step"],
+        "s_per_step": steady_seconds_per_step(log),
+        "peak_vram_mb": max(peaks) if peaks else None,
+        "first_loss": steps[0]["loss"],
+        "last_loss": steps[-1]["loss"],
+    } | ({"reward_first": rewards[0], "reward_last": rewards[-1]} if rewards else {})
 
 
 def image_ablation(ws: Path, merged: Path, cuda: bool) -> dict[str, float]:
@@ -249,6 +282,40 @@ def tiny_case(backend: str, four_bit: bool) -> Callable[[argparse.Namespace, Mac
             "macro_f1": evaluated["macro_f1"],
             "image_ablation": image_ablation(ws, merged, not machine.cpu),
         }
+
+    return run
+
+
+GRPO_RECIPE = {  # the tiny model's GRPO: 4 answers sampled per photo, 2 photos per step
+    "method": "grpo", "num_generations": 4, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
+    "temperature": 0.5, "max_completion_tokens": 48, "eval_rows": 12, "dataloader_workers": 0,
+}  # fmt: skip
+
+
+def grpo_case(size: str) -> Callable[[argparse.Namespace, Machine], dict[str, Any]]:
+    """GRPO from the SFT adapter of the hf 16-bit part of the same size: mean reward over the steps, s/step,
+    peak VRAM; on the tiny model also merge and eval of the result (free generation)."""
+
+    def run(args: argparse.Namespace, machine: Machine) -> dict[str, Any]:
+        where = paths(args.root)
+        ws = where["tiny_ws"] if size == "tiny" else where["big_ws"]
+        start = ws / "models" / f"{size}-hf-{machine.precision(False)}"
+        output = ws / "models" / f"{size}-grpo"
+        steps = args.steps // 2 if size == "tiny" else args.big_steps
+        recipe = GRPO_RECIPE | {"max_steps": steps, "eval_steps": max(1, steps // 2)}
+        if size == "7b":  # random weights never stop on their own: a short answer budget keeps the steps short
+            recipe |= {"max_completion_tokens": 32, "eval_rows": 0, "no_load_in_4bit": True}
+        figures = train_figures(ws, None, output, recipe | {"from": start}, machine)
+        rewards = figures.pop("rewards")
+        figures |= {"reward_first": rewards[0]["mean"] if rewards else None}
+        figures |= {"reward_last": rewards[-1]["mean"] if rewards else None}
+        if size == "7b":
+            return figures
+        gpu = [] if machine.cpu else ["--gpu", "0"]
+        merged = ws / "models" / f"{size}-grpo-merged"
+        skinvlm("merge", "-w", ws, "--adapter", output, "--output", merged, *gpu)
+        evaluated = skinvlm("eval", "-w", ws, "--model-dir", merged, "--name", f"{size}-grpo", "--max-tokens", 48, *gpu)
+        return figures | {k: evaluated[k] for k in ("accuracy", "macro_f1", "unparsed")}
 
     return run
 
@@ -432,6 +499,9 @@ def parts(machine: Machine) -> list[Part]:
                 ("7b-model",),
             )
         )
+    sixteen = machine.precision(False)
+    found.append(Part("tiny-grpo", 420, grpo_case("tiny"), needs=(f"tiny-hf-{sixteen}",)))
+    found.append(Part("7b-grpo", 420, grpo_case("7b"), gpu_only, (f"7b-hf-{sixteen}",)))
     return found
 
 
@@ -443,15 +513,19 @@ def run_child(part: Part, args: argparse.Namespace, limit: float) -> dict[str, A
     command = [sys.executable, __file__, "--child", part.name, "--root", str(args.root)]
     command += ["--steps", str(args.steps), "--big-steps", str(args.big_steps)] + (["--cpu"] if args.cpu else [])
     log = args.root / "parts" / f"{part.name}.log"
+    progress = args.root / "parts" / f"{part.name}.progress"
+    progress.unlink(missing_ok=True)
     clock = time.perf_counter()
     with log.open("w") as sink:
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "SKINVLM_SMOKE_PROGRESS": str(progress)}
+        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             child.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)  # the part and every process it started
             child.wait()
-            return {"status": "failed", "error": f"timed out after {limit:.0f}s", "seconds": round(limit, 1)}
+            so_far = figures_so_far(Path(progress.read_text())) if progress.exists() else {}
+            return {"status": "failed", "error": f"timed out after {limit:.0f}s", "seconds": round(limit, 1)} | so_far
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
@@ -487,6 +561,64 @@ def wanted(asked: str | None, machine: Machine) -> set[str] | None:
     return chosen
 
 
+RESULTS = Path(__file__).with_name("gpu_results.json")  # every part measured on a GPU so far, with its versions
+VERSIONED = ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes", "vllm")
+
+
+def installed_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text(encoding="utf-8")).get("results", []) if path.is_file() else []
+
+
+def measured(results: list[dict[str, Any]], part: str, gpu: str, versions: dict[str, str]) -> bool:
+    """Whether `part` ran to its end on this GPU with these versions (of the packages the record names)."""
+    return any(
+        r["part"] == part and r["gpu"] == gpu and r["status"] == "ran"
+        and all(versions.get(name) == v for name, v in r["versions"].items())
+        for r in results
+    )  # fmt: skip
+
+
+def ordered(found: list[Part], results: list[dict[str, Any]], gpu: str, versions: dict[str, str]) -> list[Part]:
+    """A lent GPU's minutes go first to what was never measured there: the unmeasured parts and what they need,
+    in the listed order (which puts every need before its part), then the rest."""
+    needs = {p.name: p.needs for p in found}
+    first: set[str] = set()
+    todo = [p.name for p in found if not measured(results, p.name, gpu, versions)]
+    while todo:
+        name = todo.pop()
+        if name not in first:
+            first.add(name)
+            todo += needs[name]
+    return [p for p in found if p.name in first] + [p for p in found if p.name not in first]
+
+
+def record(path: Path, rows: list[dict[str, Any]], gpu: str, versions: dict[str, str], date: str) -> None:
+    """This run's parts into the results file: each replaces the record of the same part, GPU and versions."""
+    kept = [r for r in read_results(path) if not any(
+        r["part"] == row["part"] and r["gpu"] == gpu and r["versions"] == versions for row in rows
+    )]  # fmt: skip
+    new = [
+        {"part": row["part"], "gpu": gpu, "date": date, "versions": versions, "status": row["status"]}
+        | {k: v for k, v in row.items() if k not in ("part", "status", "log_tail")}
+        for row in rows
+        if row["status"] != "skipped"
+    ]
+    document = {"about": "every gpu_smoke part run on a GPU: `--order unmeasured` runs the others first"}
+    path.write_text(json.dumps(document | {"results": kept + new}, ensure_ascii=False, indent=2) + "\n")
+
+
 def skip_reason(part: Part, machine: Machine, rows: dict[str, dict[str, Any]], only: set[str] | None) -> str | None:
     if only is not None and part.name not in only:
         return "not asked for (--only)"
@@ -505,7 +637,7 @@ def ratios(rows: list[dict[str, Any]]) -> None:
             (r for r in rows if r["part"] in (f"{size}-hf-bf16", f"{size}-hf-fp32") and r.get("s_per_step")), None
         )
         for row in rows:
-            if base and row["part"].startswith(f"{size}-") and row.get("s_per_step"):
+            if base and row["part"].startswith(f"{size}-") and "grpo" not in row["part"] and row.get("s_per_step"):
                 row["speed_vs_hf_16bit"] = round(base["s_per_step"] / row["s_per_step"], 2)
 
 
@@ -518,6 +650,14 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=8, help="training steps of the 7B-shaped model")
     parser.add_argument("--budget", type=float, default=3600, help="seconds for the whole kit; later parts skip")
     parser.add_argument("--root", type=Path, help="working folder (default: a new temporary one)")
+    parser.add_argument(
+        "--order",
+        choices=("unmeasured", "listed"),
+        default="unmeasured",
+        help="unmeasured: parts never run to their end on this GPU with these versions (--results) first",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="what earlier GPU runs measured")
+    parser.add_argument("--record", type=Path, help="write --results with this run's parts added to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -540,8 +680,14 @@ def main() -> None:
         "rows": [],
     }
     done: dict[str, dict[str, Any]] = {}
+    versions = installed_versions()
+    report["versions"] = versions
+    found = parts(machine)
+    if args.order == "unmeasured":
+        found = ordered(found, read_results(args.results), machine.name, versions)
     print(f"{machine.name}, {report['date']}, torch {torch.__version__}; work in {args.root}", flush=True)
-    for part in parts(machine):
+    print("order: " + ", ".join(p.name for p in found), flush=True)
+    for part in found:
         left = deadline - time.monotonic()
         reason = skip_reason(part, machine, done, only) or (
             None if left > 30 else "the time budget (--budget) is spent"
@@ -553,6 +699,9 @@ def main() -> None:
         report["rows"].append(row)
         ratios(report["rows"])
         args.out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        if args.record and not machine.cpu:  # the earlier results and every part of this run so far
+            args.record.write_text(args.results.read_text() if args.results.is_file() else "{}")
+            record(args.record, report["rows"], machine.name, versions, report["date"])
         print(json.dumps(row, ensure_ascii=False), flush=True)
     failed = [r["part"] for r in report["rows"] if r["status"] == "failed"]
     print(f"\n{len(report['rows'])} parts: " + ", ".join(f"{r['part']} {r['status']}" for r in report["rows"]))

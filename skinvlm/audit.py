@@ -138,6 +138,14 @@ def snippet(text: str, at: int, width: int = 30) -> str:
     )
 
 
+def korean_only(text: str, rules: Rules) -> bool:
+    """No English word the rules do not allow and no run of another script: what the audit counts against a text."""
+    text = TAGS.sub(" ", nfc(text))
+    allow = set(rules.audit.allow)
+    english = any(match.group().lower() not in allow for match in ENGLISH_WORD.finditer(text))
+    return not english and not any(pattern.search(text) for pattern in SCRIPTS.values())
+
+
 def audit_rows(stage: str, rows: list[dict[str, Any]], rules: Rules) -> AuditReport:
     """rows: dicts with at least `label`, `output` and, when known, `status`."""
     report = AuditReport(stage=stage, records=len(rows))

@@ -166,7 +166,7 @@ def training_data(ws: Workspace, folder: Path) -> dict[str, Any]:
     adapter = Path((read_manifest(folder) or {}).get("inputs", {}).get("adapter") or ws.adapter)
     trained = read_manifest(adapter) or {}
     stage = trained.get("inputs", {}).get("stage")
-    facts: dict[str, Any] = {"stage": stage, "counts": trained.get("counts", {})}
+    facts: dict[str, Any] = {"stage": stage, "counts": trained.get("counts", {}), "inputs": trained.get("inputs", {})}
     if not stage or stage_fingerprint(ws.dataset(stage)) != trained.get("inputs", {}).get("fingerprint"):
         return facts
     data = ws.load(stage, newer_reviews=True)  # the data the model learnt from, whatever was decided since
@@ -256,6 +256,7 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         f"Fine-tuned with LoRA by skinvlm from {facts.base_shown}, on the `{training.get('stage') or 'unknown'}` "
         f"stage of a skinvlm workspace: {counts.get('steps', '?')} optimizer steps, effective batch "
         f"{counts.get('effective_batch_size', '?')}, images at most {facts.record.get('max_pixels', '?')} pixels.",
+        *grpo_lines(training, counts),
         "",
         selection_line(counts),
         "",
@@ -285,6 +286,21 @@ def training_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         *review_lines({"train": train}),
     ]
     return lines
+
+
+def grpo_lines(training: dict[str, Any], counts: dict[str, Any]) -> list[str]:
+    """What GRPO adds to the story: from which SFT adapter it started and what its rewards did."""
+    if counts.get("method") != "grpo":
+        return []
+    start = Path(training.get("inputs", {}).get("from_adapter") or "an SFT adapter").name
+    reward = counts.get("mean_reward") or {}
+    rose = f"; the mean reward went from {reward['first']:.3f} to {reward['last']:.3f}" if reward else ""
+    return [
+        "",
+        f"Those steps were GRPO (reinforcement learning on sampled answers) from the supervised adapter `{start}`: "
+        "answers rewarded for naming the folder's class (partial credit within a [labels.groups] family) and for a "
+        f"well-formed Korean answer{rose}.",
+    ]
 
 
 def selection_line(counts: dict[str, Any]) -> str:

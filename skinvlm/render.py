@@ -686,7 +686,7 @@ class TrainProgress:
 def training_figures(
     event: dict[str, Any], eval_loss: float | None, per_step: float, eval_f1: float | None = None
 ) -> str:
-    parts = [f"loss {event['loss']:.4f}"]
+    parts = [reward_figures(event) if "reward" in event else f"loss {event['loss']:.4f}"]
     if eval_loss is not None:
         parts.append(f"eval {eval_loss:.4f}")
     if eval_f1 is not None:
@@ -699,6 +699,19 @@ def training_figures(
     if gpu := gpu_memory():
         parts.append(gpu)
     return "  ".join(parts)
+
+
+def reward_figures(event: dict[str, Any]) -> str:
+    """GRPO's step: the mean reward of the sampled answers, the share that named the right class, and the KL."""
+    text = f"reward {event['reward']:.3f}"
+    if "rewards/label/mean" in event:
+        text += f" (right class {event['rewards/label/mean']:.0%}"
+        if "rewards/format/mean" in event:
+            text += f", format {event['rewards/format/mean']:.2f}"
+        text += ")"
+    if "kl" in event:
+        text += f"  KL {event['kl']:.4f}"
+    return text
 
 
 def gpu_memory() -> str:
@@ -740,6 +753,8 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
     for text, supervised in summary.segments:
         example.append(text, style="bold green" if supervised else "dim")
     console.print(example)
+    if summary.sampled:
+        sampled_rewards(console, summary.sampled)
     if settings is not None:
         effective = Table(title="effective settings (flags > --config > defaults)", show_header=False)
         effective.add_column("")
@@ -747,6 +762,22 @@ def train_summary(console: Console, summary: Any, settings: dict[str, Any] | Non
         for name, value in settings.items():
             effective.add_row(name, escape(repr(getattr(value, "value", value))))  # an enum as the flag takes it
         console.print(effective)
+
+
+def sampled_rewards(console: Console, sampled: list[dict[str, Any]]) -> None:
+    """GRPO's dry run: answers sampled from the starting adapter and what each reward gave them."""
+    names = [k for k in sampled[0] if k not in ("id", "class", "answer")]
+    table = Table(title="sampled answers and their rewards (what GRPO starts from)")
+    for column in ("class", "answer", *names):
+        table.add_column(column)
+    for row in sampled:
+        answer = escape(" ".join(row["answer"].split())[:160])
+        table.add_row(row["class"], answer, *(f"{row[name]:.2f}" for name in names))
+    console.print(table)
+    mean = sum(row["total"] for row in sampled) / len(sampled)
+    varied = len({row["total"] for row in sampled}) > 1
+    note = "" if varied else ": every answer scored alike, so GRPO has nothing to learn from (try --temperature)"
+    console.print(f"mean reward {mean:.3f} over {len(sampled)} sampled answers{note}", highlight=False)
 
 
 def train_result(out: Console, result: Any) -> None:
@@ -758,11 +789,17 @@ def train_result(out: Console, result: Any) -> None:
     if result.vision_forward_calls is not None:
         vram += f"; the vision tower ran {result.vision_forward_calls:,} times"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "none logged"
+    if result.rewards:  # GRPO: the rewards say how it went, its loss does not
+        first, last = result.rewards[0], result.rewards[-1]
+        loss = f"mean reward {first['mean']:.3f} at step {first['step']} -> {last['mean']:.3f} at step {last['step']}"
+        loss += f" (GRPO from {result.from_adapter})"
+    else:
+        loss = f"final loss {loss}"
     out.print(
         f"{result.steps} steps on {result.rows:,} rows ({result.skipped} unusable and {result.mismatched} "
         f"mismatched rows left out) with "
         f"{result.backend} x {result.world_size} process(es), effective batch {result.effective_batch_size}, in "
-        f"{result.seconds:.0f}s; final loss {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
+        f"{result.seconds:.0f}s; {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
         highlight=False,
     )
 

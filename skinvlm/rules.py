@@ -83,6 +83,7 @@ class Rules:
     audit: AuditRules = AuditRules()
     patients: PatientRules = PatientRules()
     external_labels: dict[str, str] = field(default_factory=dict)  # [external.labels]: another set's class -> ours
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [labels.groups]: related classes (GRPO credit)
 
     @property
     def class_names(self) -> list[str]:
@@ -90,6 +91,9 @@ class Rules:
 
     def english(self, name: str) -> str:
         return next((c.english for c in self.classes if c.name == name), name)
+
+    def same_group(self, one: str, other: str) -> bool:
+        return any(one in members and other in members for members in self.groups.values())
 
     def canonical(self, raw: str | None) -> str | None:
         """Map a written label (a class, an alias or an English name) to its class, else None."""
@@ -188,7 +192,7 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: 
     tables = {"labels", "views", "terms", "rewrite", "audit", "term", "alias", "patients", "external"}
     _unknown("top level", raw, tables, problems)
     labels = _table(raw, "labels", "labels", problems)
-    _unknown("labels", labels, {"classes", "aliases", "unreadable"}, problems)
+    _unknown("labels", labels, {"classes", "aliases", "unreadable", "groups"}, problems)
     classes = _parse_classes(_table(labels, "classes", "labels", problems), problems)
     names = {c.name for c in classes}
     aliases = _string_map(_table(labels, "aliases", "labels", problems), "labels.aliases", problems)
@@ -216,7 +220,23 @@ def _parse(path: Path, raw: dict[str, Any], problems: list[str], rewrite_lines: 
         audit=_parse_audit(_table(raw, "audit", "top level", problems), problems),
         patients=_parse_patients(_table(raw, "patients", "top level", problems), problems),
         external_labels=_parse_external(_table(raw, "external", "top level", problems), names, problems),
+        groups=_parse_groups(_table(labels, "groups", "labels", problems), names, problems),
     )
+
+
+def _parse_groups(table: dict[str, Any], names: set[str], problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """[labels.groups]: name = [classes], two classes at least, each a class."""
+    groups = {}
+    for name, members in table.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members) or len(set(members)) < 2:
+            problems.append(f'[labels.groups] \'{name}\' must list two classes at least, e.g. ["아토피", "지루"]')
+            continue
+        unknown = [m for m in members if nfc(m).strip() not in names]
+        if unknown:
+            problems.append(f"[labels.groups] '{name}' names {', '.join(unknown)}, which is not a class")
+            continue
+        groups[name] = tuple(nfc(m).strip() for m in members)
+    return groups
 
 
 def _parse_classes(table: dict[str, Any], problems: list[str]) -> list[ClassInfo]:

@@ -35,6 +35,20 @@ def chat_rows(ds: Any, instruction: str) -> Any:
     return ds.select_columns(["image", "output"]).with_transform(to_chat)
 
 
+def prompt_rows(ds: Any, instruction: str) -> Any:
+    """The rows as GRPO's prompts: the same chat as `chat_rows` without the answer (TRL fills the image item from
+    `images`), and the class the rewards score against."""
+
+    def to_prompt(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {
+            "prompt": [conversation(instruction) for _ in batch["label"]],
+            "images": [[as_rgb(image)] for image in batch["image"]],
+            "label": batch["label"],
+        }
+
+    return ds.select_columns(["image", "label"]).with_transform(to_prompt)
+
+
 def answer_labels(input_ids: Any, attention_mask: Any, marker: list[int], end: int) -> Any:
     """Labels that supervise only what follows the last `marker` up to and including `end`."""
     import torch
@@ -122,6 +136,8 @@ class Summary:
     example_supervised: str
     review_left_out: int = 0  # rejected or disputed in the clinicians' review (unreviewed too with --reviewed-only)
     dev_rows: int = 0  # held out of `rows` as development rows (--dev-fraction), where the best step is chosen
+    method: str = "sft"
+    sampled: list[dict[str, Any]] = field(default_factory=list)  # GRPO's dry run: sampled answers and their rewards
     segments: list[tuple[str, bool]] = field(default_factory=list, repr=False)
 
     def as_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ A backend whose training forward gives no logits (Unsloth keeps them empty to sa
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def better(entry: dict[str, Any], best: dict[str, Any] | None, select_by: str) -
 
 def selection_callback(
     output: Path, processor: Any, prompt_text: str, rows: Any, rules: Rules, select_by: str, patience: int | None,
-    on_eval: Any = None,
+    on_eval: Any = None, every: int | None = None,
 ) -> Any:  # fmt: skip
+    """`every`: score at every so many steps' end, for a trainer that runs no evaluation of its own (GRPO)."""
     from transformers import TrainerCallback
 
     class ModelSelection(TrainerCallback):
@@ -86,12 +88,24 @@ def selection_callback(
             self.since_best = 0
             self.scoring = select_by != "loss"
 
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> Any:
+            if every and state.global_step % every == 0:
+                return self.on_evaluate(args, state, control, None, model)
+            return control
+
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, model: Any = None, **kw: Any):
             entry: dict[str, Any] = {"step": state.global_step, "loss": (metrics or {}).get("eval_loss")}
             if devices.is_main_process() and self.scoring and model is not None:
                 try:
                     entry |= score_rows(model, processor, prompt_text, rows, rules)
                 except (RuntimeError, IndexError, ValueError):  # no logits from this backend's training forward
+                    self.scoring = False
+                except Exception as err:  # noqa: BLE001 - a figure must never end a run hours in; say it, go on
+                    warnings.warn(
+                        f"held-out scoring at step {state.global_step} failed ({type(err).__name__}: {err}); "
+                        "training goes on, chosen by loss",
+                        stacklevel=2,
+                    )
                     self.scoring = False
             entry = broadcast(entry)
             self.evals.append(entry)

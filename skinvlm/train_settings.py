@@ -21,6 +21,11 @@ class Backend(StrEnum):
     hf = "hf"
 
 
+class Method(StrEnum):
+    sft = "sft"
+    grpo = "grpo"
+
+
 class ReportTo(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -41,6 +46,8 @@ LOWEST = {
     "save_steps": 1,
     "save_total_limit": 1,
     "dataloader_workers": 0,
+    "num_generations": 2,
+    "max_completion_tokens": 8,
 }
 
 
@@ -51,6 +58,9 @@ SELECT_BY = ("macro_f1", "loss", "last")  # what the kept adapter is best by (se
 class TrainSettings:
     model: str = DEFAULT_BASE
     backend: str = "auto"
+    method: str = "sft"  # sft: learn the answers; grpo: from an SFT adapter, reward sampled answers (train/grpo.py)
+    from_adapter: str | None = None  # --from: the SFT adapter GRPO starts from
+    per_class: int | None = None  # few-shot: a seeded sample of N training photos per class
     max_steps: int = 3000
     epochs: float | None = None
     learning_rate: float = 5e-5
@@ -85,10 +95,21 @@ class TrainSettings:
     gpu: str | None = None
     processes: int | None = None
     output: str | None = None
+    # GRPO (--method grpo): answers sampled per photo, each at most this many tokens, at this temperature; the KL
+    # weight to the SFT start; the rewards' weights (label weighs 1) and the credit for a class of the same group.
+    num_generations: int = 8
+    max_completion_tokens: int = 256
+    temperature: float = 0.3
+    min_p: float = 0.0  # sampling drops tokens less likely than this share of the likeliest one (0: none)
+    beta: float = 0.0
+    format_weight: float = 0.5
+    length_weight: float = 0.0
+    group_credit: float = 0.5
 
     def check(self) -> None:
         check_choice("--backend", self.backend, Backend)
         check_choice("--report-to", self.report_to, ReportTo)
+        check_choice("--method", self.method, Method)
         if self.max_pixels < 28 * 28 * 4:
             raise SkinvlmError("--max-pixels must be at least 3136 (56x56)")
         if self.max_length < 64:
@@ -108,3 +129,30 @@ class TrainSettings:
             raise SkinvlmError(f"--patience counts evaluations: at least 1, not {self.patience}")
         if not (self.finetune_vision or self.finetune_language):
             raise SkinvlmError("LoRA needs the vision layers, the language layers or both")
+        if self.per_class is not None and self.per_class < 1:
+            raise SkinvlmError(f"--per-class is a number of photos per class: at least 1, not {self.per_class}")
+        if self.method == "grpo":
+            self.check_grpo()
+
+    def check_grpo(self) -> None:
+        if not self.from_adapter:
+            raise SkinvlmError(
+                "--method grpo starts from a trained SFT adapter: pass --from models/adapter (or another)"
+            )
+        if self.temperature <= 0 or self.beta < 0 or self.format_weight < 0 or self.length_weight < 0:
+            raise SkinvlmError("--temperature must be above 0; --beta, --format-weight and --length-weight at least 0")
+        if not 0 <= self.min_p < 1:
+            raise SkinvlmError(f"--min-p is a share of the likeliest token's probability in [0, 1), not {self.min_p}")
+        if not 0 <= self.group_credit < 1:
+            raise SkinvlmError(
+                f"--group-credit is a share of a right answer's reward in [0, 1), not {self.group_credit}"
+            )
+        if self.select_by == "loss":
+            raise SkinvlmError(
+                "--select-by loss means nothing for GRPO (its loss is no likelihood): use macro_f1 or last"
+            )
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise SkinvlmError(
+                f"GRPO samples --num-generations {self.num_generations} answers per photo in each step's batch: "
+                f"--batch-size x --grad-accum ({self.batch_size} x {self.grad_accum}) must be a multiple of it"
+            )

@@ -635,6 +635,11 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
         except (ValueError, KeyError, TypeError):
             return "metrics.json damaged"
     counts = (found or {}).get("counts", {})
+    if (found or {}).get("stage") == "train" and counts.get("method") == "grpo":
+        start = Path((found or {}).get("inputs", {}).get("from_adapter", "?")).name
+        reward = counts.get("mean_reward") or {}
+        rose = f", mean reward {reward['first']:.3f} -> {reward['last']:.3f}" if reward else ""
+        return f"GRPO from {start}: {counts.get('steps', 0):,} steps{rose}"
     if (found or {}).get("stage") == "train":
         loss = counts.get("final_loss")
         return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")

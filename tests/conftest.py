@@ -14,10 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from skinvlm.cli import app
-from skinvlm.demo.pipeline import tiny_train_flags
+from skinvlm.demo.pipeline import short_rules, tiny_train_flags
 from skinvlm.demo.synthetic import image_bytes, write_tree
 from skinvlm.demo.tiny import build
-from skinvlm.rules import default_rules_path
 
 
 @pytest.fixture(autouse=True)
@@ -131,15 +130,6 @@ FAST = tiny_train_flags()  # the tiny recipe, as `train` flags
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL (224k parameters), built offline once per test session."""
     return build(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def short_rules(path: Path) -> Path:
-    """The shipped rule file with one-line features and templates: short sequences train fast on a CPU."""
-    text = default_rules_path().read_text(encoding="utf-8")
-    text = re.sub(r'features = ".*"', 'features = "색으로 구분"', text)
-    text = re.sub(r'template = ".*"', 'template = "사진에서 해당 소견이 보입니다."', text)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def describe_tree(cli, workspace: Path, src: Path, per_folder: dict[str, int], size: int) -> Path:

@@ -73,7 +73,7 @@ def test_json_stays_json_when_libraries_write_to_stdout(described: Path, tiny: P
 
 
 def test_hf_4bit_keeps_the_vision_tower_and_merger_in_16_bits() -> None:
-    from skinvlm.train import quantization_config
+    from skinvlm.train.backends import quantization_config
 
     config = quantization_config()
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"

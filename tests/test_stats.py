@@ -80,7 +80,7 @@ def test_intervals_move_off_an_all_right_sample_and_off_a_one_class_model() -> N
 
 def test_selection_keeps_the_later_of_equal_scores_and_the_development_rows_are_whole_patients() -> None:
     from skinvlm.selection import better
-    from skinvlm.train import development_indices
+    from skinvlm.train.rows import development_indices
 
     first, later = {"step": 100, "macro_f1": 1.0, "loss": 1.54}, {"step": 300, "macro_f1": 1.0, "loss": 1.35}
     assert better(later, first, "macro_f1"), "a tie goes to the later evaluation with the lower loss"

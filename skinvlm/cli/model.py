@@ -40,7 +40,7 @@ from skinvlm.merge import Dtype as MergeDtype
 from skinvlm.openai_api import Detail
 from skinvlm.serve import Dtype as ServeDtype
 from skinvlm.serve import ServeSettings
-from skinvlm.train_settings import Backend, ReportTo, TrainSettings
+from skinvlm.train_settings import Backend, Method, ReportTo, TrainSettings
 from skinvlm.workspace import Workspace
 
 T = TrainSettings  # the defaults below are its fields'
@@ -53,6 +53,20 @@ def train(
     rules: RulesOpt = None,
     config_file: ConfigOpt = None,
     model: Annotated[str, typer.Option(help="Base model: Hub name or local folder.")] = T.model,
+    method: Annotated[
+        Method,
+        typer.Option(
+            help="sft: learn the described answers; grpo: from the SFT adapter in --from, sample answers and reward "
+            "the right class and a well-formed Korean answer."
+        ),
+    ] = Method(T.method),
+    from_adapter: Annotated[
+        Path | None,
+        typer.Option("--from", metavar="ADAPTER", help="The SFT adapter GRPO starts from (e.g. models/adapter)."),
+    ] = None,
+    per_class: Annotated[
+        int | None, typer.Option(help="Few-shot: a seeded sample of N training photos per class (both methods).")
+    ] = None,
     backend: Annotated[
         Backend, typer.Option(help="auto: unsloth on CUDA when installed, else hf (transformers + PEFT).")
     ] = Backend(T.backend),
@@ -136,9 +150,38 @@ def train(
         bool, flag("--keep-mismatches", help="Also train on answers whose <label> names another class than the folder.")
     ] = False,
     report_to: Annotated[ReportTo, typer.Option(help="Where else to log the run.")] = ReportTo(T.report_to),
-    output: Annotated[Path | None, typer.Option(help="Adapter folder (default: models/adapter).")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Adapter folder (default: models/adapter; GRPO: models/adapter-grpo).")
+    ] = None,
+    num_generations: Annotated[
+        int, typer.Option(help="GRPO: answers sampled per photo; --batch-size x --grad-accum must be a multiple.")
+    ] = T.num_generations,
+    max_completion_tokens: Annotated[int, typer.Option(help="GRPO: tokens per sampled answer at most.")] = (
+        T.max_completion_tokens
+    ),
+    temperature: Annotated[
+        float, typer.Option(help="GRPO: sampling temperature (too high and the answers stop parsing).")
+    ] = T.temperature,
+    min_p: Annotated[
+        float, typer.Option(help="GRPO: sampling drops tokens below this share of the likeliest one's probability.")
+    ] = T.min_p,
+    beta: Annotated[float, typer.Option(help="GRPO: weight of the KL to the SFT start (0: none).")] = T.beta,
+    format_weight: Annotated[
+        float, typer.Option(help="GRPO: weight of the format reward (parses, Korean summary); label weighs 1.")
+    ] = T.format_weight,
+    length_weight: Annotated[
+        float, typer.Option(help="GRPO: weight of the length reward (ends after </summary>, within the budget).")
+    ] = T.length_weight,
+    group_credit: Annotated[
+        float, typer.Option(help="GRPO: label reward for a class of the same [labels.groups] group as the right one.")
+    ] = T.group_credit,
     dry_run: Annotated[
-        bool, flag("--dry-run", help="Collate one batch with the real collator and show what training would see.")
+        bool,
+        flag(
+            "--dry-run",
+            help="Collate one batch with the real collator and show what training would see (GRPO: and the rewards "
+            "of a few sampled answers).",
+        ),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -159,7 +202,7 @@ def train(
         return
     wanted = devices.processes_wanted(processes, gpu)
     if wanted > 1 and not devices.launched():
-        stage.preflight(ws, settings, dry_run=False)  # one clear line here rather than one per process
+        stage.preflight(ws, loaded, settings, dry_run=False)  # one clear line here rather than one per process
         with ws.writing("train"):  # held here for the workers, who inherit it
             try:
                 code = devices.relaunch(wanted, sys.argv[1:], stdout.real_stdout())

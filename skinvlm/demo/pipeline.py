@@ -85,6 +85,15 @@ def demo_rules(path: Path) -> Path:
     return path
 
 
+def short_rules(path: Path) -> Path:
+    """The shipped rule file with one-line features and templates: short sequences train fast on a CPU."""
+    text = default_rules_path().read_text(encoding="utf-8")
+    text = re.sub(r'features = ".*"', 'features = "색으로 구분"', text)
+    text = re.sub(r'template = ".*"', 'template = "사진에서 해당 소견이 보입니다."', text)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_broken_files(images: Path) -> None:
     from skinvlm.demo.synthetic import image_bytes
 
