@@ -88,6 +88,12 @@ def selection_callback(
             self.since_best = 0
             self.scoring = select_by != "loss"
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> Any:
+            # GRPO starts from a trained adapter: scored before step 1, it is kept when no step does better.
+            if every and state.global_step == 0:
+                return self.on_evaluate(args, state, control, None, model)
+            return control
+
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> Any:
             if every and state.global_step % every == 0:
                 return self.on_evaluate(args, state, control, None, model)

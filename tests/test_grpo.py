@@ -22,7 +22,7 @@ from skinvlm.train.rewards import format_reward, label_reward, length_reward, re
 from skinvlm.train_settings import TrainSettings
 
 LONG = "코 옆 주름과 눈썹 주변에 옅은 홍반이 있고 그 위에 기름기 있는 노란빛 인설이 붙어 있습니다."
-# GRPO on the tiny model: 8 answers per photo, 2 photos per step, temperature 0.5 (the default).
+# GRPO on the tiny model: 8 answers per photo, 2 photos per step, at the default temperature (0.3).
 GRPO = [
     "--method", "grpo", "--num-generations", "8", "--batch-size", "16", "--grad-accum", "1", "--learning-rate", "5e-4",
     "--max-completion-tokens", "48", "--eval-rows", "0", "--dataloader-workers", "0",
@@ -147,8 +147,9 @@ def test_grpo_raises_the_reward_and_its_merged_model_answers_better_than_its_sta
     assert snapshot["method"] == "grpo" and snapshot["from_adapter"] == str(sft)
     assert json.loads((grpo / "skinvlm.json").read_text())["from_adapter"] == str(sft)
     before, after = held_out(started, sft, "sft"), held_out(started, grpo, "grpo")
-    assert after["accuracy"] >= before["accuracy"] and after["macro_f1"] >= before["macro_f1"], (before, after)
-    assert after["unparsed"] <= before["unparsed"], (before, after)
+    # Nothing worse in the answers themselves: no fewer right, no more unparsed. (Macro F1 may dip when unparsed
+    # answers become wrong ones: an unparsed answer counts against no class's precision; the benchmark reports it.)
+    assert after["accuracy"] >= before["accuracy"] and after["unparsed"] <= before["unparsed"], (before, after)
     assert after["accuracy"] > before["accuracy"] or after["unparsed"] < before["unparsed"], (before, after)
     status = run_cli("status", "-w", started)
     assert "GRPO" in status.stdout, status.stdout
@@ -160,11 +161,30 @@ def test_grpo_dry_run_scores_sampled_answers_before_any_step(started: Path) -> N
     dry = run_cli("train", "-w", started, *GRPO, "--from", sft, "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     sampled = json.loads(dry.stdout)["sampled"]
+    assert json.loads(dry.stdout)["method"] == "grpo"
     assert len(sampled) == 2 * 8 and {"class", "answer", "label", "format", "total"} <= set(sampled[0])
     assert all(row["total"] == row["label"] + 0.5 * row["format"] for row in sampled)
     shown = run_cli("train", "-w", started, *GRPO, "--from", sft, "--dry-run")
     assert "sampled answers and their rewards" in shown.stdout and "mean reward" in shown.stdout
     assert not (started / "models" / "adapter-grpo").exists(), "a dry run trains nothing"
+
+
+@pytest.mark.slow
+def test_grpo_scores_its_start_before_step_one_and_keeps_it_when_no_step_does_better(started: Path) -> None:
+    sft = started / "models" / "adapter"
+    flags = ["--from", sft, "--eval-rows", "8", "--eval-steps", "2", "--max-steps", "4", "--learning-rate", "0.5"]
+    result = run_cli("train", "-w", started, *GRPO, *flags, "--json")
+    assert result.returncode == 0, result.stderr
+    trained = json.loads(result.stdout)
+    assert [e["step"] for e in trained["evals"]] == [0, 2, 4], "the start is a candidate too"
+    best = max(trained["evals"], key=lambda e: (e["macro_f1"], e["step"]))
+    assert trained["best_step"] == best["step"]
+    if best["step"] == 0:  # a learning rate this high wrecks the adapter: the start is handed back
+        from safetensors.torch import load_file
+
+        kept = load_file(started / "models" / "adapter-grpo" / "adapter_model.safetensors")
+        start = load_file(sft / "adapter_model.safetensors")
+        assert kept.keys() == start.keys() and all(kept[k].equal(start[k]) for k in kept)
 
 
 @pytest.mark.slow

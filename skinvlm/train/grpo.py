@@ -6,9 +6,13 @@ The prompt is `conversation(instruction(rules))`, the chat SFT, eval and serve u
 scoring for `--select-by macro_f1` runs every --eval-steps on the development rows, as in SFT (selection.py);
 GRPO's own evaluation (sampling on the eval rows) is not asked for: its figures are rewards, not class scores.
 
-Why the defaults: on the tiny CPU model, sampling at temperature 1.0 gave almost no answer that parses (nothing to
-learn from, mean reward ~0); 0.3-0.5 gave groups whose rewards differ, and the reward rose. KL weight 0 (TRL's
-default, as in DAPO and Dr. GRPO): no reference model in memory; the ratio clipping (epsilon 0.2) bounds each step.
+Why the defaults (temperature 0.3, KL weight 0): on the tiny CPU model, sampling at temperature 1.0 gave almost
+no answer that parses (every group scored alike: nothing to learn). `--min-p 0.1` mends that (it drops the
+unlikely tokens that break the answer's form, the classes the model hesitates between stay in the draw) and the
+sampled label reward rose further (0.06 to 0.35 in 60 steps), yet the greedy answers `eval` scores gained less
+than after training at 0.3, whose samples lie closer to the greedy answer: 0.3 is the default, min-p is off.
+KL weight 0 (TRL's default, as in DAPO and Dr. GRPO): no reference model in memory; the ratio clipping
+(epsilon 0.2) bounds each step.
 """
 
 from __future__ import annotations
