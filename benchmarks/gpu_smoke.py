@@ -288,7 +288,7 @@ def tiny_case(backend: str, four_bit: bool) -> Callable[[argparse.Namespace, Mac
 
 GRPO_RECIPE = {  # the tiny model's GRPO: 4 answers sampled per photo, 2 photos per step
     "method": "grpo", "num_generations": 4, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
-    "temperature": 0.5, "max_completion_tokens": 48, "eval_rows": 12, "dataloader_workers": 0,
+    "max_completion_tokens": 48, "eval_rows": 12, "dataloader_workers": 0,
 }  # fmt: skip
 
 

@@ -45,6 +45,7 @@ def preflight(ws: Workspace, rules: Rules, settings: TrainSettings, dry_run: boo
     ws.require(training_stage(ws))  # exists, and is not stale
     if settings.method == "grpo":
         start_from_adapter(settings, rules.class_names)
+        check_grpo_kernels()
     if Path(settings.model).exists():
         settings.model = str(Path(settings.model).resolve())  # merge, run from elsewhere, must find it
     devices.select_gpus(settings.gpu)
@@ -103,6 +104,24 @@ def start_from_adapter(settings: TrainSettings, classes: list[str]) -> None:
         )
     settings.from_adapter, settings.model = str(folder), base
     settings.max_pixels = pixels or settings.max_pixels
+
+
+def grpo_needs_triton() -> bool:
+    """trl 1.15 computes GRPO's log-probabilities only through its Triton kernel (PyTorch's CUDA build ships Triton;
+    the CPU build does not); trl 1.16 falls back to plain PyTorch."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("trl")) < Version("1.16") and importlib.util.find_spec("triton") is None
+
+
+def check_grpo_kernels() -> None:
+    if grpo_needs_triton():
+        raise SkinvlmError(
+            "--method grpo: trl 1.15 (the Unsloth pins) runs GRPO only with Triton, which PyTorch's CUDA build ships: "
+            "on a GPU install the CUDA build; on a CPU, `pip install 'trl>=1.16'`"
+        )
 
 
 def is_prequantized(name: str) -> bool:
