@@ -388,6 +388,6 @@ def review(
         found = reviewing.report(state)
         print_json(found) if as_json else render.review_report(out, found)
         return
-    from skinvlm.review_app import serve
+    from skinvlm.web.review import serve
 
     serve(ws, loaded, state, stage_name, host=host, port=port, reviewer=reviewer, token=token, say=err.print)

@@ -1,0 +1,134 @@
+"""What every local page of skinvlm needs to be safe on a clinic's machine, which every site its browser visits can
+reach: the Host check (421 for a name that is not this machine's: DNS rebinding), per-browser sessions with a CSRF
+token derived from a workspace secret, bounded JSON bodies, the access token off loopback, and JSON that is safe
+inside a <script> element."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from skinvlm.errors import SkinvlmError
+
+MAX_BODY = 64 * 1024  # a decision with the longest edited text is a few KiB; anything larger is refused unread
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def local_names(bind: str) -> frozenset[str]:
+    """The names a request's Host may give: this machine's loopback names and the address the server was told to
+    listen on; for a wildcard address, also this machine's own name and addresses. A page on another site whose
+    name its DNS re-points at 127.0.0.1 (DNS rebinding) sends its own name, and is refused."""
+    import socket
+
+    names = {"127.0.0.1", "localhost", "::1", bind.lower().strip("[]")}
+    if bind in WILDCARDS:
+        hostname = socket.gethostname()
+        names |= {hostname.lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):  # a name this machine cannot resolve: its loopback names still stand
+            names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(hostname, None)}
+    return frozenset(names - {""})
+
+
+def host_of(header: str) -> str | None:
+    """The host of a Host header without its port ('[::1]:8000' -> '::1'), lowercased; None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        host, bracket, rest = header[1:].partition("]")
+        return host if bracket and (not rest or rest[1:].isdigit() and rest[0] == ":") else None
+    host, colon, port = header.partition(":")
+    return host.rstrip(".") if host and (not colon or port.isdigit()) else None
+
+
+def is_address(host: str | None) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host is not one of `names` gets 421 before any route runs. Our own few
+    lines rather than Starlette's TrustedHostMiddleware: that one answers 400 and, before Starlette 1.0 (our
+    extra allows 0.37), cut a Host of '[::1]:8000' at its first colon, refusing the IPv6 loopback.
+    `any_address`: on a wildcard bind, a Host that is an IP address is taken too (a clinic's machine reached as
+    192.168.x.y); DNS rebinding needs a name, so an address literal cannot be one."""
+
+    def __init__(self, app: Any, names: frozenset[str], any_address: bool = False) -> None:
+        self.app, self.names, self.any_address = app, names, any_address
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = host_of(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.names and not (self.any_address and is_address(host)):
+                from starlette.responses import PlainTextResponse
+
+                answer = "this page answers only to this machine's own names (127.0.0.1, localhost)"
+                await PlainTextResponse(answer, status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BadRequest(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def json_body(request: Any) -> dict[str, Any]:
+    """The request's JSON object, read to MAX_BODY bytes at most (413 past it); NaN, Infinity, deep nesting and
+    anything but an object are a 400, never an error inside a route."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise BadRequest(413, f"a request body is {MAX_BODY // 1024} KiB at most")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY:
+            raise BadRequest(413, f"a request body is {MAX_BODY // 1024} KiB at most")
+    try:
+        value = json.loads(bytes(body), parse_constant=refuse_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "the request body is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise BadRequest(400, "the request body is not a JSON object")
+    return value
+
+
+def refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """Per browser: a session id, a CSRF token derived from it with the workspace's review key, and the reviewer's
+    name in a cookie. Nothing is kept in memory, so an open page outlives a restart of `review`: a decision (or a
+    long edit) sent after it still lands."""
+
+    default_reviewer: str
+    key: bytes
+
+    def get(self, session_id: str | None, reviewer: str | None) -> tuple[str, dict[str, str]]:
+        if not session_id or len(session_id) > 64:
+            session_id = secrets.token_urlsafe(24)
+        name = unquote(reviewer or "").strip()
+        csrf = hmac.new(self.key, session_id.encode(), "sha256").hexdigest()
+        return session_id, {"reviewer": name if 0 < len(name) <= 100 else self.default_reviewer, "csrf": csrf}
+
+
+def script_json(value: Any) -> str:
+    """JSON safe inside a <script> element: no '</script>' or '<!--' can end it early."""
+    return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def check_host(host: str, token: str | None) -> None:
+    if host not in LOOPBACK and not token:
+        raise SkinvlmError(f"--host {host} opens the review to the network: set --token (or SKINVLM_REVIEW_TOKEN) too")
