@@ -79,6 +79,14 @@ def findings(text: str, label: str, rules: Rules) -> tuple[Finding, ...]:
     return tuple(sorted(found, key=lambda f: (f.start, f.end)))
 
 
+def queue_rank(item: Item) -> tuple[bool, bool, float]:
+    """Where a record stands in the review queue: answers that name another class or do not parse, then anything
+    flagged, then the rest; within each, the lowest probability of the folder label first (unscored last)."""
+    broken = any(f.kind in ("mismatch", "invalid") for f in item.findings)
+    doubt = item.label_probability if item.label_probability is not None else 2.0
+    return (not broken, not item.flagged, doubt)
+
+
 def in_overlap(record_id: str, overlap: float) -> bool:
     """A stable share `overlap` of the records, the same on every server and every run."""
     return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < overlap
@@ -102,14 +110,8 @@ class ReviewState:
             raise SkinvlmError(f"--overlap is a share of the records in [0, 1], not {overlap}")
         self.items = {item.id: item for item in items}
         # Records with audit findings or a low label probability first (label mismatches and malformed answers
-        # before the rest of them).
-        self.order = sorted(
-            self.items,
-            key=lambda i: (
-                not any(f.kind in ("mismatch", "invalid") for f in self.items[i].findings),
-                not self.items[i].flagged,
-            ),
-        )
+        # before the rest of them); within each, the photos whose folder label the model doubts most.
+        self.order = sorted(self.items, key=lambda i: queue_rank(self.items[i]))
         self.path, self.overlap = path, overlap
         self.lock = FileLock(str(path) + ".lock")
         self.decisions: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -539,3 +539,18 @@ def test_undo_takes_back_the_last_decision_and_never_anothers(cli, reviewable: P
         "undo",
         "edit",
     ]
+
+
+def test_the_queue_puts_broken_answers_then_the_labels_the_model_doubts_most_first(tmp_path: Path) -> None:
+    from skinvlm.review import Finding, Item, ReviewState
+
+    def item(name: str, probability: float | None, *kinds: str) -> Item:
+        found = tuple(Finding(kind) for kind in kinds)
+        return Item(name, "train", 0, "건선", "정면", name, "text", found, probability)
+
+    records = [
+        item("sure", 0.99), item("unscored", None), item("doubted", 0.05), item("mismatch", 0.9, "mismatch"),
+        item("english", 0.7, "english"), item("half", 0.4), item("fairly sure", 0.8),
+    ]  # fmt: skip
+    state = ReviewState(records, tmp_path / "review.jsonl")
+    assert state.order == ["mismatch", "doubted", "half", "english", "fairly sure", "sure", "unscored"]
