@@ -1,4 +1,4 @@
-"""The helpers: doctor (what this machine can run) and demo (every stage on a synthetic set)."""
+"""The helpers: doctor (what this machine can run), demo (every stage on a synthetic set) and ui (one local page)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from skinvlm.cli.common import (
     WorkspaceOpt,
     command,
     err,
+    existing_workspace,
     global_option,
     out,
     print_json,
@@ -57,3 +58,24 @@ def demo(
     finally:
         live.close()
     render.demo_closing(out, result, load_rules(rules_path))
+
+
+@command()
+def ui(
+    workspace: WorkspaceOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 8770,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKINVLM_UI_TOKEN",
+            show_envvar=True,
+            metavar="<token>",
+            help="Access token the page needs (open it with ?token=...); required off loopback.",
+        ),
+    ] = None,
+) -> None:
+    """One local page for the whole cycle: the workspace, jobs (with Stop), training live, every eval run."""
+    from skinvlm.web.ui import serve
+
+    serve(existing_workspace(workspace), host=host, port=port, token=token, say=err.print)

@@ -153,7 +153,7 @@ def train(
 
     trainer.remove_callback(PrinterCallback)  # the JSONL log replaces dict printouts on stdout
     trainer.add_callback(log_callback(log_path, on_step))
-    chooser = choosing_callback(setup, rules, settings, on_step)
+    chooser = choosing_callback(setup, rules, settings, on_step, log_path)
     if chooser is not None:
         trainer.add_callback(chooser)
     vision = VisionCalls(trainer.model)
@@ -199,10 +199,11 @@ def train(
 
 
 def choosing_callback(
-    setup: Setup, rules: Rules, settings: TrainSettings, on_step: Callable[[dict[str, Any]], None] | None
+    setup: Setup, rules: Rules, settings: TrainSettings, on_step: Callable[[dict[str, Any]], None] | None, log: Path
 ) -> Any:
     """The callback that scores each evaluation and keeps the best adapter (selection.py); None without held-out
-    rows, where there is nothing to choose by."""
+    rows, where there is nothing to choose by. Each evaluation's scores also go to the training log, as a line
+    of their own, so a page drawing the run sees them as they come."""
     rows = eval_rows(setup.rows.data, settings)
     if rows is None:
         return None
@@ -211,8 +212,11 @@ def choosing_callback(
     )
 
     def shown(entry: dict[str, Any]) -> None:
+        scored = {f"eval_{k}": v for k, v in entry.items() if k not in ("step", "loss")} | {"step": entry["step"]}
+        with log.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(scored) + "\n")
         if on_step:
-            on_step({f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": entry["step"]})
+            on_step(scored | {"eval_loss": entry.get("loss")})
 
     # GRPO's trainer runs no evaluation of its own here: the scoring runs every --eval-steps steps instead.
     every = settings.eval_steps if settings.method == "grpo" else None

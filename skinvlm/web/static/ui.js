@@ -1,0 +1,196 @@
+// skinvlm ui: every string from the workspace reaches the page through textContent, never as HTML.
+"use strict";
+const csrf = document.querySelector('meta[name="csrf"]').content;
+const FORMS = {
+  train: [["method", "sft"], ["from", ""], ["model", ""], ["max-steps", ""], ["learning-rate", ""], ["eval-steps", ""],
+          ["config", ""], ["output", ""]],
+  eval: [["model-dir", ""], ["base-url", ""], ["name", ""], ["split", ""], ["limit", ""], ["config", ""]],
+  merge: [["adapter", ""], ["output", ""]],
+  describe: [["model", ""], ["base-url", ""], ["limit", ""], ["config", ""]],
+  fix: [], audit: [],
+};
+let shownRun = null;
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+function fixed(value) { return typeof value === "number" ? value.toFixed(4) : (value ?? "-"); }
+function row(cells) {
+  const tr = el("tr");
+  for (const cell of cells) { const td = el("td"); if (cell instanceof Node) td.append(cell); else td.textContent = cell ?? ""; tr.append(td); }
+  return tr;
+}
+async function get(path) {
+  const response = await fetch(path, { credentials: "same-origin" });
+  if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error || response.statusText);
+  return path.endsWith("/log") ? response.text() : response.json();
+}
+async function post(path, body) {
+  const response = await fetch(path, { method: "POST", credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body || {}) });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
+function showTab(name) {
+  document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === name));
+  document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+}
+
+async function overview() {
+  const found = await get("/api/overview");
+  document.getElementById("workspace").textContent = found.workspace;
+  const body = document.querySelector("#stages tbody");
+  body.replaceChildren(...found.stages.map((s) => {
+    const rows = Object.entries(s.rows || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+    const tr = row([s.name, rows, (s.finished || "").slice(0, 16), s.figures, (s.rerun || []).join(", ")]);
+    if (s.stale) tr.classList.add("stale");
+    return tr;
+  }));
+}
+
+function jobFields() {
+  const command = document.querySelector('#job-form select[name="command"]').value;
+  const box = document.getElementById("job-fields");
+  box.replaceChildren(...FORMS[command].map(([name, value]) => {
+    const label = el("label", name + " ");
+    label.append(el("input", null, { name, value, size: name === "model-dir" || name === "from" ? 30 : 12 }));
+    return label;
+  }));
+}
+
+async function startJob(event) {
+  event.preventDefault();
+  const form = event.target;
+  const fields = {};
+  form.querySelectorAll("#job-fields input").forEach((input) => { if (input.value) fields[input.name] = input.value; });
+  const error = document.getElementById("job-error");
+  error.textContent = "";
+  try {
+    await post("/api/jobs", { command: form.command.value, fields });
+    await jobs();
+  } catch (problem) { error.textContent = problem.message; }
+}
+
+async function jobs() {
+  const found = await get("/api/jobs");
+  const body = document.querySelector("#job-list tbody");
+  body.replaceChildren(...found.map((job) => {
+    const actions = el("span");
+    const log = el("button", "로그 Log", { type: "button" });
+    log.addEventListener("click", async () => { document.getElementById("job-log").textContent = await get(`/api/jobs/${job.id}/log`); });
+    actions.append(log);
+    if (job.status === "running") {
+      const stop = el("button", "중지 Stop", { type: "button", class: "stop" });
+      stop.addEventListener("click", async () => { await post(`/api/jobs/${job.id}/stop`); await jobs(); });
+      actions.append(stop);
+    }
+    const tr = row([el("code", job.command), job.status + (job.returncode !== null ? ` (${job.returncode})` : ""), job.started.slice(0, 19), actions]);
+    tr.dataset.job = job.id;
+    return tr;
+  }));
+}
+
+function draw(run) {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const w = 640, h = 260, pad = 30;
+  const key = run.points.some((p) => p.reward !== null && p.reward !== undefined) ? "reward" : "loss";
+  document.getElementById("curve-name").textContent = key === "reward" ? "mean reward" : "loss";
+  const curve = run.points.filter((p) => p[key] !== null && p[key] !== undefined);
+  const f1 = run.points.filter((p) => p.eval_macro_f1 !== null && p.eval_macro_f1 !== undefined);
+  const last = Math.max(1, run.max_steps || 0, ...run.points.map((p) => p.step));
+  const top = Math.max(1e-9, ...curve.map((p) => p[key]));
+  const x = (step) => pad + (w - 2 * pad) * step / last;
+  const y = (value, max) => h - pad - (h - 2 * pad) * value / max;
+  const nodes = [];
+  const axis = document.createElementNS(ns, "path");
+  axis.setAttribute("d", `M${pad},${pad} V${h - pad} H${w - pad}`);
+  axis.setAttribute("stroke", "#8a93a6"); axis.setAttribute("fill", "none");
+  nodes.push(axis);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", curve.map((p) => `${x(p.step).toFixed(1)},${y(p[key], top).toFixed(1)}`).join(" "));
+  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#2f6fdf"); line.setAttribute("stroke-width", "1.5");
+  line.setAttribute("class", "curve");
+  nodes.push(line);
+  for (const p of f1) {
+    const dot = document.createElementNS(ns, "circle");
+    dot.setAttribute("cx", x(p.step).toFixed(1)); dot.setAttribute("cy", y(p.eval_macro_f1, 1).toFixed(1));
+    dot.setAttribute("r", "3.5"); dot.setAttribute("fill", "#d2691e"); dot.setAttribute("class", "f1");
+    nodes.push(dot);
+  }
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", w - pad); label.setAttribute("y", h - 8); label.setAttribute("text-anchor", "end");
+  label.textContent = `step ${last}`;
+  nodes.push(label);
+  svg.replaceChildren(...nodes);
+  document.getElementById("step").textContent = `step ${run.step} / ${run.max_steps ?? "?"}`;
+  document.getElementById("speed").textContent = run.s_per_step ? `${run.s_per_step} s/step` : "-";
+  document.getElementById("eta").textContent = run.eta_s !== null && run.eta_s !== undefined && !run.finished ? `ETA ${run.eta_s} s` : (run.finished ? "finished" : "-");
+  document.getElementById("memory").textContent = run.peak_vram_mb ? `peak VRAM ${run.peak_vram_mb} MiB` : "CPU";
+  document.getElementById("eval-f1").textContent = f1.length ? f1[f1.length - 1].eval_macro_f1 : "-";
+  const settings = document.querySelector("#run-settings tbody");
+  settings.replaceChildren(...Object.entries(run.settings).filter(([, v]) => v !== null).map(([k, v]) => row([k, String(v)])),
+                           row(["best step", run.best_step ?? "-"]));
+}
+
+async function training() {
+  const runs = await get("/api/train");
+  const select = document.getElementById("run");
+  const names = runs.map((r) => r.name);
+  if (select.options.length !== names.length || [...select.options].some((o, i) => o.value !== names[i])) {
+    select.replaceChildren(...names.map((n) => el("option", n, { value: n })));
+    if (shownRun && names.includes(shownRun)) select.value = shownRun;
+  }
+  shownRun = select.value || names[0];
+  const run = runs.find((r) => r.name === shownRun);
+  if (run) draw(run);
+}
+
+async function evaluation() {
+  const runs = await get("/api/eval");
+  const body = document.querySelector("#eval-list tbody");
+  body.replaceChildren(...runs.map((r) => {
+    const open = el("button", r.name, { type: "button", "data-run": r.name });
+    open.addEventListener("click", () => evalDetail(r.name));
+    return row([open, r.n, fixed(r.accuracy), fixed(r.macro_f1), r.unparsed]);
+  }));
+}
+
+async function evalDetail(name) {
+  const run = await get(`/api/eval/${encodeURIComponent(name)}`);
+  const box = document.getElementById("eval-detail");
+  const figures = el("p");
+  const f1 = el("strong", fixed(run.macro_f1), { id: "detail-macro-f1" });
+  const interval = run.intervals && run.intervals.macro_f1 ? ` (95%: ${run.intervals.macro_f1.join(" - ")})` : "";
+  figures.append(`${run.name}: accuracy ${fixed(run.accuracy)}, macro F1 `, f1, `${interval}, ${run.n} photos, unparsed ${run.unparsed}`);
+  const parts = [el("h3", run.name), figures];
+  const perClass = el("table");
+  for (const [label, scores] of Object.entries(run.per_class || {})) {
+    perClass.append(row([label, `F1 ${scores["f1-score"] ?? scores.f1 ?? ""}`, `n ${scores.support ?? ""}`]));
+  }
+  parts.push(perClass);
+  for (const file of run.files) {
+    const path = `/eval/${encodeURIComponent(name)}/${file}`;
+    if (file.endsWith(".png")) parts.push(el("img", null, { src: path, alt: file, class: file.replace(".png", "") }));
+    else { const link = el("a", "report.html", { href: path, target: "_blank", rel: "noopener" }); parts.push(el("p")); parts[parts.length - 1].append(link); }
+  }
+  box.replaceChildren(...parts);
+}
+
+async function refresh() {
+  const tasks = [overview(), jobs(), training(), evaluation()];
+  await Promise.allSettled(tasks);
+}
+
+document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+document.querySelector('#job-form select[name="command"]').addEventListener("change", jobFields);
+document.getElementById("job-form").addEventListener("submit", startJob);
+document.getElementById("run").addEventListener("change", (e) => { shownRun = e.target.value; training(); });
+jobFields();
+refresh();
+setInterval(refresh, 1500);

@@ -1,0 +1,279 @@
+"""`skinvlm ui`: one local page over the workspace: what it holds (as `status`), jobs (the CLI's own commands run as
+child processes, with Stop), training live (loss or reward and held-out macro F1 against steps), and every eval
+run's figures. Served by uvicorn on 127.0.0.1 unless told otherwise, with the review page's safety (security.py):
+the Host check, CSRF on every change, the token off loopback, and a Content-Security-Policy that lets the page
+load nothing but its own files.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from skinvlm.errors import SkinvlmError, install_hint
+from skinvlm.web import jobs
+from skinvlm.web.security import WILDCARDS, BadRequest, HostCheck, Sessions, check_host, json_body, local_names
+from skinvlm.workspace import Workspace, read_manifest, secret_key, stage_status
+
+STATIC = Path(__file__).parent / "static"
+SESSION_COOKIE = "skinvlm_ui"
+TOKEN_COOKIE = "skinvlm_ui_token"
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+EVAL_FILES = ("confusion_matrix.png", "reliability.png", "report.html")
+# The fields each job's form may set, as the command's flags; anything else is refused.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "train": ("method", "from", "model", "backend", "max-steps", "learning-rate", "eval-steps", "config", "output"),
+    "eval": ("model-dir", "base-url", "model", "name", "split", "limit", "config"),
+    "describe": ("model", "base-url", "limit", "concurrency", "config"),
+    "merge": ("adapter", "output"),
+    "fix": (),
+    "audit": (),
+}
+SWITCHES = {"describe": ("template",), "eval": ("confusion-matrix", "constrained")}
+
+
+def job_argv(command: str, fields: dict[str, Any]) -> list[str]:
+    """A form's fields as `skinvlm COMMAND` flags: only the fields the command's form has, each a short string."""
+    if command not in FIELDS:
+        raise BadRequest(400, f"a job is one of {', '.join(FIELDS)}")
+    argv = [command]
+    for name, value in fields.items():
+        if name in SWITCHES.get(command, ()):
+            argv += [f"--{name}"] if value is True else []
+            continue
+        if name not in FIELDS[command]:
+            raise BadRequest(400, f"{command} takes no field {name!r}")
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str | int | float) or len(str(value)) > 500 or str(value).startswith("-"):
+            raise BadRequest(400, f"{name}: a value of up to 500 characters, not a flag")
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def train_runs(ws: Workspace) -> list[dict[str, Any]]:
+    """Every adapter folder under models/ with a training log: its settings, curve and headline figures."""
+    models = ws.root / "models"
+    found = []
+    for folder in sorted(models.iterdir()) if models.is_dir() else []:
+        log = folder / "train_log.jsonl"
+        if folder.is_dir() and log.is_file():
+            found.append(train_run(folder))
+    return found
+
+
+def train_run(folder: Path) -> dict[str, Any]:
+    entries = []
+    for line in (folder / "train_log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    points = [
+        {"step": e["step"], "loss": e.get("loss"), "reward": e.get("reward"), "eval_macro_f1": e.get("eval_macro_f1")}
+        for e in entries
+        if "loss" in e or "eval_macro_f1" in e
+    ]
+    timed = [e for e in entries if "loss" in e and "seconds" in e]
+    last = timed[-1] if timed else {}
+    per_step = last["seconds"] / last["step"] if last.get("step") else None
+    settings = {}
+    if (folder / "train_settings.json").is_file():
+        settings = json.loads((folder / "train_settings.json").read_text(encoding="utf-8"))
+    total = settings.get("max_steps")
+    counts = (read_manifest(folder) or {}).get("counts", {})
+    peaks = [e["peak_vram_mb"] for e in entries if e.get("peak_vram_mb") is not None]
+    return {
+        "name": folder.name,
+        "points": points,
+        "step": last.get("step", 0),
+        "max_steps": total,
+        "s_per_step": round(per_step, 3) if per_step else None,
+        "eta_s": round(per_step * (total - last["step"])) if per_step and total else None,
+        "peak_vram_mb": max(peaks) if peaks else None,
+        "finished": bool(counts),
+        "best_step": counts.get("best_step"),
+        "settings": {k: settings.get(k) for k in ("method", "from_adapter", "model", "backend", "learning_rate",
+                                                  "max_steps", "eval_steps", "lora_r", "max_pixels")},
+    }  # fmt: skip
+
+
+def eval_runs(ws: Workspace) -> list[dict[str, Any]]:
+    runs = []
+    for folder in sorted(ws.eval_root.iterdir()) if ws.eval_root.is_dir() else []:
+        metrics = folder / "metrics.json"
+        if metrics.is_file():
+            found = json.loads(metrics.read_text(encoding="utf-8"))
+            runs.append({k: found.get(k) for k in ("name", "n", "accuracy", "macro_f1", "unparsed", "backend")})
+    return runs
+
+
+def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
+    folder = ws.eval_run(name)
+    if not (folder / "metrics.json").is_file() or folder.parent != ws.eval_root:
+        raise BadRequest(404, f"no eval run {name!r}")
+    found = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    keep = ("name", "n", "accuracy", "macro_f1", "unparsed", "intervals", "per_class", "per_view", "labels",
+            "confusion_matrix", "selective", "patients", "ci_method")  # fmt: skip
+    return {k: found.get(k) for k in keep} | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
+
+
+def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    def refused(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def checked(request: Request) -> tuple[str, dict[str, str]] | JSONResponse:
+        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+        if token and not hmac.compare_digest(given.encode(), token.encode()):
+            return refused(401, "this page needs its access token: open it with ?token=...")
+        session_id, session = sessions.get(request.cookies.get(SESSION_COOKIE), None)
+        if request.method == "POST" and not hmac.compare_digest(
+            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
+        ):
+            return refused(403, "this page is out of date: reload it")
+        return session_id, session
+
+    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            found = checked(request)
+            if isinstance(found, JSONResponse):
+                return found
+            try:
+                response = await handler(request)
+            except BadRequest as problem:
+                return refused(problem.status, str(problem))
+            except SkinvlmError as problem:
+                return refused(409, str(problem))
+            return with_cookies(response, request, found[0])
+
+        return endpoint
+
+    def with_cookies(response: Response, request: Request, session_id: str) -> Response:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
+        if token and request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    async def page(request: Request) -> Response:
+        found = checked(request)
+        if isinstance(found, JSONResponse):
+            return HTMLResponse("<p>This page needs its access token: open the address with ?token=...</p>", 401)
+        html = (STATIC / "ui.html").read_text(encoding="utf-8").replace("__CSRF__", found[1]["csrf"])
+        return with_cookies(HTMLResponse(html), request, found[0])
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in ("ui.js", "ui.css"):
+            return PlainTextResponse("not found", 404)
+        return FileResponse(STATIC / name)
+
+    @guarded
+    async def overview(request: Request) -> Response:
+        from skinvlm.render import stage_json
+
+        stages = [stage_json(s) for s in stage_status(ws)]
+        return JSONResponse({"workspace": str(ws.root), "stages": stages})
+
+    @guarded
+    async def job_list(request: Request) -> Response:
+        return JSONResponse([job.as_json() for job in jobs.list_jobs(ws)])
+
+    @guarded
+    async def job_start(request: Request) -> Response:
+        body = await json_body(request)
+        fields = body.get("fields") or {}
+        if not isinstance(fields, dict):
+            raise BadRequest(400, "fields must be an object")
+        return JSONResponse(jobs.start(ws, job_argv(str(body.get("command")), fields)).as_json())
+
+    @guarded
+    async def job_stop(request: Request) -> Response:
+        return JSONResponse(jobs.stop(ws, request.path_params["job_id"]).as_json())
+
+    @guarded
+    async def job_log(request: Request) -> Response:
+        return PlainTextResponse(jobs.log_tail(ws, request.path_params["job_id"]))
+
+    @guarded
+    async def training(request: Request) -> Response:
+        return JSONResponse(train_runs(ws))
+
+    @guarded
+    async def evaluations(request: Request) -> Response:
+        return JSONResponse(eval_runs(ws))
+
+    @guarded
+    async def evaluation(request: Request) -> Response:
+        return JSONResponse(eval_run(ws, request.path_params["name"]))
+
+    @guarded
+    async def eval_file(request: Request) -> Response:
+        name, file = request.path_params["name"], request.path_params["file"]
+        eval_run(ws, name)  # exists, and is a run of this workspace
+        if file not in EVAL_FILES or not (ws.eval_run(name) / file).is_file():
+            raise BadRequest(404, f"no {file} in eval run {name!r}")
+        return FileResponse(ws.eval_run(name) / file)
+
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/static/{name:str}", static),
+            Route("/api/overview", overview),
+            Route("/api/jobs", job_list),
+            Route("/api/jobs", job_start, methods=["POST"]),
+            Route("/api/jobs/{job_id:str}/stop", job_stop, methods=["POST"]),
+            Route("/api/jobs/{job_id:str}/log", job_log),
+            Route("/api/train", training),
+            Route("/api/eval", evaluations),
+            Route("/api/eval/{name:str}", evaluation),
+            Route("/eval/{name:str}/{file:str}", eval_file),
+        ]
+    )
+    return HostCheck(SecurityHeaders(app), local_names(bind), any_address=bind in WILDCARDS)
+
+
+class SecurityHeaders:
+    """Every response says: load nothing from elsewhere (CSP), sniff no types, send no referrer."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                         (b"referrer-policy", b"no-referrer")]  # fmt: skip
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def serve(ws: Workspace, *, host: str, port: int, token: str | None, say: Callable[[str], None]) -> None:
+    """Serve the page until Ctrl-C or SIGTERM; jobs started from it go on after it stops."""
+    check_host(host, token)
+    try:
+        import uvicorn
+    except ImportError:
+        raise SkinvlmError(f"skinvlm ui needs the review extra: {install_hint('review')}") from None
+    if not 0 < port < 65536:
+        raise SkinvlmError(f"--port must be 1-65535, not {port}")
+    app = create_app(ws, Sessions("ui", secret_key(ws.review_key)), token, host)
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
+    say(f"skinvlm ui for {ws.root}: {where} (Ctrl-C stops the page; running jobs go on)")
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit:  # uvicorn's way of saying it could not bind
+        raise SkinvlmError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None

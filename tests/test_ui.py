@@ -1,0 +1,142 @@
+"""`skinvlm ui` served for real (a child process on 127.0.0.1) over a described workspace and the tiny model: the
+Host check and CSRF over HTTP; then in Chromium, a training job started from the form whose step counter and chart
+advance without a reload, stopped with a checkpoint kept; an eval run's macro F1 and confusion matrix; and every
+request the page makes stays on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_endpoints import free_port
+
+from skinvlm.demo.pipeline import TINY_RECIPE
+from skinvlm.web.security import BadRequest
+from skinvlm.web.ui import job_argv
+
+CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def ui(described: Path) -> Iterator[str]:
+    port = free_port()
+    command = [sys.executable, "-m", "skinvlm", "ui", "-w", str(described), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/jobs", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, server.stderr.read() if server.poll() else ""
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def wait_until(condition, seconds: float) -> None:  # the page's CSP refuses the string-evaluated waits of Playwright
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def status_of(url: str, path: str = "/", host: str | None = None, data: bytes | None = None) -> int:
+    request = urllib.request.Request(url + path, data=data, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_ui_answers_only_this_machine_and_changes_nothing_without_its_csrf_token(ui: str) -> None:
+    port = ui.rsplit(":", 1)[1]
+    for path in ("/", "/api/overview", "/api/jobs"):
+        assert status_of(ui, path, host=f"evil.example:{port}") == 421
+        assert status_of(ui, path, host=f"127.0.0.1.evil.example:{port}") == 421
+        assert status_of(ui, path) == 200
+    assert status_of(ui, "/api/jobs", host="evil.example", data=b'{"command": "fix"}') == 421
+    assert status_of(ui, "/api/jobs", data=b'{"command": "fix"}') == 403, "no CSRF token: nothing starts"
+    with urllib.request.urlopen(ui + "/", timeout=10) as response:
+        csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+
+
+def test_a_form_becomes_the_cli_command_and_nothing_else() -> None:
+    assert job_argv("train", {"max-steps": "20", "method": "grpo", "from": "models/adapter"}) == [
+        "train", "--max-steps", "20", "--method", "grpo", "--from", "models/adapter",
+    ]  # fmt: skip
+    assert job_argv("eval", {"confusion-matrix": True, "name": "a"}) == ["eval", "--confusion-matrix", "--name", "a"]
+    for command, fields, message in (
+        ("rm", {}, "a job is one of"),
+        ("train", {"resume": "1"}, "takes no field 'resume'"),
+        ("train", {"output": "--gpu"}, "not a flag"),
+    ):
+        with pytest.raises(BadRequest, match=message):
+            job_argv(command, fields)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium (or set SKINVLM_CHROMIUM)")
+def test_train_from_the_page_watch_it_live_stop_it_and_read_an_eval_run(ui: str, described: Path, tiny: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    recipe = TINY_RECIPE | {"max_steps": 3000, "save_steps": 1000, "eval_rows": 8, "eval_steps": 5}
+    (described / "run.toml").write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in recipe.items()))
+    scored = run_cli("eval", "-w", described, "--model-dir", tiny, "--name", "base", "--limit", "12",
+                     "--labels-only", "--confusion-matrix")  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads((described / "eval" / "base" / "metrics.json").read_text())
+    requests: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(ui + "/")
+        page.click('button[data-tab="jobs"]')
+        page.select_option('#job-form select[name="command"]', "train")
+        page.fill('#job-fields input[name="model"]', str(tiny))
+        page.fill('#job-fields input[name="config"]', str(described / "run.toml"))
+        page.click("#start")
+        page.wait_for_selector("#job-list button.stop", timeout=30_000)
+        page.click('button[data-tab="training"]')
+        wait_until(lambda: (page.text_content("#step") or "").startswith("step "), 120)
+        seen = []
+        deadline = time.time() + 180
+        while len(set(seen)) < 3:  # the counter moves on by itself: no reload
+            assert time.time() < deadline, seen
+            seen.append(page.text_content("#step"))
+            time.sleep(1)
+        points = page.eval_on_selector("#chart polyline.curve", "line => line.points.numberOfItems")
+        page.wait_for_selector("#chart circle.f1", timeout=120_000)  # held-out macro F1 at an evaluation
+        assert points > 1 and page.evaluate("() => performance.getEntriesByType('navigation').length") == 1
+        page.click('button[data-tab="jobs"]')
+        page.click("#job-list button.stop")
+        wait_until(
+            lambda: any(td.text_content().startswith("stopped") for td in page.query_selector_all("#job-list td")), 120
+        )
+        page.click('button[data-tab="evaluation"]')
+        page.click('#eval-list button[data-run="base"]')
+        page.wait_for_selector("#detail-macro-f1")
+        assert page.text_content("#detail-macro-f1") == f"{metrics['macro_f1']:.4f}", "as metrics.json has it"
+        assert page.eval_on_selector("img.confusion_matrix", "img => img.complete && img.naturalWidth") > 0
+        browser.close()
+    assert list((described / "models" / "adapter" / "checkpoints").glob("checkpoint-*")), "Stop kept a checkpoint"
+    jobs = [json.loads(p.read_text()) for p in (described / "jobs").glob("*.json")]
+    assert [job["status"] for job in jobs] == ["stopped"] and jobs[0]["argv"][0] == "train"
+    outside = [url for url in requests if not url.startswith(ui + "/")]
+    assert not outside, f"the page fetched from elsewhere: {outside}"
