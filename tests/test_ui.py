@@ -5,6 +5,7 @@ request the page makes stays on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
@@ -27,25 +29,58 @@ from skinvlm.web.ui import job_argv
 CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture
-def ui(described: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(workspace: Path) -> Iterator[str]:
+    """`skinvlm ui` on a free port of 127.0.0.1 until the block ends; its address."""
     port = free_port()
-    command = [sys.executable, "-m", "skinvlm", "ui", "-w", str(described), "--port", str(port)]
+    command = [sys.executable, "-m", "skinvlm", "ui", "-w", str(workspace), "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/api/jobs", timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, server.stderr.read() if server.poll() else ""
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    while not answers(url):
+        assert time.time() < deadline and server.poll() is None, server.stderr.read() if server.poll() else ""
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def answers(url: str) -> bool:
+    try:
+        return status_of(url, "/api/jobs") == 200
+    except OSError:  # not listening yet
+        return False
+
+
+@pytest.fixture
+def ui(described: Path) -> Iterator[str]:
+    with serving(described) as url:
+        yield url
+    from skinvlm.web import jobs
+    from skinvlm.workspace import Workspace
+
+    for job in jobs.list_jobs(Workspace.open(described)):  # a test that failed midway leaves no job running
+        if job.status == "running":
+            jobs.stop(Workspace.open(described), job.id)
+
+
+class Browser:
+    """A page's session over HTTP: its cookie and CSRF token, as the page's script sends them."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.opener = url, urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        page = self.opener.open(url + "/").read().decode()
+        self.csrf = page.split('<meta name="csrf" content="')[1].split('"')[0]
+
+    def get(self, path: str) -> object:
+        return json.loads(self.opener.open(self.url + path).read())
+
+    def post(self, path: str, body: dict) -> object:
+        headers = {"Content-Type": "application/json", "X-CSRF-Token": self.csrf}
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers=headers)
+        return json.loads(self.opener.open(request).read())
 
 
 def wait_until(condition, seconds: float) -> None:  # the page's CSP refuses the string-evaluated waits of Playwright
@@ -77,6 +112,24 @@ def test_ui_answers_only_this_machine_and_changes_nothing_without_its_csrf_token
     assert "default-src 'none'" in csp and "script-src 'self'" in csp
 
 
+def test_a_job_is_the_cli_command_one_at_a_time_and_outlives_the_ui(described: Path) -> None:
+    with serving(described) as url:
+        browser = Browser(url)
+        job = browser.post("/api/jobs", {"command": "audit", "fields": {}})
+        assert isinstance(job, dict) and job["command"].startswith("skinvlm audit") and job["status"] == "running"
+        with pytest.raises(urllib.error.HTTPError) as second:
+            browser.post("/api/jobs", {"command": "fix", "fields": {}})
+        assert second.value.code == 409 and "one job at a time" in json.loads(second.value.read())["error"]
+        wait_until(lambda: browser.get("/api/jobs")[0]["status"] != "running", 120)  # type: ignore[index]
+    with serving(described) as again:  # a new ui: the job and how it ended are still there
+        shown = Browser(again).get("/api/jobs")
+        assert isinstance(shown, list) and [j["status"] for j in shown] == ["finished"] and shown[0]["returncode"] == 0
+        log = Browser(again).opener.open(f"{again}/api/jobs/{shown[0]['id']}/log").read().decode()
+        assert "audit" in log.lower()
+        overview = Browser(again).get("/api/overview")
+        assert isinstance(overview, dict) and overview["next"] == "train", "described and fixed: training is next"
+
+
 def test_a_form_becomes_the_cli_command_and_nothing_else() -> None:
     assert job_argv("train", {"max-steps": "20", "method": "grpo", "from": "models/adapter"}) == [
         "train", "--max-steps", "20", "--method", "grpo", "--from", "models/adapter",
@@ -100,6 +153,8 @@ def test_train_from_the_page_watch_it_live_stop_it_and_read_an_eval_run(ui: str,
     scored = run_cli("eval", "-w", described, "--model-dir", tiny, "--name", "base", "--limit", "12",
                      "--labels-only", "--confusion-matrix")  # fmt: skip
     assert scored.returncode == 0, scored.stderr
+    again = run_cli("eval", "-w", described, "--model-dir", tiny, "--name", "again", "--limit", "12", "--labels-only")
+    assert again.returncode == 0, again.stderr
     metrics = json.loads((described / "eval" / "base" / "metrics.json").read_text())
     requests: list[str] = []
     with sync_api.sync_playwright() as playwright:
@@ -134,6 +189,10 @@ def test_train_from_the_page_watch_it_live_stop_it_and_read_an_eval_run(ui: str,
         page.wait_for_selector("#detail-macro-f1")
         assert page.text_content("#detail-macro-f1") == f"{metrics['macro_f1']:.4f}", "as metrics.json has it"
         assert page.eval_on_selector("img.confusion_matrix", "img => img.complete && img.naturalWidth") > 0
+        page.select_option("#first", "base")
+        page.select_option("#second", "again")
+        page.click("#compare")
+        wait_until(lambda: "McNemar" in (page.text_content("#compared") or ""), 60)  # the paired test
         browser.close()
     assert list((described / "models" / "adapter" / "checkpoints").glob("checkpoint-*")), "Stop kept a checkpoint"
     jobs = [json.loads(p.read_text()) for p in (described / "jobs").glob("*.json")]

@@ -35,7 +35,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "fix": (),
     "audit": (),
 }
-SWITCHES = {"describe": ("template",), "eval": ("confusion-matrix", "constrained")}
+SWITCHES = {  # check boxes: a flag without a value
+    "describe": ("dry-run", "template"), "train": ("dry-run",), "fix": ("dry-run",),
+    "eval": ("confusion-matrix", "constrained"),
+}  # fmt: skip
 
 
 def job_argv(command: str, fields: dict[str, Any]) -> list[str]:
@@ -55,6 +58,22 @@ def job_argv(command: str, fields: dict[str, Any]) -> list[str]:
             raise BadRequest(400, f"{name}: a value of up to 500 characters, not a flag")
         argv += [f"--{name}", str(value)]
     return argv
+
+
+NEXT = {  # the command that makes each stage, in pipeline order
+    "ingested": "skinvlm ingest SRC", "described": "describe", "fixed": "fix", "adapter": "train", "merged": "merge",
+}  # fmt: skip
+
+
+def next_step(stages: list[dict[str, Any]]) -> str:
+    """What to run next: what a stale stage needs, else the first stage not made yet, else an evaluation."""
+    for stage in stages:
+        if stage["stale"]:
+            return " then ".join(stage["rerun"])
+    for stage in stages:
+        if stage["name"] in NEXT and not stage["present"]:
+            return NEXT[stage["name"]]
+    return "eval"
 
 
 def train_runs(ws: Workspace) -> list[dict[str, Any]]:
@@ -183,7 +202,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         from skinvlm.render import stage_json
 
         stages = [stage_json(s) for s in stage_status(ws)]
-        return JSONResponse({"workspace": str(ws.root), "stages": stages})
+        return JSONResponse({"workspace": str(ws.root), "stages": stages, "next": next_step(stages)})
 
     @guarded
     async def job_list(request: Request) -> Response:
@@ -218,6 +237,17 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(eval_run(ws, request.path_params["name"]))
 
     @guarded
+    async def compare(request: Request) -> Response:
+        from skinvlm.evaluate import compare as compare_runs
+        from skinvlm.rules import load_rules, resolve_rules_path
+
+        names = [request.query_params.get("first", ""), request.query_params.get("second", "")]
+        for name in names:
+            eval_run(ws, name)
+        compared = compare_runs(ws, names, load_rules(resolve_rules_path(None, ws.root)))
+        return JSONResponse(compared["paired"][0])
+
+    @guarded
     async def eval_file(request: Request) -> Response:
         name, file = request.path_params["name"], request.path_params["file"]
         eval_run(ws, name)  # exists, and is a run of this workspace
@@ -237,6 +267,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             Route("/api/train", training),
             Route("/api/eval", evaluations),
             Route("/api/eval/{name:str}", evaluation),
+            Route("/api/compare", compare),
             Route("/eval/{name:str}/{file:str}", eval_file),
         ]
     )

@@ -1,6 +1,8 @@
 // skinvlm ui: every string from the workspace reaches the page through textContent, never as HTML.
 "use strict";
 const csrf = document.querySelector('meta[name="csrf"]').content;
+const SWITCHES = { describe: [["dry-run", true], ["template", false]], train: [["dry-run", false]],
+  fix: [["dry-run", false]], eval: [["confusion-matrix", true], ["constrained", false]] };
 const FORMS = {
   train: [["method", "sft"], ["from", ""], ["model", ""], ["max-steps", ""], ["learning-rate", ""], ["eval-steps", ""],
           ["config", ""], ["output", ""]],
@@ -44,6 +46,7 @@ function showTab(name) {
 async function overview() {
   const found = await get("/api/overview");
   document.getElementById("workspace").textContent = found.workspace;
+  document.getElementById("next").textContent = found.next;
   const body = document.querySelector("#stages tbody");
   body.replaceChildren(...found.stages.map((s) => {
     const rows = Object.entries(s.rows || {}).map(([k, v]) => `${k} ${v}`).join(", ");
@@ -56,18 +59,28 @@ async function overview() {
 function jobFields() {
   const command = document.querySelector('#job-form select[name="command"]').value;
   const box = document.getElementById("job-fields");
-  box.replaceChildren(...FORMS[command].map(([name, value]) => {
+  const inputs = FORMS[command].map(([name, value]) => {
     const label = el("label", name + " ");
     label.append(el("input", null, { name, value, size: name === "model-dir" || name === "from" ? 30 : 12 }));
     return label;
-  }));
+  });
+  const boxes = (SWITCHES[command] || []).map(([name, on]) => {
+    const label = el("label", name + " ");
+    const box = el("input", null, { name, type: "checkbox" });
+    box.checked = on;
+    label.append(box);
+    return label;
+  });
+  box.replaceChildren(...inputs, ...boxes);
 }
 
 async function startJob(event) {
   event.preventDefault();
   const form = event.target;
   const fields = {};
-  form.querySelectorAll("#job-fields input").forEach((input) => { if (input.value) fields[input.name] = input.value; });
+  form.querySelectorAll("#job-fields input").forEach((input) => {
+    if (input.type === "checkbox") { if (input.checked) fields[input.name] = true; } else if (input.value) fields[input.name] = input.value;
+  });
   const error = document.getElementById("job-error");
   error.textContent = "";
   try {
@@ -151,8 +164,29 @@ async function training() {
   if (run) draw(run);
 }
 
+async function compareRuns() {
+  const first = document.getElementById("first").value, second = document.getElementById("second").value;
+  const box = document.getElementById("compared");
+  try {
+    const pair = await get(`/api/compare?first=${encodeURIComponent(first)}&second=${encodeURIComponent(second)}`);
+    const d = pair.difference, m = pair.mcnemar;
+    box.textContent = `${second} - ${first} on ${pair.n} photos: accuracy ${d.accuracy.value} (95% ${d.accuracy.interval.join(" to ")}), ` +
+      `macro F1 ${d.macro_f1.value} (95% ${d.macro_f1.interval.join(" to ")}), resampled by ${pair.resampled}; ` +
+      `McNemar: ${m.only_second_right} right only in ${second}, ${m.only_first_right} only in ${first}, p = ${m.p_value}`;
+  } catch (problem) { box.textContent = problem.message; }
+}
+
 async function evaluation() {
   const runs = await get("/api/eval");
+  for (const id of ["first", "second"]) {
+    const select = document.getElementById(id);
+    const names = runs.map((r) => r.name);
+    if ([...select.options].map((o) => o.value).join() !== names.join()) {
+      const kept = select.value;
+      select.replaceChildren(...names.map((n) => el("option", n, { value: n })));
+      if (names.includes(kept)) select.value = kept;
+    }
+  }
   const body = document.querySelector("#eval-list tbody");
   body.replaceChildren(...runs.map((r) => {
     const open = el("button", r.name, { type: "button", "data-run": r.name });
@@ -174,6 +208,13 @@ async function evalDetail(name) {
     perClass.append(row([label, `F1 ${scores["f1-score"] ?? scores.f1 ?? ""}`, `n ${scores.support ?? ""}`]));
   }
   parts.push(perClass);
+  const perView = el("table");
+  const viewIntervals = (run.intervals || {}).per_view || {};
+  for (const [view, accuracy] of Object.entries(run.per_view || {})) {
+    const interval = viewIntervals[view] ? ` (95%: ${viewIntervals[view].join(" - ")})` : "";
+    perView.append(row([view, `accuracy ${fixed(accuracy)}${interval}`]));
+  }
+  parts.push(perView);
   for (const file of run.files) {
     const path = `/eval/${encodeURIComponent(name)}/${file}`;
     if (file.endsWith(".png")) parts.push(el("img", null, { src: path, alt: file, class: file.replace(".png", "") }));
@@ -190,6 +231,7 @@ async function refresh() {
 document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 document.querySelector('#job-form select[name="command"]').addEventListener("change", jobFields);
 document.getElementById("job-form").addEventListener("submit", startJob);
+document.getElementById("compare").addEventListener("click", compareRuns);
 document.getElementById("run").addEventListener("change", (e) => { shownRun = e.target.value; training(); });
 jobFields();
 refresh();
