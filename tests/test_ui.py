@@ -110,6 +110,12 @@ def test_ui_answers_only_this_machine_and_changes_nothing_without_its_csrf_token
     with urllib.request.urlopen(ui + "/", timeout=10) as response:
         csp = response.headers["Content-Security-Policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    # The review tab: the clinicians' page under /review/, its requests relative to it.
+    assert status_of(ui, "/review/", host=f"evil.example:{port}") == 421
+    review = Browser(ui + "/review")
+    first = review.get("/api/next")
+    assert isinstance(first, dict) and first["id"], first
+    assert status_of(ui, f"/review/image/{first['id']}") == 200
 
 
 def test_a_job_is_the_cli_command_one_at_a_time_and_outlives_the_ui(described: Path) -> None:

@@ -263,6 +263,18 @@ def create_app(
     return HostCheck(app, local_names(bind), any_address=bind in WILDCARDS)
 
 
+def review_app(
+    ws: Workspace, rules: Rules, state: ReviewState, stage: str, reviewer: str, token: str | None, bind: str
+) -> Any:
+    """The review page over the workspace's photos: `review` serves it alone, `ui` under /review/ (the page's own
+    requests are relative, so it works at either place)."""
+    from datasets import Image, load_from_disk
+
+    ingested = load_from_disk(str(ws.require("ingested")))
+    images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
+    return create_app(state, images, rules, Sessions(reviewer, review_key(ws)), token, stage, bind)
+
+
 def serve(
     ws: Workspace,
     rules: Rules,
@@ -283,12 +295,8 @@ def serve(
         raise SkinvlmError(f"skinvlm review needs the review extra: {install_hint('review')}") from None
     if not 0 < port < 65536:
         raise SkinvlmError(f"--port must be 1-65535, not {port}")
-    from datasets import Image, load_from_disk
-
-    ingested = load_from_disk(str(ws.require("ingested")))
-    images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
     name = reviewer or os.environ.get("USER") or "reviewer"
-    app = create_app(state, images, rules, Sessions(name, review_key(ws)), token, stage, host)
+    app = review_app(ws, rules, state, stage, name, token, host)
     shown = progress(state)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
     say(f"review of {stage}: {where} (reviewer {name}; {shown['reviewed']:,} of {shown['records']:,} records "

@@ -143,11 +143,30 @@ def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
     return {k: found.get(k) for k in keep} | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
 
 
+def review_tab(ws: Workspace, token: str | None, bind: str) -> tuple[Any, str]:
+    """The review page for the /review/ tab, or why there is none yet (no described stage)."""
+    import os
+
+    from skinvlm.review import open_review
+    from skinvlm.rules import load_rules, resolve_rules_path
+    from skinvlm.web.review import review_app
+
+    try:
+        rules = load_rules(resolve_rules_path(None, ws.root))
+        state, stage = open_review(ws, rules, None, 0.0)
+        reviewer = os.environ.get("USER") or "reviewer"
+        return review_app(ws, rules, state, stage, reviewer, token, bind), ""
+    except SkinvlmError as problem:
+        return None, str(problem)
+
+
 def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
-    from starlette.routing import Route
+    from starlette.routing import Mount, Route
+
+    review, no_review = review_tab(ws, token, bind)
 
     def refused(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -202,7 +221,8 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         from skinvlm.render import stage_json
 
         stages = [stage_json(s) for s in stage_status(ws)]
-        return JSONResponse({"workspace": str(ws.root), "stages": stages, "next": next_step(stages)})
+        found = {"workspace": str(ws.root), "stages": stages, "next": next_step(stages), "review": no_review or None}
+        return JSONResponse(found)
 
     @guarded
     async def job_list(request: Request) -> Response:
@@ -269,6 +289,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             Route("/api/eval/{name:str}", evaluation),
             Route("/api/compare", compare),
             Route("/eval/{name:str}/{file:str}", eval_file),
+            *([Mount("/review", review)] if review is not None else []),
         ]
     )
     return HostCheck(SecurityHeaders(app), local_names(bind), any_address=bind in WILDCARDS)
@@ -281,6 +302,10 @@ class SecurityHeaders:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("path", "").startswith("/review/"):  # the review page's own rules (it inlines its script)
+            await self.app(scope, receive, send)
+            return
+
         async def with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 extra = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),

@@ -47,6 +47,7 @@ async function overview() {
   const found = await get("/api/overview");
   document.getElementById("workspace").textContent = found.workspace;
   document.getElementById("next").textContent = found.next;
+  document.getElementById("no-review").textContent = found.review ? `(not yet: ${found.review})` : "";
   const body = document.querySelector("#stages tbody");
   body.replaceChildren(...found.stages.map((s) => {
     const rows = Object.entries(s.rows || {}).map(([k, v]) => `${k} ${v}`).join(", ");
