@@ -11,7 +11,7 @@ from skinvlm.cli import app
 
 COMMANDS = [
     "ingest", "status", "describe", "audit", "fix", "publish", "review", "train", "merge", "serve", "eval", "doctor",
-    "demo",
+    "demo", "ui",
 ]  # fmt: skip
 
 
