@@ -17,7 +17,7 @@ from skinvlm import devices
 from skinvlm.errors import SkinvlmError, install_hint
 from skinvlm.rules import Rules
 from skinvlm.train.rows import training_stage
-from skinvlm.train_settings import TrainSettings
+from skinvlm.train_settings import DEFAULT_BASE, DEFAULT_MAX_PIXELS, TrainSettings
 from skinvlm.workspace import Workspace
 
 UNSLOTH_ZOO_PIN = "unsloth_zoo==2026.10.9"
@@ -77,7 +77,6 @@ def default_output(ws: Workspace, method: str) -> Path:
 def start_from_adapter(settings: TrainSettings, classes: list[str]) -> None:
     """GRPO continues an SFT adapter: its base model and image resolution are the run's (the photos must reach the
     model as they did in SFT), and its classes must be the rule file's."""
-    from skinvlm.train_settings import DEFAULT_BASE, DEFAULT_MAX_PIXELS
     from skinvlm.vlm import read_settings
 
     folder = Path(settings.from_adapter or "").resolve()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from skinvlm.errors import SkinvlmError, install_hint
+from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
 from skinvlm.rules import Rules
@@ -26,9 +26,11 @@ from skinvlm.web.security import (
     BadRequest,
     HostCheck,
     Sessions,
-    check_host,
+    address,
+    check_serving,
     json_body,
     local_names,
+    run_server,
     script_json,
 )
 from skinvlm.workspace import Workspace, secret_key
@@ -288,22 +290,10 @@ def serve(
     say: Callable[[str], None],
 ) -> None:
     """Serve the page until Ctrl-C or SIGTERM (every decision is on disk already when the page moves on)."""
-    check_host(host, token)
-    try:
-        import uvicorn
-    except ImportError:
-        raise SkinvlmError(f"skinvlm review needs the review extra: {install_hint('review')}") from None
-    if not 0 < port < 65536:
-        raise SkinvlmError(f"--port must be 1-65535, not {port}")
+    check_serving("review", host, port, token)
     name = reviewer or os.environ.get("USER") or "reviewer"
     app = review_app(ws, rules, state, stage, name, token, host)
     shown = progress(state)
-    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
-    say(f"review of {stage}: {where} (reviewer {name}; {shown['reviewed']:,} of {shown['records']:,} records "
-        "reviewed; Ctrl-C stops)")  # fmt: skip
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    try:
-        server.run()
-    except SystemExit:  # uvicorn's way of saying it could not bind
-        raise SkinvlmError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
+    say(f"review of {stage}: {address(host, port, token)} (reviewer {name}; {shown['reviewed']:,} of "
+        f"{shown['records']:,} records reviewed; Ctrl-C stops)")  # fmt: skip
+    run_server(app, host, port)

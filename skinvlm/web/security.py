@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.util
 import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from skinvlm.errors import SkinvlmError
+from skinvlm.errors import SkinvlmError, install_hint
 
 MAX_BODY = 64 * 1024  # a decision with the longest edited text is a few KiB; anything larger is refused unread
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -132,3 +133,28 @@ def script_json(value: Any) -> str:
 def check_host(host: str, token: str | None) -> None:
     if host not in LOOPBACK and not token:
         raise SkinvlmError(f"--host {host} opens the review to the network: set --token (or SKINVLM_REVIEW_TOKEN) too")
+
+
+def check_serving(command: str, host: str, port: int, token: str | None) -> None:
+    """What a page's server needs before it starts: the token off loopback, uvicorn, a port that can be one."""
+    check_host(host, token)
+    if importlib.util.find_spec("uvicorn") is None:
+        raise SkinvlmError(f"skinvlm {command} needs the review extra: {install_hint('review')}")
+    if not 0 < port < 65536:
+        raise SkinvlmError(f"--port must be 1-65535, not {port}")
+
+
+def address(host: str, port: int, token: str | None) -> str:
+    """The page's address as the user opens it (an IPv6 host in brackets; the token left for them to fill)."""
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
+
+
+def run_server(app: Any, host: str, port: int) -> None:
+    """uvicorn until Ctrl-C or SIGTERM; no access log (it would print the token of a ?token= address)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit:  # uvicorn's way of saying it could not bind
+        raise SkinvlmError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None

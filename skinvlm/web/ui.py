@@ -13,9 +13,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from skinvlm.errors import SkinvlmError, install_hint
+from skinvlm.errors import SkinvlmError
 from skinvlm.web import jobs
-from skinvlm.web.security import WILDCARDS, BadRequest, HostCheck, Sessions, check_host, json_body, local_names
+from skinvlm.web.security import (
+    WILDCARDS,
+    BadRequest,
+    HostCheck,
+    Sessions,
+    address,
+    check_serving,
+    json_body,
+    local_names,
+    run_server,
+)
 from skinvlm.workspace import Workspace, read_manifest, secret_key, stage_status
 
 STATIC = Path(__file__).parent / "static"
@@ -318,18 +328,7 @@ class SecurityHeaders:
 
 def serve(ws: Workspace, *, host: str, port: int, token: str | None, say: Callable[[str], None]) -> None:
     """Serve the page until Ctrl-C or SIGTERM; jobs started from it go on after it stops."""
-    check_host(host, token)
-    try:
-        import uvicorn
-    except ImportError:
-        raise SkinvlmError(f"skinvlm ui needs the review extra: {install_hint('review')}") from None
-    if not 0 < port < 65536:
-        raise SkinvlmError(f"--port must be 1-65535, not {port}")
+    check_serving("ui", host, port, token)
     app = create_app(ws, Sessions("ui", secret_key(ws.review_key)), token, host)
-    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + ("?token=<your token>" if token else "")
-    say(f"skinvlm ui for {ws.root}: {where} (Ctrl-C stops the page; running jobs go on)")
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
-    try:
-        uvicorn.Server(config).run()
-    except SystemExit:  # uvicorn's way of saying it could not bind
-        raise SkinvlmError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
+    say(f"skinvlm ui for {ws.root}: {address(host, port, token)} (Ctrl-C stops the page; running jobs go on)")
+    run_server(app, host, port)
