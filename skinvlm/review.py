@@ -27,7 +27,7 @@ from skinvlm.audit import ENGLISH_WORD, SCRIPTS
 from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 from skinvlm.rules import Rules, nfc
-from skinvlm.workspace import Workspace, journal_digest, now_iso
+from skinvlm.workspace import Workspace, journal_digest, now_iso, patients_known
 
 DECISIONS = {"accept": "accepted", "edit": "edited", "reject": "rejected"}
 STATUSES = ("unreviewed", "accepted", "edited", "rejected", "disputed")
@@ -55,6 +55,7 @@ class Item:
     text: str
     findings: tuple[Finding, ...]
     label_probability: float | None = None  # the folder label's probability in the newest eval that scored it
+    patient: str | None = None  # the keyed hash ingest stored, where a patient pattern named patients
 
     @property
     def flagged(self) -> bool:
@@ -87,6 +88,22 @@ def queue_rank(item: Item) -> tuple[bool, bool, float]:
     return (not broken, not item.flagged, doubt)
 
 
+def queue_order(items: dict[str, Item]) -> list[str]:
+    """Record ids in review order: by `queue_rank`, except that a patient's photos come together (where the
+    patient's most urgent photo would), so a reviewer decides both views of one face one after the other."""
+    urgency: dict[str, tuple[bool, bool, float]] = {}
+    for item in items.values():
+        if item.patient is not None:
+            urgency[item.patient] = min(urgency.get(item.patient, queue_rank(item)), queue_rank(item))
+
+    def place(record_id: str) -> tuple[tuple[bool, bool, float], str, tuple[bool, bool, float]]:
+        item = items[record_id]
+        own = queue_rank(item)
+        return (urgency[item.patient], item.patient, own) if item.patient is not None else (own, record_id, own)
+
+    return sorted(items, key=place)
+
+
 def in_overlap(record_id: str, overlap: float) -> bool:
     """A stable share `overlap` of the records, the same on every server and every run."""
     return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < overlap
@@ -109,9 +126,11 @@ class ReviewState:
         if not 0 <= overlap <= 1:
             raise SkinvlmError(f"--overlap is a share of the records in [0, 1], not {overlap}")
         self.items = {item.id: item for item in items}
-        # Records with audit findings or a low label probability first (label mismatches and malformed answers
-        # before the rest of them); within each, the photos whose folder label the model doubts most.
-        self.order = sorted(self.items, key=lambda i: queue_rank(self.items[i]))
+        self.order = queue_order(self.items)
+        self.by_patient: dict[str, list[str]] = defaultdict(list)
+        for record_id in self.order:
+            if (patient := self.items[record_id].patient) is not None:
+                self.by_patient[patient].append(record_id)
         self.path, self.overlap = path, overlap
         self.lock = FileLock(str(path) + ".lock")
         self.decisions: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -139,6 +158,11 @@ class ReviewState:
     # -- what a record's decisions come to ----------------------------------------------------------
     def outcome(self, record_id: str) -> Outcome:
         return outcome(self.items[record_id].label, self.decisions.get(record_id, []))
+
+    def same_patient(self, record_id: str) -> list[Item]:
+        """The other photos under review of this record's patient (none where patients are unknown)."""
+        patient = self.items[record_id].patient
+        return [self.items[i] for i in self.by_patient.get(patient or "", []) if i != record_id]
 
     def version(self, record_id: str) -> int:
         return len(self.decisions.get(record_id, []))
@@ -465,16 +489,19 @@ def load_items(ws: Workspace, rules: Rules, stage: str | None = None) -> tuple[s
     text = load_from_disk(str(ws.require(stage, newer_reviews=True)))
     ingested = load_from_disk(str(ws.require("ingested")))
     scored = label_probabilities(ws)
+    known = patients_known(ws)
     items = []
     for split, ds in text.items():
         base = ingested[split]
-        facts = {rid: (i, label, view, sha) for i, (rid, label, view, sha) in
-                 enumerate(zip(base["id"], base["label"], base["view"], base["sha256"], strict=True))}  # fmt: skip
+        patients = base["patient"] if known else [None] * len(base)
+        columns = zip(base["id"], base["label"], base["view"], base["sha256"], patients, strict=True)
+        facts = {rid: (i, label, view, sha, patient) for i, (rid, label, view, sha, patient) in enumerate(columns)}
         for rid, output in zip(ds["id"], ds["output"], strict=True):
-            index, label, view, sha = facts[rid]
+            index, label, view, sha, patient = facts[rid]
             shown = nfc(output or "")
             probability = scored.get((rid, sha), {}).get(label)
-            items.append(Item(rid, split, index, label, view, sha, shown, findings(shown, label, rules), probability))
+            found = findings(shown, label, rules)
+            items.append(Item(rid, split, index, label, view, sha, shown, found, probability, patient))
     return stage, items
 
 

@@ -3,6 +3,7 @@ the figures of metrics.json, and a confusion-matrix cell filters the gallery to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_eval_serve import run_eval, scripted_answers
+from test_ui import serving
 
 from skinvlm.demo.openai_server import FakeOpenAI
 
@@ -37,16 +39,24 @@ def scored_probabilities(run: Path) -> list[dict[str, float]]:
     return [record["probabilities"] for record in map(json.loads, lines) if record.get("probabilities")]
 
 
-def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("opened", ["from disk", "from skinvlm ui"])
+def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[Path, dict], opened: str) -> None:
+    """Opened as a file, and through `skinvlm ui`, whose policy for it lets its own script run (by its hash) and
+    nothing else: a policy that refused it would show up as console errors and a dead confusion matrix."""
     path, metrics = report
     problems: list[str] = []
-    with sync_api.sync_playwright() as playwright:
+    workspace = path.parents[2]
+    with contextlib.ExitStack() as stack, sync_api.sync_playwright() as playwright:
+        address = path.as_uri()
+        if opened == "from skinvlm ui":
+            address = stack.enter_context(serving(workspace)) + "/eval/scripted/report.html"
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         page.on("console", lambda message: message.type == "error" and problems.append(message.text))
         page.on("pageerror", lambda error: problems.append(str(error)))
-        page.on("request", lambda request: request.url.startswith("http") and problems.append(request.url))
-        page.goto(path.as_uri())
+        page.on("request", lambda request: request.url not in (address, "data:,") and request.url.startswith("http")
+                and problems.append(request.url))  # fmt: skip
+        page.goto(address)
         # Hangul from the font embedded in the page (a machine without Korean fonts would show empty boxes).
         faces = page.evaluate("document.fonts.load('16px SkinvlmHangul', '건선 아토피').then(f => f.length)")
         assert faces == 1 and path.stat().st_size < 400_000, "one subset face, a few tens of KB"

@@ -554,3 +554,75 @@ def test_the_queue_puts_broken_answers_then_the_labels_the_model_doubts_most_fir
     ]  # fmt: skip
     state = ReviewState(records, tmp_path / "review.jsonl")
     assert state.order == ["mismatch", "doubted", "half", "english", "fairly sure", "sure", "unscored"]
+
+
+def patients_tree(root: Path, per_class: int = 2) -> int:
+    """Per class and split, `per_class` patients photographed from both views (P001_정면.png, P001_측면.png in the
+    view's folder); how many photos in all."""
+    from skinvlm.demo.synthetic import CLASS_COLOURS, SPLIT_FOLDERS, VIEWS, image_bytes
+
+    patient = 0
+    for top, prefix in SPLIT_FOLDERS.values():
+        for label in CLASS_COLOURS:
+            for _ in range(per_class):
+                patient += 1
+                for view in VIEWS:
+                    folder = root / top / "images" / f"{prefix}_{label}_{view}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f"P{patient:03d}_{view}.png").write_bytes(image_bytes(label, patient * 2 + len(view), 32))
+    return patient * len(VIEWS)
+
+
+@pytest.fixture
+def with_patients(cli, tmp_path: Path, workspace: Path) -> tuple[Path, int]:
+    photos = patients_tree(tmp_path / "src")
+    cli("ingest", tmp_path / "src", "--patient-pattern", r"(?P<patient>P\d{3})_")
+    cli("describe", "--template")
+    return workspace, photos
+
+
+def test_a_patients_photos_come_one_after_the_other_each_showing_the_other(with_patients: tuple[Path, int]) -> None:
+    workspace, photos = with_patients
+    with Server(workspace, "--reviewer", "kim") as server:
+        kim, order = Browserless(server.url), []
+        while not kim.item["done"]:
+            others = kim.item["same_patient"]
+            assert len(others) == 1 and others[0]["view"] != kim.item["view"], "the patient's other view beside it"
+            order.append((kim.item["id"], others[0]["id"], others[0]["status"]))
+            kim.decide("accept")
+    assert len(order) == photos
+    for (first, its_other, status), (second, its_first, status_then) in zip(order[::2], order[1::2], strict=True):
+        assert (its_other, its_first) == (second, first), "the patient's second photo comes straight after the first"
+        assert (status, status_then) == ("unreviewed", "accepted"), "each shown with its status as it stands"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
+def test_both_views_of_a_patient_on_one_screen_with_nothing_inline(with_patients: tuple[Path, int]) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    workspace, _ = with_patients
+    problems: list[str] = []
+    requests: list[str] = []
+    with Server(workspace, "--reviewer", "park") as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url}"))
+        answer = page.goto(server.url)
+        assert answer is not None and "'unsafe-inline'" not in answer.headers["content-security-policy"]
+        assert page.evaluate("getComputedStyle(document.body).display") == "grid", "the shared stylesheet applies"
+        page.wait_for_function("() => [...document.images].every((i) => i.complete && i.naturalWidth > 0)")
+        assert page.locator("#photos img").count() == 2, "the photo under review and the patient's other view"
+        first = page.evaluate("item")
+        other = first["same_patient"][0]
+        assert other["view"] in page.text_content("#others figcaption") and "unreviewed" in page.text_content(
+            "#others figcaption"
+        )
+        page.keyboard.press("a")
+        page.wait_for_function(f"() => item.id !== {json.dumps(first['id'])}")
+        assert page.evaluate("item.id") == other["id"], "the same patient's other view is next"
+        assert "accepted" in page.text_content("#others figcaption"), "the first, beside it, as decided"
+        browser.close()
+    assert problems == [], problems
+    assert all(url.startswith(server.url + "/") for url in requests), requests

@@ -118,6 +118,23 @@ def test_ui_answers_only_this_machine_and_changes_nothing_without_its_csrf_token
     assert status_of(ui, f"/review/image/{first['id']}") == 200
 
 
+def test_the_review_tab_comes_once_the_photos_are_described_and_shares_the_pages_policy(cli, ingested: Path) -> None:
+    with serving(ingested) as url:
+        assert status_of(url, "/review/") == 404
+        overview = Browser(url).get("/api/overview")
+        assert isinstance(overview, dict) and "describe" in overview["review"], overview
+        cli("describe", "--template")  # as a job from the page would: no restart of the ui
+        assert status_of(url, "/review/") == 200
+        first = Browser(url + "/review").get("/api/next")
+        assert isinstance(first, dict) and first["id"] and first["same_patient"] == [], "patients unknown here"
+        policies = set()
+        for path in ("/", "/review/", "/static/skinvlm.css", "/review/static/review.js"):
+            with urllib.request.urlopen(url + path, timeout=10) as response:
+                policies.add(response.headers["Content-Security-Policy"])
+        assert len(policies) == 1 and "'unsafe-inline'" not in policies.pop(), "one policy, no inline code"
+        assert status_of(url, "/static/review.html") == 404, "only the listed files are served"
+
+
 def test_a_job_is_the_cli_command_one_at_a_time_and_outlives_the_ui(described: Path) -> None:
     with serving(described) as url:
         browser = Browser(url)
@@ -190,9 +207,11 @@ def test_train_from_the_page_watch_it_live_stop_it_and_read_an_eval_run(ui: str,
         wait_until(
             lambda: any(td.text_content().startswith("stopped") for td in page.query_selector_all("#job-list td")), 120
         )
-        page.click('button[data-tab="evaluation"]')
+        page.click('button[data-tab="overview"]')
+        page.click('button[data-stage="eval/again"]')  # a stage of the overview opens its page
+        wait_until(lambda: page.is_visible("#eval-detail h3") and page.text_content("#eval-detail h3") == "again", 30)
         page.click('#eval-list button[data-run="base"]')
-        page.wait_for_selector("#detail-macro-f1")
+        wait_until(lambda: page.text_content("#eval-detail h3") == "base", 30)
         assert page.text_content("#detail-macro-f1") == f"{metrics['macro_f1']:.4f}", "as metrics.json has it"
         assert page.eval_on_selector("img.confusion_matrix", "img => img.complete && img.naturalWidth") > 0
         page.select_option("#first", "base")

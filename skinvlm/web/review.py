@@ -9,11 +9,9 @@ access token, compared in constant time and never logged (uvicorn's access log i
 
 from __future__ import annotations
 
-import functools
 import hmac
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -21,15 +19,14 @@ from skinvlm.errors import SkinvlmError
 from skinvlm.prompts import parse_answer
 from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
 from skinvlm.rules import Rules
+from skinvlm.web.assets import asset_route, template
 from skinvlm.web.security import (
-    WILDCARDS,
     BadRequest,
-    HostCheck,
     Sessions,
     address,
     check_serving,
+    guarded_app,
     json_body,
-    local_names,
     run_server,
     script_json,
 )
@@ -62,8 +59,16 @@ def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, 
         "version": state.version(item.id),
         "probability": item.label_probability,
         "status": result.status,
+        "same_patient": [other_photo_json(state, other, rules) for other in state.same_patient(item.id)],
         "progress": progress(state),
     }
+
+
+def other_photo_json(state: ReviewState, other: Item, rules: Rules) -> dict[str, Any]:
+    """A photo of the same patient, shown beside the one under review with its label and status as they stand."""
+    standing = state.outcome(other.id)
+    return {"id": other.id, "view": other.view, "split": other.split, "label": standing.label,
+            "english": rules.english(standing.label), "status": standing.status}  # fmt: skip
 
 
 def progress(state: ReviewState) -> dict[str, int]:
@@ -75,21 +80,6 @@ def image_type(data: bytes) -> str:
     if data.startswith(b"\x89PNG"):
         return "image/png"
     return "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream"
-
-
-@functools.cache
-def page_template() -> str:
-    """The page (static/review.html): HTML, CSS and the script, with __CSRF__ and __BOOT__ to fill."""
-    return (Path(__file__).parent / "static" / "review.html").read_text(encoding="utf-8")
-
-
-@functools.cache
-def every_hangul_woff() -> bytes | None:
-    """Every Hangul syllable and jamo of NanumGothic, cut once per server (a second or two, on first use)."""
-    from skinvlm.report_html import hangul_woff
-
-    characters = [*range(0x1100, 0x1200), *range(0x3130, 0x3190), *range(0xAC00, 0xD7A4)]
-    return hangul_woff("".join(map(chr, characters)))
 
 
 def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]:
@@ -121,10 +111,9 @@ def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str,
     return record_id, version, decision, label, text if decision == "edit" else None, reason
 
 
-def create_app(
-    state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str, bind: str
-) -> Any:
-    """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row)."""
+def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str) -> Any:
+    """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row). The app without
+    its Host check and headers (`security.guarded_app`), which whoever serves it adds once."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -147,10 +136,6 @@ def create_app(
         if token is not None and request.query_params.get("token"):
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
         response.headers["Cache-Control"] = "no-store"
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self'; font-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-        )
-        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     def refused(status: int, message: str) -> JSONResponse:
@@ -174,7 +159,7 @@ def create_app(
         state.refresh()
         first = next_json(state, session["reviewer"], rules)
         boot = {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
-        html = page_template().replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
+        html = template("review.html").replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
         return with_cookies(HTMLResponse(html), request, session_id, session)
 
     def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -239,42 +224,32 @@ def create_app(
         return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
 
     @guarded
-    async def font(request: Request, *_: Any) -> Response:
-        woff = every_hangul_woff()
-        if woff is None:
-            return refused(404, "no Hangul font installed here")
-        return Response(woff, media_type="font/woff", headers={"Cache-Control": "max-age=86400"})
-
-    @guarded
     async def summary(request: Request, *_: Any) -> Response:
         state.refresh()
         return JSONResponse(report(state, resamples=200))
 
-    app = Starlette(
+    return Starlette(
         routes=[
             Route("/", page),
+            asset_route(),
             Route("/api/next", next_item),
             Route("/api/decide", decide, methods=["POST"]),
             Route("/api/undo", undo, methods=["POST"]),
             Route("/api/reviewer", set_reviewer, methods=["POST"]),
             Route("/api/report", summary),
             Route("/image/{record_id:str}", image),
-            Route("/font/hangul.woff", font),
         ]
     )
-    return HostCheck(app, local_names(bind), any_address=bind in WILDCARDS)
 
 
-def review_app(
-    ws: Workspace, rules: Rules, state: ReviewState, stage: str, reviewer: str, token: str | None, bind: str
-) -> Any:
+def review_app(ws: Workspace, rules: Rules, state: ReviewState, stage: str, reviewer: str, token: str | None) -> Any:
     """The review page over the workspace's photos: `review` serves it alone, `ui` under /review/ (the page's own
     requests are relative, so it works at either place)."""
     from datasets import Image, load_from_disk
 
     ingested = load_from_disk(str(ws.require("ingested")))
     images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
-    return create_app(state, images, rules, Sessions(reviewer, review_key(ws)), token, stage, bind)
+    return create_app(state, images, rules, Sessions(reviewer, review_key(ws)), token, stage)
 
 
 def serve(
@@ -292,7 +267,7 @@ def serve(
     """Serve the page until Ctrl-C or SIGTERM (every decision is on disk already when the page moves on)."""
     check_serving("review", host, port, token)
     name = reviewer or os.environ.get("USER") or "reviewer"
-    app = review_app(ws, rules, state, stage, name, token, host)
+    app = guarded_app(review_app(ws, rules, state, stage, name, token), host)
     shown = progress(state)
     say(f"review of {stage}: {address(host, port, token)} (reviewer {name}; {shown['reviewed']:,} of "
         f"{shown['records']:,} records reviewed; Ctrl-C stops)")  # fmt: skip

@@ -19,6 +19,11 @@ from skinvlm.errors import SkinvlmError, install_hint
 MAX_BODY = 64 * 1024  # a decision with the longest edited text is a few KiB; anything larger is refused unread
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")
+# Every page loads only skinvlm's own files (assets.py): no inline script or style, nothing from elsewhere.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def local_names(bind: str) -> frozenset[str]:
@@ -76,6 +81,31 @@ class HostCheck:
                 await PlainTextResponse(answer, status_code=421)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says load nothing from elsewhere (CSP, unless the route set its own),
+    sniff no types, send no referrer."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"content-security-policy" for name, _ in headers):
+                    headers.append((b"content-security-policy", CSP.encode()))
+                message["headers"] = [*headers, (b"x-content-type-options", b"nosniff"),
+                                      (b"referrer-policy", b"no-referrer")]  # fmt: skip
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def guarded_app(app: Any, bind: str) -> Any:
+    """A page's app as it is served: the Host check first, then the security headers on every answer."""
+    return HostCheck(SecurityHeaders(app), local_names(bind), any_address=bind in WILDCARDS)
 
 
 class BadRequest(ValueError):

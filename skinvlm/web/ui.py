@@ -1,40 +1,37 @@
 """`skinvlm ui`: one local page over the workspace: what it holds (as `status`), jobs (the CLI's own commands run as
-child processes, with Stop), training live (loss or reward and held-out macro F1 against steps), and every eval
-run's figures. Served by uvicorn on 127.0.0.1 unless told otherwise, with the review page's safety (security.py):
-the Host check, CSRF on every change, the token off loopback, and a Content-Security-Policy that lets the page
-load nothing but its own files.
+child processes, with Stop), training live (loss or reward and held-out macro F1 against steps), every eval
+run's figures, and the review page as a tab. Served by uvicorn on 127.0.0.1 unless told otherwise, with the
+review page's safety (security.py): the Host check, CSRF on every change, the token off loopback, and a
+Content-Security-Policy that lets a page load nothing but skinvlm's own files.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
 from skinvlm.web import jobs
+from skinvlm.web.assets import asset_route, template
 from skinvlm.web.security import (
-    WILDCARDS,
     BadRequest,
-    HostCheck,
     Sessions,
     address,
     check_serving,
+    guarded_app,
     json_body,
-    local_names,
     run_server,
 )
-from skinvlm.workspace import Workspace, read_manifest, secret_key, stage_status
+from skinvlm.workspace import MANIFEST, TEXT_STAGES, Workspace, read_manifest, secret_key, stage_status
 
-STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "skinvlm_ui"
 TOKEN_COOKIE = "skinvlm_ui_token"
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "font-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
-)
 EVAL_FILES = ("confusion_matrix.png", "reliability.png", "report.html")
 # The fields each job's form may set, as the command's flags; anything else is refused.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -153,21 +150,68 @@ def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
     return {k: found.get(k) for k in keep} | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
 
 
-def review_tab(ws: Workspace, token: str | None, bind: str) -> tuple[Any, str]:
-    """The review page for the /review/ tab, or why there is none yet (no described stage)."""
-    import os
+def review_inputs(ws: Workspace) -> tuple[tuple[str, int], ...]:
+    """What the review page is built from, as (file, modification time) pairs: the datasets' manifests and the eval
+    runs' metrics (the queue's order comes from their answers), each written when its run is complete (an eval
+    job's answers, written as they come, would rebuild the page at every poll), and the rule file."""
+    from skinvlm.rules import resolve_rules_path
 
-    from skinvlm.review import open_review
-    from skinvlm.rules import load_rules, resolve_rules_path
-    from skinvlm.web.review import review_app
+    files = [ws.dataset(stage) / MANIFEST for stage in ("ingested", *TEXT_STAGES)]
+    files += sorted(ws.eval_root.glob("*/metrics.json")) if ws.eval_root.is_dir() else []
+    files.append(resolve_rules_path(None, ws.root))
+    return tuple((str(f.resolve()), f.stat().st_mtime_ns) for f in files if f.is_file())
 
-    try:
-        rules = load_rules(resolve_rules_path(None, ws.root))
-        state, stage = open_review(ws, rules, None, 0.0)
-        reviewer = os.environ.get("USER") or "reviewer"
-        return review_app(ws, rules, state, stage, reviewer, token, bind), ""
-    except SkinvlmError as problem:
-        return None, str(problem)
+
+class ReviewTab:
+    """The review page under /review/, built on first use and again whenever what it shows changed on disk (a
+    `describe` or `fix` run from the Jobs tab, a new eval run), so the tab never needs the ui restarted."""
+
+    def __init__(self, ws: Workspace, token: str | None) -> None:
+        self.ws, self.token = ws, token
+        self.built_from: tuple[tuple[str, int], ...] | None = None
+        self.app: Any = None
+        self.missing = ""  # why there is no review page yet
+
+    def current(self) -> tuple[Any, str]:
+        import os
+
+        from skinvlm.review import open_review
+        from skinvlm.rules import load_rules, resolve_rules_path
+        from skinvlm.web.review import review_app
+
+        inputs = review_inputs(self.ws)
+        if inputs != self.built_from:
+            self.built_from = inputs
+            try:
+                rules = load_rules(resolve_rules_path(None, self.ws.root))
+                state, stage = open_review(self.ws, rules, None, 0.0)
+                reviewer = os.environ.get("USER") or "reviewer"
+                self.app, self.missing = review_app(self.ws, rules, state, stage, reviewer, self.token), ""
+            except SkinvlmError as problem:
+                self.app, self.missing = None, str(problem)
+        return self.app, self.missing
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        app, missing = self.current()
+        if app is None:
+            from starlette.responses import PlainTextResponse
+
+            await PlainTextResponse(f"no review page yet: {missing}", 404)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+
+def report_policy(html: str) -> str:
+    """The CSP for an eval run's report.html, one self-contained file (its script, style, photos and font inline,
+    so it opens from disk anywhere): its own scripts run, allowed by their hashes, nothing else does and nothing
+    loads. Inline style stays allowed: the confusion matrix colours its cells with style attributes."""
+    scripts = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    hashes = [base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() for body in scripts]
+    allowed = " ".join(f"'sha256-{h}'" for h in hashes) or "'none'"
+    return (
+        f"default-src 'none'; script-src {allowed}; style-src 'unsafe-inline'; img-src data:; font-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) -> Any:
@@ -176,7 +220,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
 
-    review, no_review = review_tab(ws, token, bind)
+    review = ReviewTab(ws, token)
 
     def refused(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -217,21 +261,16 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         found = checked(request)
         if isinstance(found, JSONResponse):
             return HTMLResponse("<p>This page needs its access token: open the address with ?token=...</p>", 401)
-        html = (STATIC / "ui.html").read_text(encoding="utf-8").replace("__CSRF__", found[1]["csrf"])
+        html = template("ui.html").replace("__CSRF__", found[1]["csrf"])
         return with_cookies(HTMLResponse(html), request, found[0])
-
-    async def static(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in ("ui.js", "ui.css"):
-            return PlainTextResponse("not found", 404)
-        return FileResponse(STATIC / name)
 
     @guarded
     async def overview(request: Request) -> Response:
         from skinvlm.render import stage_json
 
         stages = [stage_json(s) for s in stage_status(ws)]
-        found = {"workspace": str(ws.root), "stages": stages, "next": next_step(stages), "review": no_review or None}
+        found = {"workspace": str(ws.root), "stages": stages, "next": next_step(stages),
+                 "review": review.current()[1] or None}  # fmt: skip
         return JSONResponse(found)
 
     @guarded
@@ -283,12 +322,15 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         eval_run(ws, name)  # exists, and is a run of this workspace
         if file not in EVAL_FILES or not (ws.eval_run(name) / file).is_file():
             raise BadRequest(404, f"no {file} in eval run {name!r}")
+        if file == "report.html":
+            html = (ws.eval_run(name) / file).read_text(encoding="utf-8")
+            return HTMLResponse(html, headers={"Content-Security-Policy": report_policy(html)})
         return FileResponse(ws.eval_run(name) / file)
 
     app = Starlette(
         routes=[
             Route("/", page),
-            Route("/static/{name:str}", static),
+            asset_route(),
             Route("/api/overview", overview),
             Route("/api/jobs", job_list),
             Route("/api/jobs", job_start, methods=["POST"]),
@@ -299,31 +341,10 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             Route("/api/eval/{name:str}", evaluation),
             Route("/api/compare", compare),
             Route("/eval/{name:str}/{file:str}", eval_file),
-            *([Mount("/review", review)] if review is not None else []),
+            Mount("/review", review),
         ]
     )
-    return HostCheck(SecurityHeaders(app), local_names(bind), any_address=bind in WILDCARDS)
-
-
-class SecurityHeaders:
-    """Every response says: load nothing from elsewhere (CSP), sniff no types, send no referrer."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope.get("path", "").startswith("/review/"):  # the review page's own rules (it inlines its script)
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                extra = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                         (b"referrer-policy", b"no-referrer")]  # fmt: skip
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+    return guarded_app(app, bind)
 
 
 def serve(ws: Workspace, *, host: str, port: int, token: str | None, say: Callable[[str], None]) -> None:

@@ -1,6 +1,5 @@
-// skinvlm ui: every string from the workspace reaches the page through textContent, never as HTML.
+// The ui page (ui.html); skinvlm.js gives $, el, get, post: every string from the workspace goes in as text.
 "use strict";
-const csrf = document.querySelector('meta[name="csrf"]').content;
 const SWITCHES = { describe: [["dry-run", true], ["template", false]], train: [["dry-run", false]],
   fix: [["dry-run", false]], eval: [["confusion-matrix", true], ["constrained", false]] };
 const FORMS = {
@@ -13,29 +12,25 @@ const FORMS = {
 };
 let shownRun = null;
 
-function el(tag, text, attrs) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  return node;
-}
 function fixed(value) { return typeof value === "number" ? value.toFixed(4) : (value ?? "-"); }
 function row(cells) {
   const tr = el("tr");
   for (const cell of cells) { const td = el("td"); if (cell instanceof Node) td.append(cell); else td.textContent = cell ?? ""; tr.append(td); }
   return tr;
 }
-async function get(path) {
-  const response = await fetch(path, { credentials: "same-origin" });
-  if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error || response.statusText);
-  return path.endsWith("/log") ? response.text() : response.json();
-}
-async function post(path, body) {
-  const response = await fetch(path, { method: "POST", credentials: "same-origin",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body || {}) });
-  const answer = await response.json();
-  if (!response.ok) throw new Error(answer.error || response.statusText);
-  return answer;
+// Each stage of the overview opens its page: the texts the review, an adapter its training run, an eval run its
+// figures.
+function stageLink(name) {
+  const tab = { described: "review", fixed: "review", adapter: "training", merged: "evaluation" }[name] ||
+    (name.startsWith("models/") ? "training" : name.startsWith("eval/") ? "evaluation" : null);
+  if (!tab) return name;
+  const link = el("button", name, { type: "button", class: "link", "data-stage": name });
+  link.addEventListener("click", () => {
+    showTab(tab);
+    if (tab === "training") { shownRun = name.replace(/^models\//, ""); $("run").value = shownRun; training(); }
+    if (name.startsWith("eval/")) evalDetail(name.slice("eval/".length));
+  });
+  return link;
 }
 
 function showTab(name) {
@@ -45,13 +40,13 @@ function showTab(name) {
 
 async function overview() {
   const found = await get("/api/overview");
-  document.getElementById("workspace").textContent = found.workspace;
-  document.getElementById("next").textContent = found.next;
-  document.getElementById("no-review").textContent = found.review ? `(not yet: ${found.review})` : "";
+  $("workspace").textContent = found.workspace;
+  $("next").textContent = found.next;
+  $("no-review").textContent = found.review ? `(not yet: ${found.review})` : "";
   const body = document.querySelector("#stages tbody");
   body.replaceChildren(...found.stages.map((s) => {
     const rows = Object.entries(s.rows || {}).map(([k, v]) => `${k} ${v}`).join(", ");
-    const tr = row([s.name, rows, (s.finished || "").slice(0, 16), s.figures, (s.rerun || []).join(", ")]);
+    const tr = row([stageLink(s.name), rows, (s.finished || "").slice(0, 16), s.figures, (s.rerun || []).join(", ")]);
     if (s.stale) tr.classList.add("stale");
     return tr;
   }));
@@ -59,7 +54,7 @@ async function overview() {
 
 function jobFields() {
   const command = document.querySelector('#job-form select[name="command"]').value;
-  const box = document.getElementById("job-fields");
+  const box = $("job-fields");
   const inputs = FORMS[command].map(([name, value]) => {
     const label = el("label", name + " ");
     label.append(el("input", null, { name, value, size: name === "model-dir" || name === "from" ? 30 : 12 }));
@@ -82,7 +77,7 @@ async function startJob(event) {
   form.querySelectorAll("#job-fields input").forEach((input) => {
     if (input.type === "checkbox") { if (input.checked) fields[input.name] = true; } else if (input.value) fields[input.name] = input.value;
   });
-  const error = document.getElementById("job-error");
+  const error = $("job-error");
   error.textContent = "";
   try {
     await post("/api/jobs", { command: form.command.value, fields });
@@ -96,7 +91,7 @@ async function jobs() {
   body.replaceChildren(...found.map((job) => {
     const actions = el("span");
     const log = el("button", "로그 Log", { type: "button" });
-    log.addEventListener("click", async () => { document.getElementById("job-log").textContent = await get(`/api/jobs/${job.id}/log`); });
+    log.addEventListener("click", async () => { $("job-log").textContent = await get(`/api/jobs/${job.id}/log`); });
     actions.append(log);
     if (job.status === "running") {
       const stop = el("button", "중지 Stop", { type: "button", class: "stop" });
@@ -110,11 +105,11 @@ async function jobs() {
 }
 
 function draw(run) {
-  const svg = document.getElementById("chart");
+  const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
   const w = 640, h = 260, pad = 30;
   const key = run.points.some((p) => p.reward !== null && p.reward !== undefined) ? "reward" : "loss";
-  document.getElementById("curve-name").textContent = key === "reward" ? "mean reward" : "loss";
+  $("curve-name").textContent = key === "reward" ? "mean reward" : "loss";
   const curve = run.points.filter((p) => p[key] !== null && p[key] !== undefined);
   const f1 = run.points.filter((p) => p.eval_macro_f1 !== null && p.eval_macro_f1 !== undefined);
   const last = Math.max(1, run.max_steps || 0, ...run.points.map((p) => p.step));
@@ -142,11 +137,11 @@ function draw(run) {
   label.textContent = `step ${last}`;
   nodes.push(label);
   svg.replaceChildren(...nodes);
-  document.getElementById("step").textContent = `step ${run.step} / ${run.max_steps ?? "?"}`;
-  document.getElementById("speed").textContent = run.s_per_step ? `${run.s_per_step} s/step` : "-";
-  document.getElementById("eta").textContent = run.eta_s !== null && run.eta_s !== undefined && !run.finished ? `ETA ${run.eta_s} s` : (run.finished ? "finished" : "-");
-  document.getElementById("memory").textContent = run.peak_vram_mb ? `peak VRAM ${run.peak_vram_mb} MiB` : "CPU";
-  document.getElementById("eval-f1").textContent = f1.length ? f1[f1.length - 1].eval_macro_f1 : "-";
+  $("step").textContent = `step ${run.step} / ${run.max_steps ?? "?"}`;
+  $("speed").textContent = run.s_per_step ? `${run.s_per_step} s/step` : "-";
+  $("eta").textContent = run.eta_s !== null && run.eta_s !== undefined && !run.finished ? `ETA ${run.eta_s} s` : (run.finished ? "finished" : "-");
+  $("memory").textContent = run.peak_vram_mb ? `peak VRAM ${run.peak_vram_mb} MiB` : "CPU";
+  $("eval-f1").textContent = f1.length ? f1[f1.length - 1].eval_macro_f1 : "-";
   const settings = document.querySelector("#run-settings tbody");
   settings.replaceChildren(...Object.entries(run.settings).filter(([, v]) => v !== null).map(([k, v]) => row([k, String(v)])),
                            row(["best step", run.best_step ?? "-"]));
@@ -154,7 +149,7 @@ function draw(run) {
 
 async function training() {
   const runs = await get("/api/train");
-  const select = document.getElementById("run");
+  const select = $("run");
   const names = runs.map((r) => r.name);
   if (select.options.length !== names.length || [...select.options].some((o, i) => o.value !== names[i])) {
     select.replaceChildren(...names.map((n) => el("option", n, { value: n })));
@@ -166,8 +161,8 @@ async function training() {
 }
 
 async function compareRuns() {
-  const first = document.getElementById("first").value, second = document.getElementById("second").value;
-  const box = document.getElementById("compared");
+  const first = $("first").value, second = $("second").value;
+  const box = $("compared");
   try {
     const pair = await get(`/api/compare?first=${encodeURIComponent(first)}&second=${encodeURIComponent(second)}`);
     const d = pair.difference, m = pair.mcnemar;
@@ -180,7 +175,7 @@ async function compareRuns() {
 async function evaluation() {
   const runs = await get("/api/eval");
   for (const id of ["first", "second"]) {
-    const select = document.getElementById(id);
+    const select = $(id);
     const names = runs.map((r) => r.name);
     if ([...select.options].map((o) => o.value).join() !== names.join()) {
       const kept = select.value;
@@ -198,7 +193,7 @@ async function evaluation() {
 
 async function evalDetail(name) {
   const run = await get(`/api/eval/${encodeURIComponent(name)}`);
-  const box = document.getElementById("eval-detail");
+  const box = $("eval-detail");
   const figures = el("p");
   const f1 = el("strong", fixed(run.macro_f1), { id: "detail-macro-f1" });
   const interval = run.intervals && run.intervals.macro_f1 ? ` (95%: ${run.intervals.macro_f1.join(" - ")})` : "";
@@ -231,9 +226,9 @@ async function refresh() {
 
 document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 document.querySelector('#job-form select[name="command"]').addEventListener("change", jobFields);
-document.getElementById("job-form").addEventListener("submit", startJob);
-document.getElementById("compare").addEventListener("click", compareRuns);
-document.getElementById("run").addEventListener("change", (e) => { shownRun = e.target.value; training(); });
+$("job-form").addEventListener("submit", startJob);
+$("compare").addEventListener("click", compareRuns);
+$("run").addEventListener("change", (e) => { shownRun = e.target.value; training(); });
 jobFields();
 refresh();
 setInterval(refresh, 1500);
