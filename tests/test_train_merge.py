@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -284,6 +287,45 @@ def test_resume_continues_from_the_newest_checkpoint(cli, described: Path, tiny:
     assert resumed["steps"] == 10
     log = [json.loads(line) for line in (adapter / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == list(range(1, 11)), "7-10 follow 1-6, none repeated"
+
+
+OUT_OF_MEMORY_SHIM = """
+# A test double at the GPU boundary: CUDA's allocator running out of memory, which a CPU cannot do. The backward
+# pass after the first N raises torch.OutOfMemoryError as CUDA's caching allocator does.
+import os
+import torch
+
+calls, backward = [0], torch.Tensor.backward
+
+
+def running_out(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] > int(os.environ["OUT_OF_MEMORY_AFTER"]):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 79.10 GiB in all")
+    return backward(self, *args, **kwargs)
+
+
+torch.Tensor.backward = running_out
+"""
+
+
+@pytest.mark.slow
+def test_running_out_of_gpu_memory_is_one_line_that_says_what_to_lower_and_resume_takes_it(
+    cli, described: Path, tiny: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "out_of_memory_shim.py").write_text(OUT_OF_MEMORY_SHIM)
+    start = "import out_of_memory_shim, runpy; runpy.run_module('skinvlm', run_name='__main__')"
+    command = [sys.executable, "-c", start]
+    flags = ["train", "-w", str(described), "--model", str(tiny), *FAST, "--max-steps", "8", "--save-steps", "3"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OUT_OF_MEMORY_AFTER": "4"}
+    failed = subprocess.run([*command, *flags], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    line = failed.stderr.strip().splitlines()[-1]  # after the run's summary and progress
+    assert line.startswith("error: the GPU ran out of memory at step 5: try --batch-size 1 --grad-accum 8"), line
+    assert "--max-pixels 6272" in line and line.endswith("checkpoint-3 is kept: add --resume to go on from it"), line
+    resumed = cli.json("train", "--model", tiny, *FAST, "--max-steps", "8", "--batch-size", "1", "--grad-accum", "8",
+                       "--resume")  # fmt: skip
+    assert resumed["steps"] == 8 and resumed["effective_batch_size"] == 8, "the advice taken, the run goes on"
 
 
 @pytest.mark.slow

@@ -134,9 +134,14 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train; `on_summary` sees the checked first batch before step 1, `on_step` every logged step (rank 0)."""
+    import torch
+
     plan = preflight(ws, rules, settings, dry_run=False)
     started, clock = now_iso(), time.perf_counter()
-    setup = set_up(ws, rules, settings, plan, dry_run=False)
+    try:
+        setup = set_up(ws, rules, settings, plan, dry_run=False)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(settings, None, plan.output) from None
     main = devices.is_main_process()
     if on_summary and main:
         on_summary(setup.summary, plan)
@@ -164,6 +169,8 @@ def train(
         if alone and trainer.state.global_step > 0:  # one process: save so --resume continues from here
             trainer._save_checkpoint(trainer.model, trial=None)
         raise TrainingInterrupted(newest_checkpoint(plan.output), alone and trainer.state.global_step > 0) from None
+    except torch.OutOfMemoryError:
+        raise out_of_memory(settings, trainer.state.global_step, plan.output) from None
     trainer.save_model(str(plan.output))  # the trainer writes on rank 0 only
     best_step = chosen_step(chooser, settings, trainer.state.global_step)
     if main and chooser is not None:
@@ -196,6 +203,29 @@ def train(
         settings.from_adapter,
         reward_log(log),
     )
+
+
+def out_of_memory(settings: TrainSettings, step: int | None, output: Path) -> SkinvlmError:
+    """CUDA out of memory as one line: what to lower (each change keeps what the run learns from) and what is
+    kept, rather than the allocator's page of numbers. `step` None: while the model loaded."""
+    if step is None:
+        lower = ["--load-in-4bit"] if not settings.load_in_4bit else []
+        lower.append("a GPU with more free memory (nvidia-smi shows what else holds it)")
+        return SkinvlmError(f"the GPU ran out of memory loading {settings.model}: try {'; or '.join(lower)}")
+    lower = []
+    if settings.batch_size > 1:
+        accumulated = settings.batch_size * settings.grad_accum
+        lower.append(f"--batch-size 1 --grad-accum {accumulated} (the same effective batch)")
+    if settings.method == "grpo":  # its photos must reach the model as in SFT: --max-pixels stays the adapter's
+        lower.append(f"--num-generations {max(2, settings.num_generations // 2)}")
+        lower.append(f"--max-completion-tokens {max(8, settings.max_completion_tokens // 2)}")
+    else:
+        lower.append(f"--max-pixels {settings.max_pixels // 2} (fewer image tokens per photo)")
+    if not settings.load_in_4bit:
+        lower.append("--load-in-4bit")
+    newest = newest_checkpoint(output)
+    kept = f"{newest} is kept: add --resume to go on from it" if newest else "no checkpoint had been saved yet"
+    return SkinvlmError(f"the GPU ran out of memory at step {step + 1}: try {'; or '.join(lower)}. {kept}")
 
 
 def choosing_callback(
