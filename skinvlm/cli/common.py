@@ -131,6 +131,19 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print one JSON object instead of tables.")]
+# A local page (review, ui): where it listens, and the token it then needs.
+PageHostOpt = Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --token.")]
+
+
+def page_token_option(envvar: str) -> Any:
+    return typer.Option(
+        envvar=envvar,
+        show_envvar=True,
+        metavar="<token>",
+        help="Access token the page needs (open it with ?token=...); required off loopback.",
+    )
+
+
 GpuOpt = Annotated[str | None, typer.Option(help="GPU number(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES).")]
 DetailOpt = Annotated[Detail, typer.Option(help="Image detail the API is asked for.")]
 

@@ -16,6 +16,7 @@ from skinvlm.cli.common import (
     ConfigOpt,
     JsonOpt,
     MaxSideOpt,
+    PageHostOpt,
     RulesOpt,
     TextStage,
     WorkspaceOpt,
@@ -26,6 +27,7 @@ from skinvlm.cli.common import (
     flag,
     open_workspace,
     out,
+    page_token_option,
     phases,
     print_json,
     settings_of,
@@ -358,22 +360,14 @@ def review(
         TextStage | None, typer.Option(help="Which text stage to review (default: the newest, fixed where made).")
     ] = None,
     port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    host: PageHostOpt = "127.0.0.1",
     reviewer: Annotated[
         str | None, typer.Option(metavar="<name>", help="Who reviews (default: $USER); changeable on the page.")
     ] = None,
     overlap: Annotated[
         float, typer.Option(help="Share of records (0-1) that a second reviewer is offered, for agreement.")
     ] = 0.0,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SKINVLM_REVIEW_TOKEN",
-            show_envvar=True,
-            metavar="<token>",
-            help="Access token the page needs (open it with ?token=...); required off loopback.",
-        ),  # fmt: skip
-    ] = None,
+    token: Annotated[str | None, page_token_option("SKINVLM_REVIEW_TOKEN")] = None,
     report: Annotated[
         bool, flag("--report", help="Print who decided what and how well reviewers agree, instead of serving.")
     ] = False,

@@ -11,12 +11,14 @@ from skinvlm import render
 from skinvlm.cli.common import (
     GpuOpt,
     JsonOpt,
+    PageHostOpt,
     WorkspaceOpt,
     command,
     err,
     existing_workspace,
     global_option,
     out,
+    page_token_option,
     print_json,
 )
 from skinvlm.rules import load_rules
@@ -64,16 +66,8 @@ def demo(
 def ui(
     workspace: WorkspaceOpt = None,
     port: Annotated[int, typer.Option(help="Port of the page.")] = 8770,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SKINVLM_UI_TOKEN",
-            show_envvar=True,
-            metavar="<token>",
-            help="Access token the page needs (open it with ?token=...); required off loopback.",
-        ),
-    ] = None,
+    host: PageHostOpt = "127.0.0.1",
+    token: Annotated[str | None, page_token_option("SKINVLM_UI_TOKEN")] = None,
 ) -> None:
     """One local page for the whole cycle: the workspace, jobs (with Stop), training live, every eval run."""
     from skinvlm.web.ui import serve

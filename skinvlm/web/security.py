@@ -160,14 +160,11 @@ def script_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def check_host(host: str, token: str | None) -> None:
-    if host not in LOOPBACK and not token:
-        raise SkinvlmError(f"--host {host} opens the review to the network: set --token (or SKINVLM_REVIEW_TOKEN) too")
-
-
 def check_serving(command: str, host: str, port: int, token: str | None) -> None:
     """What a page's server needs before it starts: the token off loopback, uvicorn, a port that can be one."""
-    check_host(host, token)
+    if host not in LOOPBACK and not token:
+        variable = f"SKINVLM_{command.upper()}_TOKEN"
+        raise SkinvlmError(f"--host {host} opens skinvlm {command} to the network: set --token (or {variable}) too")
     if importlib.util.find_spec("uvicorn") is None:
         raise SkinvlmError(f"skinvlm {command} needs the review extra: {install_hint('review')}")
     if not 0 < port < 65536:

@@ -173,23 +173,25 @@ class ReviewTab:
         self.missing = ""  # why there is no review page yet
 
     def current(self) -> tuple[Any, str]:
+        inputs = review_inputs(self.ws)
+        if inputs != self.built_from:
+            self.built_from = inputs
+            try:
+                self.app, self.missing = self.build(), ""
+            except SkinvlmError as problem:
+                self.app, self.missing = None, str(problem)
+        return self.app, self.missing
+
+    def build(self) -> Any:
         import os
 
         from skinvlm.review import open_review
         from skinvlm.rules import load_rules, resolve_rules_path
         from skinvlm.web.review import review_app
 
-        inputs = review_inputs(self.ws)
-        if inputs != self.built_from:
-            self.built_from = inputs
-            try:
-                rules = load_rules(resolve_rules_path(None, self.ws.root))
-                state, stage = open_review(self.ws, rules, None, 0.0)
-                reviewer = os.environ.get("USER") or "reviewer"
-                self.app, self.missing = review_app(self.ws, rules, state, stage, reviewer, self.token), ""
-            except SkinvlmError as problem:
-                self.app, self.missing = None, str(problem)
-        return self.app, self.missing
+        rules = load_rules(resolve_rules_path(None, self.ws.root))
+        state, stage = open_review(self.ws, rules, None, 0.0)
+        return review_app(self.ws, rules, state, stage, os.environ.get("USER") or "reviewer", self.token)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         app, missing = self.current()
