@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from skinvlm.leakage import near_duplicates, phash
+from skinvlm.leakage import near_pairs, phash
 
 RADIUS = 8
 
@@ -71,7 +71,7 @@ def main() -> None:
     for n in args.sizes:
         train, held = hashes(n, seed=n)
         start = time.perf_counter()
-        pairs = near_duplicates(train, held, RADIUS)
+        pairs = list(near_pairs(train, held, RADIUS))
         tree = time.perf_counter() - start
         sample = min(len(held), 200)
         found, seconds = python_pairs(train, held, sample)

@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from skinvlm.leakage import last_check
+from skinvlm.leakage import found_any, last_check
 from skinvlm.workspace import Workspace, read_manifest
 
 FILLED, NOT_APPLICABLE, TEAM = "filled", "not applicable", "to be written by the team"
@@ -24,6 +24,7 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
     fixed = read_manifest(ws.fixed) or {}
     trained = training_manifest(model_dir)
     ci = result["intervals"]
+    leakage = last_check(ws)
     found: list[tuple[str, str, str]] = [
         ("Data source", *(filled(settings["about"]) if settings.get("about") else team("ingest --about"))),
         ("Dates of the photos", *team("when the photos were taken")),
@@ -35,7 +36,7 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
         ("Photos per split", *filled(", ".join(f"{k} {v:,}" for k, v in (counts.get("splits") or {}).items()))),
         ("Patients per split", *patients_row(counts.get("patients") or {})),
         ("How the split was made", *filled(settings.get("split_made_by") or "the source's folders")),
-        ("Leakage between splits", *leakage_row(last_check(ws))),
+        ("Leakage between splits", *leakage_row(leakage)),
         (
             "Outcome (label) source",
             *filled(
@@ -49,7 +50,7 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
         ("Model", *filled(result["backend"])),
         ("Training", *training_row(trained)),
         ("Model selection", *selection_row(trained)),
-        ("Evaluation photos", *evaluation_row(result)),
+        ("Evaluation photos", *evaluation_row(result, leakage)),
         ("Accuracy with interval", *filled(f"{result['accuracy']:.4f} (95% CI {span(ci['accuracy'])})")),
         ("Macro F1 with interval", *filled(f"{result['macro_f1']:.4f} (95% CI {span(ci['macro_f1'])})")),
         ("Interval method", *filled(ci.get("method") or "bootstrap stratified by class")),
@@ -154,10 +155,19 @@ def sample_row(result: dict[str, Any]) -> tuple[str, str]:
                   f"{result['minimal_detectable_difference'] * 100:.1f} points (80% power)")  # fmt: skip
 
 
-def evaluation_row(result: dict[str, Any]) -> tuple[str, str]:
+def evaluation_row(result: dict[str, Any], leakage: dict[str, Any] | None) -> tuple[str, str]:
+    """Where the photos come from, and whether training saw them: never, or in part (the leakage audit's finding
+    says so here too, not only in its own row)."""
     if found := result.get("external"):
         return filled(f"{result['n']} photos of the external set {found['dataset']}, never trained on")
-    return filled(f"{result['n']} photos of the workspace's held-out split, never trained on")
+    held_out = f"{result['n']} photos of the workspace's held-out split"
+    if leakage is None:
+        return filled(f"{held_out}; not checked for leakage (`skinvlm audit`)")
+    if found_any(leakage):
+        return filled(f"{held_out}, NOT independent of training: {leakage['patients_in_both_splits']} patients and "
+                      f"{leakage['near_duplicates_across_splits']} near-duplicate photos are in both splits "
+                      "(`skinvlm ingest SRC --force --resplit 0.1` divides them by patient)")  # fmt: skip
+    return filled(f"{held_out}, never trained on (no patient or near-duplicate photo in both splits)")
 
 
 def external_row(result: dict[str, Any]) -> tuple[str, str]:

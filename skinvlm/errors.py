@@ -78,6 +78,8 @@ MACHINE_ERRORS = {
     errno.ENFILE: lambda path: "the system ran out of open files: close other programs or lower --workers",
     errno.EIO: lambda path: f"input/output error at {path}: the disk may be failing",
     errno.EFBIG: lambda path: f"{path} grew past the largest file allowed here (file system or ulimit -f)",
+    errno.EEXIST: lambda path: f"{path} is a file where skinvlm keeps a folder: move it away and run again",
+    errno.ENOTDIR: lambda path: f"a file stands where {path} needs a folder above it: move that file away",
 }
 
 

@@ -9,12 +9,13 @@ are out of scope: asked like the rest, never scored, counted with what the model
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from skinvlm.errors import SkinvlmError
-from skinvlm.ingest import IMAGE_SUFFIXES
+from skinvlm.ingest import DEFAULT_MAX_PIXELS_IN, IMAGE_SUFFIXES
 from skinvlm.rules import Rules, nfc
 
 OUT_OF_SCOPE = ""  # an Item's label when its photo's class is none of ours
@@ -28,49 +29,85 @@ def shown_name(dataset: str) -> str:
 
 def load(dataset: str, split: str) -> tuple[Any, list[str]]:
     """(a Dataset with an `image` column, each photo's class name as the source gives it)."""
-    path = Path(dataset)
+    path = Path(dataset).expanduser()
     if path.exists():
         ds, names = from_folder(path)
+    elif looks_local(dataset):
+        raise SkinvlmError(f"--dataset {dataset}: no such folder here (a Hub dataset id is OWNER/NAME, tried only "
+                           "where no folder of that name's first part exists)")  # fmt: skip
     elif dataset.count("/") == 1:
         ds, names = from_hub(dataset, split)
     else:
         raise SkinvlmError(f"--dataset {dataset}: no such folder, and not a Hub dataset id (OWNER/NAME)")
-    return with_sizes(ds), names
+    return with_sizes(ds, [str(p) for p in ds["image_path"]] if "image_path" in ds.column_names else None), names
 
 
-def with_sizes(ds: Any) -> Any:
-    """`width` and `height` from each photo's header (no pixels decoded), as datasets/ingested has them: the
-    decoder's memory budget reads them before it opens a photo."""
+def looks_local(dataset: str) -> bool:
+    """A path that cannot be a Hub id: absolute, relative to here or home, or under a folder that exists."""
+    first = dataset.split("/", 1)[0]
+    return dataset.startswith(("/", ".", "~")) or "\\" in dataset or (bool(first) and Path(first).is_dir())
+
+
+def with_sizes(ds: Any, shown: list[str] | None) -> Any:
+    """`width` and `height` from each photo's header, as datasets/ingested has them (the decoder's memory budget
+    reads them before it opens a photo); each photo decoded once here, under ingest's pixel cap, so a broken or
+    enormous one is one line naming it before any is sent, not an error inside the concurrent eval."""
     import io
 
     from datasets import Image as ImageFeature
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # the cap below is checked before decoding; Pillow's would only warn or raise
     sizes = []
-    for row in ds.cast_column("image", ImageFeature(decode=False)):
+    for i, row in enumerate(ds.cast_column("image", ImageFeature(decode=False))):
         source = io.BytesIO(row["image"]["bytes"]) if row["image"]["bytes"] else row["image"]["path"]
+        name = shown[i] if shown else f"photo {i + 1}"
         try:
             with Image.open(source) as image:
+                if image.width * image.height > DEFAULT_MAX_PIXELS_IN:
+                    raise SkinvlmError(
+                        f"--dataset: {name} is {image.width}x{image.height} pixels, more than "
+                        f"{DEFAULT_MAX_PIXELS_IN // 2**20} MP: scale it down or leave it out"
+                    )
+                image.load()
                 sizes.append(image.size)
         except (OSError, SyntaxError, ValueError) as err:
-            raise SkinvlmError(f"--dataset: photo {len(sizes) + 1} cannot be read ({err})") from None
+            raise SkinvlmError(f"--dataset: {name} cannot be read ({err}): replace it or leave it out") from None
+    ds = ds.remove_columns([c for c in ("image_path",) if c in ds.column_names])
     return ds.add_column("width", [w for w, _ in sizes]).add_column("height", [h for _, h in sizes])
 
 
 def from_folder(root: Path) -> tuple[Any, list[str]]:
+    """Photos in class folders under `root`, no link followed: a folder given to eval (unpacked from a zip,
+    perhaps) must not send photos from elsewhere on this machine to the endpoint."""
     from datasets import Dataset, Image
 
     if not root.is_dir():
         raise SkinvlmError(f"--dataset {root.name} is not a folder of class folders")
-    paths, names = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for photo in sorted(folder.rglob("*")):
-            if photo.is_file() and photo.suffix.lower() in IMAGE_SUFFIXES and not photo.name.startswith("."):
-                paths.append(str(photo))
-                names.append(nfc(folder.name))
+    paths, names, links = [], [], []
+    for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if folder.is_symlink():
+            links.append(folder)
+            continue
+        if not folder.is_dir():
+            continue
+        for where, dirs, files in os.walk(folder):  # os.walk follows no link to a folder
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            links += [Path(where, d) for d in dirs if Path(where, d).is_symlink()]
+            for file in sorted(files):
+                photo = Path(where, file)
+                if photo.is_symlink():
+                    links.append(photo)
+                elif photo.suffix.lower() in IMAGE_SUFFIXES and not file.startswith("."):
+                    paths.append(str(photo))
+                    names.append(nfc(folder.name))
+    if links:
+        raise SkinvlmError(f"--dataset {root.name} holds {len(links)} link(s) (e.g. {links[0].relative_to(root)}): "
+                           "eval follows none out of the folder; put the photos themselves there")  # fmt: skip
     if not paths:
         raise SkinvlmError(f"--dataset {root.name}: no .png/.jpg photos in class folders under it")
-    return Dataset.from_dict({"image": paths}).cast_column("image", Image()), names
+    shown = [str(Path(p).relative_to(root)) for p in paths]
+    return Dataset.from_dict({"image": paths, "image_path": shown}).cast_column("image", Image()), names
 
 
 def from_hub(repo: str, split: str) -> tuple[Any, list[str]]:
@@ -78,8 +115,9 @@ def from_hub(repo: str, split: str) -> tuple[Any, list[str]]:
 
     try:
         ds = load_dataset(repo, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise SkinvlmError(f"--dataset {repo} --split {split}: cannot be loaded ({type(err).__name__})") from None
+    except (OSError, ValueError) as err:  # not found, offline, refused
+        raise SkinvlmError(f"--dataset {repo} --split {split}: no such folder here, and the Hub cannot give it "
+                           f"({type(err).__name__})") from None  # fmt: skip
     if "image" not in ds.column_names or "label" not in ds.column_names:
         raise SkinvlmError(f"--dataset {repo} needs an `image` and a `label` column (has {', '.join(ds.column_names)})")
     feature = ds.features["label"]

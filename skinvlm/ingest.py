@@ -44,6 +44,7 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
+    read_manifest,
     secret_key,
     staged,
     write_manifest,
@@ -55,6 +56,7 @@ MAX_FILE_BYTES = 256 * 2**20  # no photo is this big; larger files are named and
 DEFAULT_MAX_PIXELS_IN = 64 * 2**20  # 64 MP: 64 of the AI Hub's 1024x1024 photos
 WRITE_BATCH = 16  # rows per Arrow record batch; the images of one batch are held in memory together
 SPLIT_FOLDERS = {"training": "train", "validation": "test"}
+SPLIT_NAMES = {"train": "Training", "test": "Validation"}
 IGNORED_DIRS = {"__macosx"}
 FOLDER_PATTERN = re.compile(r"^(?:(?:TS|VS|TL|VL)_)?(?P<label>.+?)(?:_(?P<view>[^_]+))?$")
 UNKNOWN_VIEW = "unknown"
@@ -513,9 +515,12 @@ def ingest(
     devices.return_freed_memory()
     files, ignored, skipped = discover(src, rules, test_size, seed)
     pattern = patient_pattern or rules.patients.pattern
-    patient_of = patient_ids(files, pattern, secret_key(ws.patient_key) if pattern else b"")
+    key = patient_key(ws) if pattern else b""
+    files, patient_of = patient_ids(files, pattern, key)
+    skipped = skipped_without_ids(skipped, pattern, key)
     if resplit is not None:
         files = split_without_leakage(files, patient_of, resplit, seed, rules.audit.near_duplicate_distance)
+    check_both_splits(files, resplit)
     workers = workers or os.cpu_count() or 1
     by_hash: dict[str, list[ImageFile]] = defaultdict(list)
     changed: Counter[str] = Counter()
@@ -589,11 +594,34 @@ def ingest(
 
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        with staged(ws.ingested) as tmp:
+        with staged(ws.ingested, "ingest") as tmp:
             return write(tmp)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def check_both_splits(files: list[ImageFile], resplit: float | None) -> None:
+    """Training needs photos, and every figure needs held-out ones: a split --resplit cannot make is refused before
+    any photo is stored; a tree without one of its folders is said in one line (a set ingested to be described
+    and published whole may have none held out)."""
+    import warnings
+
+    for split, word in (("test", "held out"), ("train", "left to train on")):
+        if any(f.split == split for f in files):
+            continue
+        if resplit is not None:
+            raise SkinvlmError(
+                f"--resplit {resplit}: no photo would be {word} (the {split} split would be empty): patients and "
+                "copies of one photo go whole to one side, and these photos form too few such groups for this "
+                "share; choose a share nearer 0.1-0.3, or add photos; nothing was written"
+            )
+        warnings.warn(
+            f"the {split} split is empty (no photo {word}): the tree has no {SPLIT_NAMES[split]} folder with "
+            "photos in it, or too few photos a class and view for --test-size; `--resplit 0.1` pools the photos "
+            "and holds out a tenth of each class",
+            stacklevel=2,
+        )
 
 
 def split_description(resplit: float | None, seed: int, radius: int, pattern: str | None) -> str:
@@ -611,7 +639,7 @@ def split_without_leakage(
 ) -> list[ImageFile]:
     """Every photo pooled and split again: groups that must not be cut (a patient's photos, photos that are one
     photo re-exported) go whole to one side; each class sends about `fraction` of its photos to test."""
-    from skinvlm.leakage import near_duplicates
+    from skinvlm.leakage import near_pairs
 
     if not 0 < fraction < 1:
         raise SkinvlmError(f"--resplit is the held-out share of the photos, between 0 and 1, not {fraction}")
@@ -630,7 +658,7 @@ def split_without_leakage(
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         found = list(pool.map(hash_or_none, files))
     hashes = {str(i): h for i, h in enumerate(found) if h is not None}  # a broken file is skipped later anyway
-    for a, b, _ in near_duplicates(hashes, hashes, radius):  # one photo exported twice: one group
+    for a, b, _ in near_pairs(hashes, hashes, radius):  # one photo exported twice: one group
         parent[root(int(a))] = root(int(b))
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(len(files)):
@@ -666,28 +694,67 @@ def assign_groups(files: list[ImageFile], groups: list[list[int]], fraction: flo
     return sorted((replace(f, split=s) for f, s in zip(files, split, strict=True)), key=lambda f: (f.split, f.source))
 
 
-def patient_ids(files: list[ImageFile], pattern: str | None, key: bytes) -> dict[str, str]:
-    """source -> a keyed hash of the patient id that `pattern` finds in the source path ({} without a pattern).
-    File names hold chart numbers: only the hash is stored, and nothing prints an id or a path it came from."""
+def patient_ids(files: list[ImageFile], pattern: str | None, key: bytes) -> tuple[list[ImageFile], dict[str, str]]:
+    """The files with the patient id in each path replaced by its keyed hash, and source -> that hash ({} without
+    a pattern). File names hold chart numbers: from here on only the hash is in a path, so nothing stored or
+    printed (the `source` column, the manifest's lists, the leakage line) holds an id."""
     if pattern is None:
-        return {}
+        return files, {}
     if problem := patient_pattern_problem(pattern):
         raise SkinvlmError(f"--patient-pattern {problem}")
     regex = linear_regex(pattern)
-    found, missed = {}, 0
+    renamed, found, missed = [], {}, 0
     for f in files:
-        match = regex.search(f.source)
-        raw = match.group("patient") if match else None
-        if raw:
-            found[f.source] = "p" + hmac.new(key, raw.encode(), "sha256").hexdigest()[:15]
-        else:
+        source, hashed = hidden_patient(f.source, regex, key)
+        if hashed is None:
             missed += 1
+            continue
+        renamed.append(replace(f, source=source))
+        found[source] = hashed
     if missed:
         raise SkinvlmError(
             f"the patient pattern finds no patient id in {missed:,} of {len(files):,} photo paths (it is searched in "
             "each path relative to SRC, e.g. Training/images/TS_건선_정면/P0012_1.png): correct it; nothing was written"
         )
-    return found
+    if len(files) > 2 and len(set(found.values())) == 1:
+        raise SkinvlmError(
+            f"the patient pattern finds one patient in all {len(files):,} photos: its (?P<patient>...) group must "
+            "hold the whole id (e.g. P(?P<patient>[0-9]+)_, not P(?P<patient>[0-9])); nothing was written"
+        )
+    return renamed, found
+
+
+def patient_key(ws: Workspace) -> bytes:
+    """The key patient ids are hashed with. Made once; a new one gives every patient a new hash, so one is not
+    made silently where the ingested photos name patients by the old one."""
+    if not ws.patient_key.exists():
+        found = read_manifest(ws.ingested) if ws.ingested.exists() else None
+        counts = found.get("counts") if isinstance(found, dict) else None
+        patients = counts.get("patients") if isinstance(counts, dict) else None
+        if isinstance(patients, dict) and patients.get("known"):
+            raise SkinvlmError(
+                f"{ws.patient_key} is missing, and datasets/ingested names its patients by it: restore the key from a "
+                "backup, or remove datasets/ingested to give every patient a new hash"
+            )
+    return secret_key(ws.patient_key, "restore it from a backup (a new key would give every patient a new hash)")
+
+
+def hidden_patient(source: str, regex: Any, key: bytes) -> tuple[str, str | None]:
+    """`source` with the id its pattern finds replaced by the id's keyed hash, and the hash (None: no id found)."""
+    group = regex.groupindex["patient"]
+    match = regex.search(source)
+    if not match or not match.group(group):
+        return source, None
+    start, end = match.span(group)
+    hashed = "p" + hmac.new(key, match.group(group).encode(), "sha256").hexdigest()[:15]
+    return source[:start] + hashed + source[end:], hashed
+
+
+def skipped_without_ids(skipped: list[dict[str, str]], pattern: str | None, key: bytes) -> list[dict[str, str]]:
+    if pattern is None:
+        return skipped
+    regex = linear_regex(pattern)
+    return [entry | {"path": hidden_patient(entry["path"], regex, key)[0]} for entry in skipped]
 
 
 def checked_about(about: str | None) -> str | None:

@@ -10,9 +10,11 @@ blocks (see `near_duplicates` for why not an index).
 
 from __future__ import annotations
 
+import heapq
 import json
+import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,13 +59,14 @@ def photo_hashes(ws: Workspace, ingested: Any) -> dict[str, dict[str, int]]:
     return found
 
 
-def near_duplicates(train: dict[str, int], held_out: dict[str, int], radius: int) -> list[tuple[str, str, int]]:
-    """(training id, held-out id, distance) of every pair within `radius` bits, nearest first.
+def near_pairs(train: dict[str, int], held_out: dict[str, int], radius: int) -> Iterator[tuple[str, str, int]]:
+    """(training id, held-out id, distance) of every pair within `radius` bits, a block at a time, unsorted.
 
     Every pair is compared, a block of held-out hashes at a time against all training hashes, by a vectorised
     XOR and popcount (about 1e9 pairs a second here). Two indexes were measured first (benchmarks/leakage.py):
     a BK-tree and multi-index hashing (radius + 1 bands, one of which a near pair must share); on 64-bit hashes
     at radius 8 both prune too little to pay for their Python bookkeeping and ran 14-200x slower at 100,000.
+    A generator: 20,000 copies of one photo are 200 million pairs, which no list of them should hold.
     """
     import numpy as np
 
@@ -71,12 +74,24 @@ def near_duplicates(train: dict[str, int], held_out: dict[str, int], radius: int
     values = np.array([train[i] for i in ids], dtype=np.uint64)
     held = np.array([held_out[i] for i in held_ids], dtype=np.uint64)
     block = max(1, BLOCK_PAIRS // max(1, len(values)))
-    pairs = []
     for start in range(0, len(held), block):
         distance = np.bitwise_count(held[start : start + block, None] ^ values[None, :])
         rows, columns = np.nonzero(distance <= radius)
-        pairs += [(ids[c], held_ids[start + r], int(distance[r, c])) for r, c in zip(rows, columns, strict=True)]
-    return sorted(pairs, key=lambda pair: (pair[2], pair[0], pair[1]))
+        yield from ((ids[c], held_ids[start + r], int(distance[r, c])) for r, c in zip(rows, columns, strict=True))
+
+
+def near_duplicates(
+    train: dict[str, int], held_out: dict[str, int], radius: int, keep: int = EXAMPLES
+) -> tuple[int, list[tuple[str, str, int]]]:
+    """How many pairs lie within `radius` bits, and the `keep` nearest (memory bounded by `keep`, not the count)."""
+    count, nearest = 0, []
+    order = operator.itemgetter(2, 0, 1)
+    for pair in near_pairs(train, held_out, radius):
+        count += 1
+        nearest.append(pair)
+        if len(nearest) > 4 * keep:
+            nearest = heapq.nsmallest(keep, nearest, key=order)
+    return count, heapq.nsmallest(keep, nearest, key=order)
 
 
 BLOCK_PAIRS = 2**20  # pairs compared at once
@@ -101,14 +116,14 @@ def leakage(ws: Workspace, rules: Rules) -> dict[str, Any]:
     known = patients_known(ws)
     hashes = photo_hashes(ws, ingested)
     radius = rules.audit.near_duplicate_distance
-    pairs = near_duplicates(hashes.get("train", {}), hashes.get("test", {}), radius)
+    count, pairs = near_duplicates(hashes.get("train", {}), hashes.get("test", {}), radius)
     patients = shared_patients(ingested) if known else Counter()
     found = {
         "patients_known": known,
         "patients_in_both_splits": len(patients),
-        "near_duplicates_across_splits": len(pairs),
+        "near_duplicates_across_splits": count,
         "max_distance": radius,
-        "pairs": [{"train": a, "test": b, "distance": d} for a, b, d in pairs[:EXAMPLES]],
+        "pairs": [{"train": a, "test": b, "distance": d} for a, b, d in pairs],
         "patients": [{"patient": p, "photos": n} for p, n in patients.most_common(EXAMPLES)],
     }
     write_json(ws.leakage_record, {"ingested": stage_fingerprint(ws.ingested), **found})

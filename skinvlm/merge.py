@@ -108,7 +108,7 @@ def merge(
         )
     started, clock = now_iso(), time.perf_counter()
     sample = sample_inputs(adapter, recorded)
-    with staged(output) as tmp:
+    with staged(output, "merge") as tmp:
         before = merge_into(base, adapter, tmp, dtype, cuda, sample, phase)
         finish_folder(adapter, tmp, recorded)
         phase("verifying: the saved folder reloaded against base + adapter")
@@ -125,11 +125,8 @@ def merge(
     return result
 
 
-def check_safetensors(path: Path) -> None:
-    """A weights file whole (its header parses and its tensors end where the file does), checked before a base
-    model of many GB is loaded: a copy cut short otherwise surfaces as the Rust loader's error deep in peft."""
-    if not path.is_file():
-        return  # peft names what is missing in its own words (a .bin adapter, or none)
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The tensors a safetensors file lists, by name, and where its data begins ({} where the header is damaged)."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(8)
@@ -137,10 +134,29 @@ def check_safetensors(path: Path) -> None:
         header = handle.read(length) if 0 < length <= size - 8 else b""
     try:
         tensors = json.loads(header)
-        end = max((entry["data_offsets"][1] for name, entry in tensors.items() if name != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        end = size  # no header to read: damaged
-    if 8 + length + end > size:
+    except ValueError:
+        return {}, size
+    if not isinstance(tensors, dict) or not all(isinstance(v, dict) for v in tensors.values()):
+        return {}, size
+    return {k: v for k, v in tensors.items() if k != "__metadata__"}, 8 + length
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    return {name: list(entry.get("shape") or [0]) for name, entry in safetensors_header(path)[0].items()}
+
+
+def check_safetensors(path: Path) -> None:
+    """A weights file whole (its header parses and its tensors end where the file does), checked before a base
+    model of many GB is loaded: a copy cut short otherwise surfaces as the Rust loader's error deep in peft."""
+    if not path.is_file():
+        return  # peft names what is missing in its own words (a .bin adapter, or none)
+    size = path.stat().st_size
+    tensors, start = safetensors_header(path)
+    try:
+        end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError):
+        tensors = {}  # no offsets to read: damaged
+    if not tensors or start + end > size:
         raise SkinvlmError(f"{path} is damaged or cut short ({size:,} bytes): copy the adapter again or train again")
 
 

@@ -6,7 +6,8 @@ the APNG frames. Text (tEXt, zTXt, iTXt), EXIF (eXIf), the time (tIME), the name
 chunk go. A JPEG keeps its JFIF header (APP0 without a thumbnail: that is a second photo), its ICC profile (APP2
 ICC_PROFILE) and the fields of Adobe's APP14 (how to read CMYK and YCCK colour); JFXX, EXIF and XMP (APP1), IPTC
 (APP13), the other APPn, comments (COM) and anything after the end marker (MPF's extra images, makers' trailers)
-go. Neither is re-encoded: the compressed pixel data is copied as is, so decoded pixels equal the source's
+go. Either's ICC profile keeps its colour data and loses its text (icc.py). Neither is re-encoded: the
+compressed pixel data is copied as is, so decoded pixels equal the source's
 exactly. A JPEG whose markers are not in a plain order (a second start of image, a reserved marker) is not
 copied at all: ingest decodes it and stores the pixels as PNG, or refuses it when it does not decode.
 
@@ -24,6 +25,8 @@ import struct
 import zlib
 from collections.abc import Iterator
 from typing import Any
+
+from skinvlm import icc
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_KEPT = frozenset(
@@ -62,24 +65,32 @@ ICC_NAME = b"ICC Profile"  # iCCP's name is free text (a camera's or a person's)
 
 
 def clean_png(data: bytes, chunks: list[tuple[bytes, int, int]]) -> bytes:
-    """`data` with only the kept chunks, iCCP under a neutral name (the very object when nothing changes, so the
-    common case copies nothing)."""
+    """`data` with only the kept chunks, iCCP under a neutral name and without text (the very object when nothing
+    changes, so the common case copies nothing)."""
     view = memoryview(data)
     whole = [(kind, view[s:e]) for kind, s, e in chunks]
-    kept = [kept_chunk(kind, chunk) for kind, chunk in whole if kind in PNG_KEPT]
-    unchanged = len(kept) == len(whole) and all(k is chunk for k, (_, chunk) in zip(kept, whole, strict=True))
+    kept = [kept_chunk(kind, chunk) if kind in PNG_KEPT else None for kind, chunk in whole]
+    unchanged = all(k is chunk for k, (_, chunk) in zip(kept, whole, strict=True))
     if unchanged and chunks and chunks[-1][2] == len(data):
         return data
-    return b"".join([view[: len(PNG_SIGNATURE)], *kept])
+    return b"".join([view[: len(PNG_SIGNATURE)], *(k for k in kept if k is not None)])
 
 
-def kept_chunk(kind: bytes, chunk: memoryview) -> bytes | memoryview:
+def kept_chunk(kind: bytes, chunk: memoryview) -> bytes | memoryview | None:
+    """The chunk as stored (itself, or iCCP rewritten), or None to drop it (an iCCP whose profile is broken)."""
     if kind != b"iCCP":
         return chunk
-    name, _, profile = bytes(chunk[8:-4]).partition(b"\0")
-    if name == ICC_NAME:
+    name, _, compressed = bytes(chunk[8:-4]).partition(b"\0")
+    try:
+        profile = zlib.decompress(compressed[1:])  # after the compression method byte
+    except zlib.error:
+        return None
+    clean = icc.without_text(profile)
+    if clean is None:
+        return None
+    if name == ICC_NAME and clean is profile:
         return chunk
-    body = b"iCCP" + ICC_NAME + b"\0" + profile
+    body = b"iCCP" + ICC_NAME + b"\0\0" + (zlib.compress(clean) if clean is not profile else compressed[1:])
     return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
 
 
@@ -181,8 +192,37 @@ def clean_jpeg(data: bytes) -> bytes | None:
     return b"".join(kept)
 
 
+ICC_MARK = b"ICC_PROFILE\0"
+ICC_CHUNK = 65535 - 2 - len(ICC_MARK) - 2  # profile bytes one APP2 segment holds, after its sequence number
+
+
+def icc_segments(kept: list[bytes | memoryview]) -> tuple[list[bytes | memoryview], bool]:
+    """The kept segments with the ICC profile (split over APP2 segments in sequence) without its text, and whether
+    that changed nothing; a profile that cannot be put together or parsed is dropped."""
+    where = [i for i, seg in enumerate(kept) if seg[1] == 0xE2 and bytes(seg[4 : 4 + len(ICC_MARK)]) == ICC_MARK]
+    if not where:
+        return kept, True
+    parts = sorted((bytes(kept[i][4 + len(ICC_MARK) : 6 + len(ICC_MARK)]), bytes(kept[i][6 + len(ICC_MARK) :]))
+                   for i in where)  # fmt: skip
+    profile = b"".join(part for _, part in parts)
+    clean = icc.without_text(profile) if [n[0] for n, _ in parts] == list(range(1, len(parts) + 1)) else None
+    if clean is profile:
+        return kept, True
+    chunks = [clean[i : i + ICC_CHUNK] for i in range(0, len(clean), ICC_CHUNK)] if clean else []
+    made = [b"\xff\xe2" + struct.pack(">H", 2 + len(ICC_MARK) + 2 + len(c)) + ICC_MARK + bytes([n + 1, len(chunks)]) + c
+            for n, c in enumerate(chunks)]  # fmt: skip
+    rest = [seg for i, seg in enumerate(kept) if i not in set(where)]
+    return rest[: where[0]] + made + rest[where[0] :], False
+
+
 def jpeg_kept_segments(data: bytes) -> tuple[list[bytes | memoryview], bool]:
     """(what to store, whether that is `data` unchanged); the walk by markers, strict about their order."""
+    kept, same = jpeg_walk(data)
+    kept, icc_same = icc_segments(kept)
+    return kept, same and icc_same
+
+
+def jpeg_walk(data: bytes) -> tuple[list[bytes | memoryview], bool]:
     view, kept, same = memoryview(data), [], True
     framed = scanned = ended = False
     for marker, start, end in strict_jpeg_segments(data):
@@ -276,11 +316,15 @@ def cleaned(data: bytes, image_format: str | None, png: list[tuple[bytes, int, i
 
 
 def png_bytes(image: Any) -> bytes:
-    """Decoded pixels as a PNG that holds nothing but them (Pillow writes no metadata it is not handed)."""
+    """Decoded pixels as a PNG that holds nothing but them and their colour profile without its text (Pillow
+    writes no other metadata it is not handed, but the source's ICC profile it does, text and all)."""
+    profile = image.info.get("icc_profile")
+    clean = icc.without_text(profile) if isinstance(profile, bytes) and profile else None
     if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    image.info.pop("icc_profile", None)
     out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=3)
+    image.save(out, format="PNG", compress_level=3, **({"icc_profile": clean} if clean else {}))
     return out.getvalue()
 
 
@@ -292,7 +336,7 @@ def leftover(data: bytes) -> str | None:
         extra = sorted({kind.decode("latin-1") for kind, _, _ in chunks if kind not in PNG_KEPT})
         if problem or extra:
             return problem or f"PNG chunks {', '.join(extra)}"
-        return None if clean_png(data, chunks) is data else "a named ICC profile or data after IEND"
+        return None if clean_png(data, chunks) is data else "a named ICC profile, text in it, or data after IEND"
     if data.startswith(b"\xff\xd8"):
         clean = clean_jpeg(data)
         if clean is None:

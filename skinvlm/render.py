@@ -58,13 +58,28 @@ def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules
         f"pixels unchanged); {meta.get('turned', 0):,} photos turned upright by their EXIF orientation",
         highlight=False,
     )
-    out.print(patients_line(result.patients), highlight=False)
+    out.print(escape(patients_line(result.patients)), highlight=False)
     for item in result.skipped:
-        err.print(f"  [yellow]skipped[/] {item['path']}: {item['reason']}", highlight=False)
-    for group in result.duplicates:
-        err.print(f"  [yellow]duplicate[/] {' = '.join(group)}", highlight=False)
-    for group in result.cross_split_duplicates:
-        err.print(f"  [bold red]LEAKAGE: the same image is in train and test[/] {' = '.join(group)}", highlight=False)
+        err.print(f"  [yellow]skipped[/] {escape(item['path'])}: {escape(item['reason'])}", highlight=False)
+    for kind, groups in (
+        ("[yellow]duplicate[/]", result.duplicates),
+        ("[bold red]LEAKAGE: the same image is in train and test[/]", result.cross_split_duplicates),
+    ):
+        for group in groups[:GROUPS_SHOWN]:
+            err.print(f"  {kind} {escape(shown_group(group))}", highlight=False)
+        if len(groups) > GROUPS_SHOWN:
+            err.print(f"  {kind} and {len(groups) - GROUPS_SHOWN:,} more groups (the manifest lists them)",
+                      highlight=False)  # fmt: skip
+
+
+GROUPS_SHOWN = 10  # groups of copies printed by ingest; the manifest has every one
+
+
+def shown_group(paths: list[str], most: int = 3) -> str:
+    """A group of copies of one photo as one readable line: a few of its paths and how many more (the manifest
+    lists them all)."""
+    more = f" (and {len(paths) - most:,} more, listed in datasets/ingested/manifest.json)" if len(paths) > most else ""
+    return " = ".join(paths[:most]) + more
 
 
 PATIENTS_UNKNOWN = (
@@ -157,7 +172,7 @@ def leakage_report(out: Console, found: dict[str, Any]) -> None:
     if not found:
         return
     if not found["patients_known"]:
-        out.print(PATIENTS_UNKNOWN, highlight=False)
+        out.print(escape(PATIENTS_UNKNOWN), highlight=False)
     near, shared = found["near_duplicates_across_splits"], found["patients_in_both_splits"]
     if not near and not shared:
         out.print(f"leakage: none (no photo within {found['max_distance']} bits of one in the other split"

@@ -350,4 +350,6 @@ def patient_pattern_problem(pattern: Any) -> str | None:
         return f"is not a valid RE2 pattern ({str(err).splitlines()[0][:80]})"
     if "patient" not in compiled.groupindex:
         return "needs a named group (?P<patient>...) around the patient id"
+    if len(re.findall(r"\(\?P?<patient>", pattern)) > 1:
+        return "has more than one group named patient: name one group (?P<patient>...), the whole id"
     return None

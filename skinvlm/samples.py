@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from skinvlm import signals
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.prompts import conversation
@@ -27,6 +28,7 @@ def chat_rows(ds: Any, instruction: str) -> Any:
     """The rows as chat samples, built on access: the stored image bytes are read, never copied."""
 
     def to_chat(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        signals.leave_stop_to_the_parent()
         return {
             "images": [[as_rgb(image)] for image in batch["image"]],
             "messages": [conversation(instruction, answer) for answer in batch["output"]],
@@ -40,6 +42,7 @@ def prompt_rows(ds: Any, instruction: str) -> Any:
     `images`), and the class the rewards score against."""
 
     def to_prompt(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        signals.leave_stop_to_the_parent()
         return {
             "prompt": [conversation(instruction) for _ in batch["label"]],
             "images": [[as_rgb(image)] for image in batch["image"]],

@@ -3,6 +3,7 @@ config files alike. A module of its own: the collators (samples) read them witho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -110,6 +111,11 @@ class TrainSettings:
         check_choice("--backend", self.backend, Backend)
         check_choice("--report-to", self.report_to, ReportTo)
         check_choice("--method", self.method, Method)
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SkinvlmError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+        if self.method == "sft" and self.from_adapter:
+            raise SkinvlmError("--from is where --method grpo starts; SFT starts from --model: drop --from")
         if self.max_pixels < 28 * 28 * 4:
             raise SkinvlmError("--max-pixels must be at least 3136 (56x56)")
         if self.max_length < 64:

@@ -221,7 +221,7 @@ class Workspace:
 
         disable_progress_bars()  # our own rich bars run on stderr; tqdm lines would garble them
         target = self.dataset(stage)
-        with staged(target) as tmp:
+        with staged(target, manifest["stage"]) as tmp:
             # One shard a split: text stages are small, and datasets cannot load back an empty split it sharded
             # itself (a tree too small for a test split would break every later command).
             data.save_to_disk(str(tmp), num_shards={split: 1 for split in data})
@@ -383,9 +383,30 @@ def swap_in(new: Path, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable(target: Path, stage: str) -> None:
+    """`target` may be replaced only where it holds what `stage` wrote before (a link to its version, or a folder
+    from before versioned stages, its manifest naming the stage), or nothing: an empty folder or none. A folder
+    the user chose (merge --output) may be the workspace itself, or hold a clinic's files."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    try:
+        found = read_manifest(target) if target.is_dir() else None
+    except SkinvlmError:
+        found = None
+    if not isinstance(found, dict) or found.get("stage") != stage:
+        raise SkinvlmError(
+            f"{target} holds files that `skinvlm {stage}` did not write: it replaces only its own earlier output, "
+            "an empty folder or none; choose another folder"
+        )
+
+
 @contextmanager
-def staged(target: Path) -> Iterator[Path]:
-    """A fresh folder beside `target` for its next version; made current on success, removed on failure."""
+def staged(target: Path, stage: str) -> Iterator[Path]:
+    """A fresh folder beside `target` for its next version; made current on success, removed on failure.
+    Refused before anything is written where `target` holds what `stage` did not make (`check_replaceable`)."""
+    check_replaceable(target, stage)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -469,7 +490,7 @@ def write_manifest(folder: Path, content: dict[str, Any]) -> None:
     write_json(folder / MANIFEST, redact(content))
 
 
-def secret_key(path: Path) -> bytes:
+def secret_key(path: Path, damaged: str = "delete it (open review pages will then ask to be reloaded)") -> bytes:
     """A workspace secret (32 random bytes, readable by its owner only), made once and shared by every process:
     written whole under another name and linked into place, so one starting at the same moment never reads half
     of it."""
@@ -493,7 +514,7 @@ def secret_key(path: Path) -> bytes:
     except OSError as err:
         raise SkinvlmError(f"cannot read {path} ({err.strerror or err}): remove it and run again") from None
     if len(key) != 32:
-        raise SkinvlmError(f"{path} is damaged: delete it (open review pages will then ask to be reloaded)")
+        raise SkinvlmError(f"{path} is damaged: {damaged}")
     return key
 
 
@@ -563,8 +584,8 @@ def reviewed_since(ws: Workspace, inputs: dict[str, Any]) -> bool:
 def out_of_date(ws: Workspace, folder: Path, reviews: bool = True) -> list[str]:
     """The commands to re-run, in order, because what `folder` was made from changed since (with `reviews`, the
     review decisions a fix applied too); [] when current."""
-    found = read_manifest(folder) or {}
-    inputs = found.get("inputs", {})
+    found = fields(read_manifest(folder))
+    inputs = fields(found.get("inputs"))
     if inputs.get("stage") in DATASET_STAGES:
         source = ws.dataset(inputs["stage"])
     elif inputs.get("adapter"):
@@ -607,17 +628,28 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
     for name, link in folders:
         path = current(link)
         found = read_manifest(path) if path.is_dir() else None
-        counts = (found or {}).get("counts", {})
-        rows = counts.get("splits") if isinstance(counts.get("splits"), dict) else {}
-        inputs = (found or {}).get("inputs", {})
+        counts = fields(fields(found).get("counts"))
+        rows = fields(counts.get("splits"))
+        inputs = fields(fields(found).get("inputs"))
         source = inputs.get("src") or inputs.get("stage") or inputs.get("model") or ""
         present = path.is_dir() and any(path.iterdir())
         rerun = out_of_date(ws, path) if found else []
+        if present and not isinstance(found, dict) and name in REMAKE:
+            rerun = [REMAKE[name]]  # a folder without its manifest: unfinished, damaged or made by hand
         if name.startswith("eval/") and not (path / "metrics.json").is_file():
             rerun = [f"eval --name {path.name}"]  # stopped before its figures: the answers kept, the run not done
-        finished = (found or {}).get("finished", "")
+        finished = str(fields(found).get("finished", ""))
         out.append(StageStatus(name, path, present, rows, finished, str(source), rerun, headline(found, path)))
     return out
+
+
+REMAKE = {"ingested": "skinvlm ingest SRC --force", **{k: MADE_BY[k] for k in TEXT_STAGES},
+          "adapter": REMADE_BY["train"], "merged": REMADE_BY["merge"]}  # fmt: skip
+
+
+def fields(value: Any) -> dict[str, Any]:
+    """A manifest's object, or {} for what is not one (a manifest edited by hand, or written by another tool)."""
+    return value if isinstance(value, dict) else {}
 
 
 def headline(found: dict[str, Any] | None, path: Path) -> str:
@@ -634,20 +666,27 @@ def headline(found: dict[str, Any] | None, path: Path) -> str:
             return f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, {m['n']:,} photos"
         except (ValueError, KeyError, TypeError):
             return "metrics.json damaged"
-    counts = (found or {}).get("counts", {})
-    if (found or {}).get("stage") == "train" and counts.get("method") == "grpo":
-        start = Path((found or {}).get("inputs", {}).get("from_adapter", "?")).name
+    try:
+        return manifest_headline(fields(found))
+    except (TypeError, ValueError, AttributeError, KeyError):  # a field of another type than skinvlm writes
+        return "manifest.json damaged"
+
+
+def manifest_headline(found: dict[str, Any]) -> str:
+    counts = fields(found.get("counts"))
+    if found.get("stage") == "train" and counts.get("method") == "grpo":
+        start = Path(found.get("inputs", {}).get("from_adapter", "?")).name
         reward = counts.get("mean_reward") or {}
         rose = f", mean reward {reward['first']:.3f} -> {reward['last']:.3f}" if reward else ""
         return f"GRPO from {start}: {counts.get('steps', 0):,} steps{rose}"
-    if (found or {}).get("stage") == "train":
+    if found.get("stage") == "train":
         loss = counts.get("final_loss")
         return f"{counts.get('steps', 0):,} steps" + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
-    if (found or {}).get("stage") == "ingest" and counts.get("patients"):
+    if found.get("stage") == "ingest" and counts.get("patients"):
         patients = counts["patients"]
         return patients_text(patients) if patients.get("known") else "patients unknown (ingest --patient-pattern)"
-    if (found or {}).get("stage") == "fix" and counts.get("review"):
+    if found.get("stage") == "fix" and counts.get("review"):
         return "review: " + ", ".join(f"{status} {n:,}" for status, n in counts["review"].items())
-    if (found or {}).get("stage") == "merge" and isinstance(counts.get("merge_error"), float):
+    if found.get("stage") == "merge" and isinstance(counts.get("merge_error"), float):
         return f"merge error {counts['merge_error']:.3g} (tolerance {counts.get('tolerance', 0):.3g})"
     return ""

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import error_line
 from PIL import Image, ImageEnhance
 
-from skinvlm.leakage import near_duplicates
+from skinvlm.leakage import near_duplicates, near_pairs
 
 CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
 PATTERN = r"(?P<patient>PT\d{5})_"
@@ -115,9 +115,10 @@ def test_the_banded_index_finds_what_all_pairs_find() -> None:
     every = sorted(
         (a, b, (x ^ y).bit_count()) for a, x in train.items() for b, y in held.items() if (x ^ y).bit_count() <= 6
     )
-    assert sorted(near_duplicates(train, held, 6)) == every and len(every) >= 80
-    assert near_duplicates({"a": 5, "b": 5}, {"x": 4}, 1) == [("a", "x", 1), ("b", "x", 1)], "equal hashes both"
-    assert near_duplicates({"a": 0}, {"x": 2**64 - 1}, 8) == [], "64 bits apart"
+    assert sorted(near_pairs(train, held, 6)) == every and len(every) >= 80
+    assert near_duplicates(train, held, 6, keep=5) == (len(every), sorted(every, key=lambda p: (p[2], p[0], p[1]))[:5])
+    assert near_duplicates({"a": 5, "b": 5}, {"x": 4}, 1) == (2, [("a", "x", 1), ("b", "x", 1)]), "equal hashes both"
+    assert list(near_pairs({"a": 0}, {"x": 2**64 - 1}, 8)) == [], "64 bits apart"
 
 
 def patient_tree(root: Path) -> None:

@@ -169,6 +169,8 @@ PERSONAL = [
     "성명: 김민수, 주민번호 900101-1234567, 문의 hong.gd@clinic.co.kr",
     "차트번호: A-00123, 등록번호 12345678. 보호자 이영희 님 연락처 02-123-4567, +82 10 2345 6789.",
     "Patient: John Smith, MRN: 99887766, chart no. 445566.",
+    # what converters and keyboards make: an en dash, full-width digits, spaces around dashes, no space before 환자
+    "주민번호 900101–1234567, 연락처 ０１０－２３４５－６７８９ 또는 02 - 123 - 4567, 김철수환자의 뺨.",
     "김철수 환자분의 연락처 (02) 123-4567, 주민번호 900101 - 1234567.",
 ]
 NOT_PERSONAL = (
@@ -195,11 +197,22 @@ def test_every_personal_pattern_is_found_and_the_shipped_rules_redact_it() -> No
         assert "[이름]" in fixed or "[전화번호]" in fixed or "[등록번호]" in fixed
     assert all(hit.values()), [p for p, seen in hit.items() if not seen]
     assert personal.find(NOT_PERSONAL) == [], "clinical wording is not personal data"
-    for placeholder in ("환자명: 미상", "이름: 아토피 피부염", "Patient: The lesion is red", "여드름 환자분의 뺨"):
+    for placeholder in (
+        "환자명: 미상",
+        "이름: 아토피 피부염",
+        "Patient: The lesion is red",
+        "여드름 환자분의 뺨",
+        "Patient: Redness on both cheeks",
+        "소아환자의 이마",
+        "여드름환자의 볼",
+        "정상환자",
+    ):
         assert personal.find(placeholder) == [], f"{placeholder}: a class, a placeholder or a word is not a name"
     kinds = [f.kind for f in personal.find(PERSONAL[-1])]
     assert kinds == ["name", "phone", "resident_number"], kinds
     assert personal.mask("010-2345-6789") == "0**-2***-6***"
+    bracketed = fix_text("환자 홍길동(010-2345-6789)의 볼", rules, term_pattern(rules), Counter())
+    assert bracketed == "환자 [이름]([전화번호])의 볼", "the bracket around the number stays whole"
 
 
 def personal_answers(body: dict) -> str:

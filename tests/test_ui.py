@@ -153,18 +153,21 @@ def test_a_job_is_the_cli_command_one_at_a_time_and_outlives_the_ui(described: P
         assert isinstance(overview, dict) and overview["next"] == "train", "described and fixed: training is next"
 
 
-def test_a_form_becomes_the_cli_command_and_nothing_else() -> None:
-    assert job_argv("train", {"max-steps": "20", "method": "grpo", "from": "models/adapter"}) == [
-        "train", "--max-steps", "20", "--method", "grpo", "--from", "models/adapter",
+def test_a_form_becomes_the_cli_command_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    assert job_argv("train", {"max-steps": "20", "method": "grpo", "from": "models/adapter"}, root) == [
+        "train", "--max-steps", "20", "--method", "grpo", "--from", str(root / "models" / "adapter"),
     ]  # fmt: skip
-    assert job_argv("eval", {"confusion-matrix": True, "name": "a"}) == ["eval", "--confusion-matrix", "--name", "a"]
+    assert job_argv("eval", {"confusion-matrix": True, "name": "a"}, root) == [
+        "eval", "--confusion-matrix", "--name", "a",
+    ]  # fmt: skip
     for command, fields, message in (
         ("rm", {}, "a job is one of"),
         ("train", {"resume": "1"}, "takes no field 'resume'"),
         ("train", {"output": "--gpu"}, "not a flag"),
     ):
         with pytest.raises(BadRequest, match=message):
-            job_argv(command, fields)
+            job_argv(command, fields, root)
 
 
 @pytest.mark.slow

@@ -40,4 +40,4 @@ PYTHON_SHOWWARNING = warnings.showwarning
 def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.showwarning = show_our_warnings
-    app()
+    app(prog_name="skinvlm")  # `python -m skinvlm` (as the ui's jobs run it) names itself as the terminal does

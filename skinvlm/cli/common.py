@@ -217,7 +217,7 @@ def user_errors(fn: F) -> F:
         except SkinvlmError as problem:
             fail(str(problem))
         except KeyboardInterrupt:
-            err.print(f"{interrupted()}: finished work is saved; run the same command again to go on")
+            err.print(f"{interrupted()}: {STOPPED_SAYS.get(fn.__name__, GO_ON)}")
             raise typer.Exit(stopped_code()) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors the command chose
@@ -245,6 +245,15 @@ def library_notices_hidden() -> Iterator[None]:
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
         yield
+
+
+GO_ON = "finished work is saved; run the same command again to go on"
+# What a stopped command that serves (rather than works through its input) has to say: there is nothing to go on with.
+STOPPED_SAYS = {
+    "ui": "the page is stopped; jobs started from it go on",
+    "review": "the review page is stopped; every decision made is saved",
+    "serve": "the server is stopped",
+}
 
 
 def interrupted() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from skinvlm import devices
+from skinvlm.errors import SkinvlmError
 from skinvlm.samples import AnswerOnlyCollator, unsloth_collator
 from skinvlm.train_settings import TrainSettings
 from skinvlm.vlm import load_processor
@@ -47,7 +48,12 @@ def load_hf(settings: TrainSettings, cuda: bool) -> tuple[Any, Any]:
     if settings.method == "grpo":  # GRPO trains the SFT adapter further
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(settings.from_adapter), is_trainable=True), processor
+        try:
+            return PeftModel.from_pretrained(model, str(settings.from_adapter), is_trainable=True), processor
+        except (OSError, ValueError, RuntimeError, KeyError) as err:  # as merge says it: a damaged or foreign file
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            start = f"--from {settings.from_adapter}"
+            raise SkinvlmError(f"{start} cannot be loaded onto {settings.model}: {reason}") from None
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,

@@ -62,6 +62,11 @@ def preflight(ws: Workspace, rules: Rules, settings: TrainSettings, dry_run: boo
     resume_from = newest_checkpoint(output) if settings.resume else None
     if settings.resume and resume_from is None:
         raise SkinvlmError(f"--resume: no checkpoint in {output / 'checkpoints'}")
+    if resume_from and (done := checkpoint_step(Path(resume_from))) >= settings.max_steps:
+        raise SkinvlmError(
+            f"--resume: {resume_from} is at step {done}, and --max-steps is {settings.max_steps}: nothing is left "
+            "to train; raise --max-steps to go on"
+        )
     if not (settings.resume or dry_run) and (output / "adapter_config.json").exists():
         raise SkinvlmError(f"{output} already holds an adapter; pass --resume to continue it or --output elsewhere")
     if not dry_run:
@@ -84,6 +89,7 @@ def start_from_adapter(settings: TrainSettings, classes: list[str]) -> None:
         raise SkinvlmError(
             f"--from {folder} holds no adapter (adapter_config.json missing): train one with --method sft"
         )
+    check_adapter_files(folder)
     recorded = read_settings(folder)
     base, pixels = recorded.get("base_model"), recorded.get("max_pixels")
     if not base:
@@ -103,6 +109,34 @@ def start_from_adapter(settings: TrainSettings, classes: list[str]) -> None:
         )
     settings.from_adapter, settings.model = str(folder), base
     settings.max_pixels = pixels or settings.max_pixels
+
+
+def check_adapter_files(folder: Path) -> None:
+    """An adapter's files whole and consistent before a model loads (a cut-short copy, a hand-edited config):
+    its config a JSON object, its weights complete, and each LoRA matrix of the rank the config names."""
+    from skinvlm.errors import read_json_object
+    from skinvlm.merge import check_safetensors, safetensors_shapes
+
+    config = read_json_object(folder / "adapter_config.json", "the adapter's")
+    weights = folder / "adapter_model.safetensors"
+    check_safetensors(weights)
+    rank = config.get("r")
+    if not weights.is_file() or config.get("rank_pattern") or not isinstance(rank, int):
+        return
+    wrong = [name for name, shape in safetensors_shapes(weights).items() if "lora_A" in name and shape[0] != rank]
+    if wrong:
+        raise SkinvlmError(
+            f"the adapter in {folder} is inconsistent: its config says rank {rank}, but {len(wrong)} of its LoRA "
+            "weights have another; copy the adapter again or train it again"
+        )
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    try:
+        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return 0  # the trainer names a damaged checkpoint when it loads it
+    return step if isinstance(step, int) else 0
 
 
 def grpo_needs_triton() -> bool:

@@ -45,8 +45,13 @@ def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False, re
         warnings.warn("datasets/fixed is missing: training on datasets/described (run `skinvlm fix`)", stacklevel=2)
     data = ws.load(stage)
     unusable = mismatched = review_left_out = 0
+    if data["train"].num_rows == 0:
+        raise SkinvlmError(f"the training split of datasets/{stage} is empty: ingest a tree with a Training folder, "
+                           "or pool the photos with `skinvlm ingest SRC --force --resplit 0.1`")  # fmt: skip
     for split in list(data):
         ds = data[split]
+        if ds.num_rows == 0:
+            continue
         keep = []
         outcomes = ds["review"] if "review" in ds.column_names else [None] * ds.num_rows
         rows = zip(ds["output"], ds["status"], ds["label"], outcomes, strict=True)
@@ -64,6 +69,12 @@ def training_rows(ws: Workspace, rules: Rules, keep_mismatches: bool = False, re
         raise SkinvlmError(
             f"no usable rows in datasets/{stage}: every output is empty, failed, malformed, names another class "
             "than its folder (see `skinvlm audit`) or was left out by the clinicians' review"
+        )
+    classes = sorted(set(data["train"]["label"]))
+    if len(classes) < 2:
+        raise SkinvlmError(
+            f"the usable training rows hold one class ({classes[0]}) of {len(rules.class_names)}: a model trained "
+            "on them would name it for every photo; describe and fix the other classes' photos first"
         )
     return Rows(data, stage, unusable, mismatched, review_left_out)
 

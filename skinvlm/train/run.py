@@ -4,6 +4,7 @@ held-out selection, Ctrl-C/SIGTERM with a checkpoint, what is saved, and the res
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -116,6 +117,50 @@ class VisionCalls:
         self.calls += 1
 
 
+def divergence_guard(model: Any) -> Any:
+    """Stops a run whose loss or trainable weights stop being finite (a learning rate far too high), before a
+    checkpoint of such weights is saved: the run then fails with its last finite checkpoint kept."""
+    from transformers import TrainerCallback
+
+    class Divergence(TrainerCallback):
+        def __init__(self) -> None:
+            self.at: tuple[int, str] | None = None  # the step and what was not finite
+
+        def stop(self, state: Any, control: Any, what: str) -> None:
+            self.at = self.at or (state.global_step, what)
+            control.should_save = False
+            control.should_training_stop = True
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if (control.should_save or control.should_log or state.global_step >= state.max_steps) and not finite(
+                model
+            ):
+                self.stop(state, control, "the trainable weights are NaN or infinite")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                self.stop(state, control, f"the loss is {loss}")
+
+    return Divergence()
+
+
+def finite(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def diverged(at: tuple[int, str], settings: TrainSettings, output: Path) -> SkinvlmError:
+    step, what = at
+    newest = newest_checkpoint(output)
+    kept = f"{newest} (the last saved before it) is kept" if newest else "no checkpoint had been saved before it"
+    return SkinvlmError(
+        f"training diverged at step {step}: {what}; lower --learning-rate (it was {settings.learning_rate:g}) and "
+        f"train again. No adapter was saved; {kept}"
+    )
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during training, with what can be resumed: the newest checkpoint (None: none) and
     whether it was saved just now (one process saves at once; under DDP the last periodic one stands)."""
@@ -162,15 +207,19 @@ def train(
     if chooser is not None:
         trainer.add_callback(chooser)
     vision = VisionCalls(trainer.model)
+    guard = divergence_guard(trainer.model)
+    trainer.add_callback(guard)
     try:
         trainer.train(resume_from_checkpoint=plan.resume_from)
     except KeyboardInterrupt:
         alone = devices.world_size() == 1
-        if alone and trainer.state.global_step > 0:  # one process: save so --resume continues from here
+        if alone and trainer.state.global_step > 0 and finite(trainer.model):  # so --resume continues from here
             trainer._save_checkpoint(trainer.model, trial=None)
         raise TrainingInterrupted(newest_checkpoint(plan.output), alone and trainer.state.global_step > 0) from None
     except torch.OutOfMemoryError:
         raise out_of_memory(settings, trainer.state.global_step, plan.output) from None
+    if guard.at is not None:
+        raise diverged(guard.at, settings, plan.output)
     trainer.save_model(str(plan.output))  # the trainer writes on rank 0 only
     best_step = chosen_step(chooser, settings, trainer.state.global_step)
     if main and chooser is not None:

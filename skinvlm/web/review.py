@@ -36,6 +36,7 @@ MAX_REASON = 500
 SESSION_COOKIE = "skinvlm_review"
 REVIEWER_COOKIE = "skinvlm_reviewer"
 TOKEN_COOKIE = "skinvlm_review_token"
+TOKEN_COOKIES = (TOKEN_COOKIE, "skinvlm_ui_token")  # its own, and the ui's (ui.TOKEN_COOKIE)
 
 
 def review_key(ws: Workspace) -> bytes:
@@ -124,8 +125,9 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     def authorised(request: Request) -> bool:
         if token is None:
             return True
-        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
-        return hmac.compare_digest(given.encode(), token.encode())
+        # As the ui's tab, the ui's token cookie is the one the browser holds: either one that matches will do.
+        given = [request.query_params.get("token")] + [request.cookies.get(name) for name in TOKEN_COOKIES]
+        return any(hmac.compare_digest(found.encode(), token.encode()) for found in given if found)
 
     def session_of(request: Request) -> tuple[str, dict[str, str]]:
         return sessions.get(request.cookies.get(SESSION_COOKIE), request.cookies.get(REVIEWER_COOKIE))

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,10 +29,10 @@ from skinvlm.web.security import (
     json_body,
     run_server,
 )
-from skinvlm.workspace import MANIFEST, TEXT_STAGES, Workspace, read_manifest, secret_key, stage_status
+from skinvlm.workspace import MANIFEST, TEXT_STAGES, Workspace, secret_key, stage_status
 
 SESSION_COOKIE = "skinvlm_ui"
-TOKEN_COOKIE = "skinvlm_ui_token"
+TOKEN_COOKIE = "skinvlm_ui_token"  # the review tab takes it too (review.TOKEN_COOKIES)
 EVAL_FILES = ("confusion_matrix.png", "reliability.png", "report.html")
 # The fields each job's form may set, as the command's flags; anything else is refused.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -48,8 +49,12 @@ SWITCHES = {  # check boxes: a flag without a value
 }  # fmt: skip
 
 
-def job_argv(command: str, fields: dict[str, Any]) -> list[str]:
-    """A form's fields as `skinvlm COMMAND` flags: only the fields the command's form has, each a short string."""
+PATHS = ("from", "config", "output", "adapter", "model-dir")  # fields that name a file or folder
+
+
+def job_argv(command: str, fields: dict[str, Any], root: Path) -> list[str]:
+    """A form's fields as `skinvlm COMMAND` flags: only the fields the command's form has, each a short line of
+    text; a path resolves inside the workspace `root` (relative to it, never to the ui's own working folder)."""
     if command not in FIELDS:
         raise BadRequest(400, f"a job is one of {', '.join(FIELDS)}")
     argv = [command]
@@ -61,10 +66,21 @@ def job_argv(command: str, fields: dict[str, Any]) -> list[str]:
             raise BadRequest(400, f"{command} takes no field {name!r}")
         if value in (None, ""):
             continue
-        if not isinstance(value, str | int | float) or len(str(value)) > 500 or str(value).startswith("-"):
+        text = str(value)
+        if not isinstance(value, str | int | float) or len(text) > 500 or text.startswith("-"):
             raise BadRequest(400, f"{name}: a value of up to 500 characters, not a flag")
-        argv += [f"--{name}", str(value)]
+        if not text.isprintable():
+            raise BadRequest(400, f"{name}: one line of printable text")
+        argv += [f"--{name}", inside_workspace(name, text, root) if name in PATHS else text]
     return argv
+
+
+def inside_workspace(name: str, value: str, root: Path) -> str:
+    root = root.resolve()
+    path = (root / value).resolve()
+    if not path.is_relative_to(root):
+        raise BadRequest(400, f"{name}: a path inside the workspace {root}, not {value}")
+    return str(path)
 
 
 NEXT = {  # the command that makes each stage, in pipeline order
@@ -90,31 +106,51 @@ def train_runs(ws: Workspace) -> list[dict[str, Any]]:
     for folder in sorted(models.iterdir()) if models.is_dir() else []:
         log = folder / "train_log.jsonl"
         if folder.is_dir() and log.is_file():
-            found.append(train_run(folder))
+            found.append(finite(train_run(folder)))
     return found
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity as None: a diverged run logs `NaN`, which JSON cannot carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_or_none(path: Path) -> dict[str, Any] | None:
+    """A JSON object a run wrote, or None where it is missing or damaged (one damaged run leaves the others shown)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def train_run(folder: Path) -> dict[str, Any]:
     entries = []
     for line in (folder / "train_log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
             continue  # a line being written
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
     points = [
         {"step": e["step"], "loss": e.get("loss"), "reward": e.get("reward"), "eval_macro_f1": e.get("eval_macro_f1")}
         for e in entries
         if "loss" in e or "eval_macro_f1" in e
     ]
-    timed = [e for e in entries if "loss" in e and "seconds" in e]
+    timed = [e for e in entries if "loss" in e and isinstance(e.get("seconds"), int | float)]
     last = timed[-1] if timed else {}
     per_step = last["seconds"] / last["step"] if last.get("step") else None
-    settings = {}
-    if (folder / "train_settings.json").is_file():
-        settings = json.loads((folder / "train_settings.json").read_text(encoding="utf-8"))
-    total = settings.get("max_steps")
-    counts = (read_manifest(folder) or {}).get("counts", {})
-    peaks = [e["peak_vram_mb"] for e in entries if e.get("peak_vram_mb") is not None]
+    settings = json_or_none(folder / "train_settings.json") or {}
+    total = settings.get("max_steps") if isinstance(settings.get("max_steps"), int) else None
+    counts = (json_or_none(folder / MANIFEST) or {}).get("counts") or {}
+    peaks = [e["peak_vram_mb"] for e in entries if isinstance(e.get("peak_vram_mb"), int | float)]
     return {
         "name": folder.name,
         "points": points,
@@ -124,7 +160,7 @@ def train_run(folder: Path) -> dict[str, Any]:
         "eta_s": round(per_step * (total - last["step"])) if per_step and total else None,
         "peak_vram_mb": max(peaks) if peaks else None,
         "finished": bool(counts),
-        "best_step": counts.get("best_step"),
+        "best_step": counts.get("best_step") if isinstance(counts, dict) else None,
         "settings": {k: settings.get(k) for k in ("method", "from_adapter", "model", "backend", "learning_rate",
                                                   "max_steps", "eval_steps", "lora_r", "max_pixels")},
     }  # fmt: skip
@@ -133,10 +169,12 @@ def train_run(folder: Path) -> dict[str, Any]:
 def eval_runs(ws: Workspace) -> list[dict[str, Any]]:
     runs = []
     for folder in sorted(ws.eval_root.iterdir()) if ws.eval_root.is_dir() else []:
-        metrics = folder / "metrics.json"
-        if metrics.is_file():
-            found = json.loads(metrics.read_text(encoding="utf-8"))
-            runs.append({k: found.get(k) for k in ("name", "n", "accuracy", "macro_f1", "unparsed", "backend")})
+        if (folder / "metrics.json").is_file():
+            found = json_or_none(folder / "metrics.json")
+            if found is None:
+                runs.append({"name": folder.name, "damaged": "metrics.json is damaged: run this eval again"})
+                continue
+            runs.append(finite({k: found.get(k) for k in ("name", "n", "accuracy", "macro_f1", "unparsed", "backend")}))
     return runs
 
 
@@ -144,10 +182,12 @@ def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
     folder = ws.eval_run(name)
     if not (folder / "metrics.json").is_file() or folder.parent != ws.eval_root:
         raise BadRequest(404, f"no eval run {name!r}")
-    found = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    found = json_or_none(folder / "metrics.json")
+    if found is None:
+        raise BadRequest(409, f"eval run {name!r}: its metrics.json is damaged; run this eval again")
     keep = ("name", "n", "accuracy", "macro_f1", "unparsed", "intervals", "per_class", "per_view", "labels",
             "confusion_matrix", "selective", "patients", "ci_method")  # fmt: skip
-    return {k: found.get(k) for k in keep} | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
+    return finite({k: found.get(k) for k in keep}) | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
 
 
 def review_inputs(ws: Workspace) -> tuple[tuple[str, int], ...]:
@@ -285,7 +325,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
             raise BadRequest(400, "fields must be an object")
-        return JSONResponse(jobs.start(ws, job_argv(str(body.get("command")), fields)).as_json())
+        return JSONResponse(jobs.start(ws, job_argv(str(body.get("command")), fields, ws.root)).as_json())
 
     @guarded
     async def job_stop(request: Request) -> Response:
