@@ -313,15 +313,19 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
         reason = plain(rejection["reason"]) if rejection["reason"] else "(no reason given)"
         out.print(f"  rejected {rejection['id']} by {plain(rejection['reviewer'])}: {reason}", highlight=False)
     agreement = found["agreement"]
+    left_out = agreement.get("unblinded_left_out", 0)
+    if left_out:
+        out.print(f"agreement leaves out {left_out:,} records whose second reviewer saw the first outcome (an older "
+                  "journal): only blind reads are independent opinions", highlight=False)  # fmt: skip
     if not agreement["items"]:
-        out.print("agreement: no record was reviewed by two reviewers (--overlap F offers a share F a second time)")
+        out.print("agreement: no record was read blind by two reviewers (--overlap F offers a share F a second time)")
         return
     for what in ("keep_or_reject", "label"):
         figure = agreement[what]
         kappa = "-" if figure["kappa"] is None else f"{figure['kappa']:.3f}"
         interval = f" (95% CI {figure['interval'][0]:.3f}-{figure['interval'][1]:.3f})" if figure["interval"] else ""
         out.print(f"agreement on {what.replace('_', ' ')}: {agreement['method']} kappa {kappa}{interval}, "
-                  f"{agreement['items']:,} records reviewed twice")  # fmt: skip
+                  f"{agreement['items']:,} records read blind twice")  # fmt: skip
     for item in agreement["disagreements"][:10]:
         said = "; ".join(f"{plain(name)}: {d['decision']} {plain(d['label'])}" for name, d in item["reviewers"].items())
         out.print(f"  disagree on {item['id']}: {said}", highlight=False)

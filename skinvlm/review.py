@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,9 @@ class ReviewState:
     """The records under review and every decision made on them, kept in step with the journal on disk (which
     other servers may append to): `refresh` reads what was appended since it last looked."""
 
-    def __init__(self, items: Iterable[Item], path: Path, overlap: float = 0.0) -> None:
+    def __init__(
+        self, items: Iterable[Item], path: Path, overlap: float = 0.0, canonical: Callable[[str], str | None] = str
+    ) -> None:
         from filelock import FileLock
 
         if not 0 <= overlap <= 1:
@@ -131,7 +133,7 @@ class ReviewState:
         for record_id in self.order:
             if (patient := self.items[record_id].patient) is not None:
                 self.by_patient[patient].append(record_id)
-        self.path, self.overlap = path, overlap
+        self.path, self.overlap, self.canonical = path, overlap, canonical  # canonical: a tag's class, or None
         self.lock = FileLock(str(path) + ".lock")
         self.decisions: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.shown: dict[str, tuple[str, float]] = {}  # record id -> (reviewer, monotonic time it was shown)
@@ -166,6 +168,18 @@ class ReviewState:
 
     def version(self, record_id: str) -> int:
         return len(self.decisions.get(record_id, []))
+
+    def blind_for(self, reviewer: str, record_id: str) -> bool:
+        """Whether `reviewer` reads this record as a second, blind opinion: others decided it, this reviewer did
+        not, and it is not a dispute to settle (whoever settles one sees both sides). A blind read is shown
+        nothing of the earlier outcome, so the agreement the report computes is between independent reads."""
+        made = self.decisions.get(record_id, [])
+        others = {d["reviewer"] for d in made}
+        return bool(made) and reviewer.strip() not in others and self.outcome(record_id).status != "disputed"
+
+    def text_class(self, text: str) -> str | None:
+        answer = parse_answer(text)
+        return self.canonical(answer.tag) if answer.well_formed and answer.tag else None
 
     def next_for(self, reviewer: str) -> Item | None:
         """Disputed records first for those who took no part in the dispute (anyone may settle one), then records
@@ -215,6 +229,13 @@ class ReviewState:
             raise SkinvlmError("an edit needs the edited text")
         if text is not None and len(text) > MAX_TEXT:
             raise SkinvlmError(f"the edited text is longer than {MAX_TEXT} characters")
+        kept = text if decision == "edit" else item.text if decision == "accept" else None
+        says = self.text_class(kept) if kept is not None else None
+        if says is not None and says != label:
+            raise LabelDisagrees(
+                f"the text says {says}, the label chosen is {label}: choose one (the label, written into the text "
+                "as an edit, or the text's class as the label); nothing was saved"
+            )
         with self.lock:
             self.refresh()
             made = self.decisions.get(record_id, [])
@@ -225,6 +246,7 @@ class ReviewState:
                     "(nothing was saved): look at it again"
                 )
             settles = self.outcome(record_id).status == "disputed"
+            blind = self.blind_for(reviewer, record_id)
             line = {
                 "reviewer": reviewer.strip(),
                 "at": now_iso(),
@@ -237,11 +259,16 @@ class ReviewState:
                 "reason": reason.strip() if reason else "",
                 "version": version,
                 "settles": settles,
+                "blind": blind,
             }
             append_line(self.path, line)
             self.shown.pop(record_id, None)  # decided: free for a second reviewer
             self.refresh()
         return line
+
+
+class LabelDisagrees(SkinvlmError):
+    """A decision whose kept text names another class than the label chosen: the clinician picks one."""
 
 
 def parse_decision(line: bytes) -> dict[str, Any] | None:
@@ -372,14 +399,17 @@ def report(state: ReviewState, resamples: int = 1000, seed: int = 42) -> dict[st
     reviewers: dict[str, Counter[str]] = defaultdict(Counter)
     times: dict[str, list[float]] = defaultdict(list)
     items: list[dict[str, dict[str, Any]]] = []
+    unblinded = 0
     for record_id, made in state.decisions.items():
         for decision in made:
             times[decision["reviewer"]].append(decision.get("time", 0.0))
         opinions = latest_per_reviewer(made)
         for name, decision in opinions.items():
             reviewers[name][DECISIONS[decision["decision"]]] += 1
-        if len(opinions) >= 2:
+        if len(opinions) >= 2 and all(d.get("blind") for d in sorted(opinions.values(), key=decision_time)[1:]):
             items.append({"id": record_id, **opinions})  # type: ignore[dict-item]
+        elif len(opinions) >= 2:
+            unblinded += 1  # a later read that saw the earlier outcome: no independent opinion
     statuses = Counter(state.outcome(record_id).status for record_id in state.items)
     two = len(reviewers) == 2  # Cohen's kappa pairs one reviewer's ratings with the other's; Fleiss' beyond
     # Ordered by reviewer name: with two reviewers, Cohen's kappa pairs each one's ratings with the other's.
@@ -401,7 +431,8 @@ def report(state: ReviewState, resamples: int = 1000, seed: int = 42) -> dict[st
         },
         "decisions": {status: statuses[status] for status in STATUSES},
         "agreement": {
-            "items": len(items),
+            "items": len(items),  # records read blind by two or more reviewers: what the kappas are computed on
+            "unblinded_left_out": unblinded,
             "method": "cohen" if two else "fleiss",
             "keep_or_reject": agreement(keep, two, resamples, seed),
             "label": agreement(labels, two, resamples, seed),
@@ -417,6 +448,10 @@ def report(state: ReviewState, resamples: int = 1000, seed: int = 42) -> dict[st
             ],
         },
     }
+
+
+def decision_time(decision: dict[str, Any]) -> float:
+    return float(decision.get("time", 0.0))
 
 
 def throughput(stamps: list[float]) -> dict[str, Any]:
@@ -524,4 +559,4 @@ def label_probabilities(ws: Workspace) -> dict[tuple[str, str], dict[str, float]
 
 def open_review(ws: Workspace, rules: Rules, stage: str | None, overlap: float) -> tuple[ReviewState, str]:
     stage, items = load_items(ws, rules, stage)
-    return ReviewState(items, ws.review_journal, overlap), stage
+    return ReviewState(items, ws.review_journal, overlap, rules.canonical), stage

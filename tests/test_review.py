@@ -286,7 +286,8 @@ def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, review
                 kim.decide("accept")
             folder = kim.item["label"]
             clinician = "주사" if folder != "주사" else "지루"
-            kim.decide("accept", label=clinician)
+            corrected = kim.item["text"].replace(f"<label>{folder}</label>", f"<label>{clinician}</label>")
+            kim.decide("edit", label=clinician, text=corrected)  # a new diagnosis: in the label and the text
             server.stop()
         after = run_eval(api)
     n = after["n"]
@@ -327,10 +328,11 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         page.wait_for_function(f"() => item.id !== {json.dumps(first)}")
         # An edit in Korean: while a syllable is composed, Ctrl+Enter belongs to the input method.
         second = page.evaluate("item.id")
+        folder = page.evaluate("item.label")
         page.keyboard.press("e")
         page.fill("#edit", "")
         page.keyboard.insert_text("<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>")
-        assert page.input_value("#label") == "건선", "the label written in the text drives the menu"
+        assert page.input_value("#label") == folder, "typing never moves the label: only the clinician does"
         page.evaluate(
             "document.getElementById('edit').dispatchEvent(new KeyboardEvent('keydown',"
             " {key: 'Enter', ctrlKey: true, isComposing: true, bubbles: true}))"
@@ -339,6 +341,10 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         assert page.evaluate("item.id") == second, "nothing saved mid-composition"
         assert page.get_by_role("button", name="Save", exact=True).is_visible()
         page.keyboard.press("Control+Enter")
+        if folder != "건선":  # the text names another class: nothing is saved until the clinician picks one
+            assert page.is_visible("#mismatch") and "건선" in page.text_content("#mismatch-says")
+            assert page.evaluate("item.id") == second
+            page.click("#take-text")  # a change of diagnosis, by this click alone
         page.wait_for_function(f"() => item.id !== {json.dumps(second)}")
         third = page.evaluate("item.id")
         page.keyboard.press("r")
@@ -362,7 +368,7 @@ def test_a_keyboard_only_session_in_chromium_with_korean_a_reject_and_a_reload(c
         (first, "accept"), (second, "edit"), (third, "reject"), (third, "undo"), (third, "accept")
     ]  # fmt: skip
     assert decisions[1]["text"] == "<label>건선</label><summary>은백색 인설이 두껍게 덮인 판입니다</summary>"
-    assert decisions[1]["label"] == "건선", "the menu followed the text"
+    assert decisions[1]["label"] == "건선", "the clinician chose the text's class"
     assert decisions[2]["reason"] == "초점이 맞지 않음" and all(d["reviewer"] == "park" for d in decisions)
     assert problems == [] and first == xss_id
 
@@ -465,7 +471,7 @@ def test_a_foreign_host_is_refused_before_any_route_and_bad_input_is_a_clear_4xx
         other = next(c for c in ("건선", "아토피") if c != item["label"])
         edited = {**good, "decision": "edit", "text": f"<label>{other}</label>\n<summary>소견입니다.</summary>"}
         status, answer = post(json.dumps(edited).encode())
-        assert status == 422 and f"says <label>{other}</label>" in answer, "never a silent label mismatch"
+        assert status == 422 and f"the text says {other}" in answer, "never a silent label mismatch"
         assert raw_request(server.url, "POST", "/api/reviewer", local, b"[1]", **sent)[0] == 400
         _, err = server.stop()
     assert "Traceback" not in err and "Exception" not in err, err
@@ -626,3 +632,76 @@ def test_both_views_of_a_patient_on_one_screen_with_nothing_inline(with_patients
         browser.close()
     assert problems == [], problems
     assert all(url.startswith(server.url + "/") for url in requests), requests
+
+
+def test_a_wording_edit_never_changes_the_diagnosis_and_a_mismatch_is_chosen_not_accepted(
+    cli, reviewable: Path
+) -> None:
+    """The page's decision logic over every combination (property-style, in the browser), then a clinician's
+    session: a word changed in a text that names another class leaves the folder's label; Esc saves nothing;
+    Accept asks the same question; keeping the label writes it into the text."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here: apt-get install chromium (or set SKINVLM_CHROMIUM)")
+    described = load_outputs(reviewable)
+    planted = next(iter(described))
+    plant_text(cli, reviewable, planted, "<label>지루</label><summary>코 옆에 기름진 인설이 보입니다.</summary>")
+    with Server(reviewable, "--reviewer", "park") as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url)
+        classes = page.evaluate("boot.classes.map((c) => c.name)")
+        broken = "<label>없음</label><summary>x</summary>"
+        for decision in ("accept", "edit", "reject"):
+            for chosen in classes:
+                for says in [*classes, None]:
+                    text = f"<label>{says}</label><summary>소견</summary>" if says else broken
+                    plan = page.evaluate("([d, c, t]) => planDecision(d, c, t, t)", [decision, chosen, text])
+                    if "send" in plan:
+                        assert plan["send"]["label"] == chosen, (decision, chosen, says)
+                        assert decision == "reject" or says in (None, chosen), (decision, chosen, says)
+                    else:
+                        assert decision != "reject" and says not in (None, chosen) and plan["ask"]["label"] == chosen
+        assert page.evaluate("item.id") == planted and page.evaluate("item.label") != "지루"
+        folder = page.evaluate("item.label")
+        page.keyboard.press("e")
+        page.focus("#edit")
+        page.keyboard.press("End")
+        page.keyboard.insert_text(" 추가")
+        assert page.input_value("#label") == folder, "a wording edit leaves the diagnosis"
+        page.keyboard.press("Control+Enter")
+        assert page.is_visible("#mismatch") and f"the label is {folder}" in page.text_content("#mismatch-says")
+        page.keyboard.press("Escape")
+        assert not page.is_visible("#mismatch") and page.input_value("#label") == folder
+        assert journal(reviewable) == [], "Esc saved nothing"
+        page.keyboard.press("Escape")
+        page.keyboard.press("a")  # accepting the text as it is asks the same
+        assert page.is_visible("#mismatch")
+        page.click("#keep-label")
+        page.wait_for_function(f"() => item.id !== {json.dumps(planted)}")
+        browser.close()
+        server.stop()
+    (decision,) = journal(reviewable)
+    assert decision["label"] == folder and decision["decision"] == "edit"
+    assert decision["text"].startswith(f"<label>{folder}</label>"), "the label written into the text"
+
+
+def test_the_server_refuses_a_decision_whose_text_names_another_class(cli, reviewable: Path) -> None:
+    described = load_outputs(reviewable)
+    planted = next(iter(described))
+    plant_text(cli, reviewable, planted, "<label>지루</label><summary>코 옆에 기름진 인설이 보입니다.</summary>")
+    with Server(reviewable, "--overlap", "1", "--reviewer", "kim") as server:
+        kim = Browserless(server.url)
+        assert kim.item["id"] == planted and kim.item["label"] != "지루"
+        body = {"id": planted, "version": 0, "label": kim.item["label"], "reason": ""}
+        for decision, text in (("accept", None), ("edit", kim.item["text"] + " 추가")):
+            status, answer = kim.post("/api/decide", body | {"decision": decision, "text": text})
+            assert status == 422 and "the text says 지루" in answer["error"], answer
+        assert journal(reviewable) == []
+        kim.decide("accept", label="지루")  # the clinician's own choice of the text's class
+        lee = Browserless(server.url)
+        lee.name("lee")
+        assert lee.item["id"] == planted and "earlier outcomes hidden" in lee.item["status"], "a blind second read"
+        assert lee.item["label"] != "지루", "the folder's label, not kim's"
+        server.stop()
+    assert journal(reviewable)[0]["blind"] is False

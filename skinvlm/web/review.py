@@ -16,8 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from skinvlm.errors import SkinvlmError
-from skinvlm.prompts import parse_answer
-from skinvlm.review import MAX_TEXT, Item, ReviewState, report, undo_last
+from skinvlm.review import MAX_TEXT, Item, LabelDisagrees, ReviewState, report, undo_last
 from skinvlm.rules import Rules
 from skinvlm.web.assets import asset_route, template
 from skinvlm.web.security import (
@@ -44,10 +43,10 @@ def review_key(ws: Workspace) -> bytes:
     return secret_key(ws.review_key)
 
 
-def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, Any]:
+def item_json(state: ReviewState, item: Item | None, rules: Rules, reviewer: str) -> dict[str, Any]:
     if item is None:
         return {"done": True, "progress": progress(state)}
-    result = state.outcome(item.id)
+    blind = state.blind_for(reviewer, item.id)
     return {
         "done": False,
         "id": item.id,
@@ -59,17 +58,22 @@ def item_json(state: ReviewState, item: Item | None, rules: Rules) -> dict[str, 
         "findings": [{"kind": f.kind, "start": f.start, "end": f.end} for f in item.findings],
         "version": state.version(item.id),
         "probability": item.label_probability,
-        "status": result.status,
-        "same_patient": [other_photo_json(state, other, rules) for other in state.same_patient(item.id)],
+        "status": BLIND if blind else state.outcome(item.id).status,
+        "same_patient": [other_photo_json(state, other, rules, reviewer) for other in state.same_patient(item.id)],
         "progress": progress(state),
     }
 
 
-def other_photo_json(state: ReviewState, other: Item, rules: Rules) -> dict[str, Any]:
-    """A photo of the same patient, shown beside the one under review with its label and status as they stand."""
+BLIND = "second read: earlier outcomes hidden / 두 번째 판독 (앞의 판정 가림)"
+
+
+def other_photo_json(state: ReviewState, other: Item, rules: Rules, reviewer: str) -> dict[str, Any]:
+    """A photo of the same patient, shown beside the one under review with its label and status as they stand (as
+    the folder has them, on a blind read of that photo)."""
     standing = state.outcome(other.id)
-    return {"id": other.id, "view": other.view, "split": other.split, "label": standing.label,
-            "english": rules.english(standing.label), "status": standing.status}  # fmt: skip
+    label, status = (other.label, BLIND) if state.blind_for(reviewer, other.id) else (standing.label, standing.status)
+    return {"id": other.id, "view": other.view, "split": other.split, "label": label,
+            "english": rules.english(label), "status": status}  # fmt: skip
 
 
 def progress(state: ReviewState) -> dict[str, int]:
@@ -84,7 +88,7 @@ def image_type(data: bytes) -> str:
 
 
 def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]:
-    return item_json(state, state.next_for(reviewer), rules)
+    return item_json(state, state.next_for(reviewer), rules, reviewer)
 
 
 def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str, str, str | None, str]:
@@ -104,11 +108,6 @@ def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str,
         raise BadRequest(422, f"the edited text is longer than {MAX_TEXT:,} characters")
     if len(reason) > MAX_REASON:
         raise BadRequest(422, f"a reason is {MAX_REASON} characters at most")
-    if decision == "edit" and text is not None:
-        named = rules.canonical(parse_answer(text).tag) if parse_answer(text).well_formed else None
-        if named is not None and named != label:
-            raise BadRequest(422, f"the edited text says <label>{named}</label> but the label chosen is {label}: "
-                                  "make them agree")  # fmt: skip
     return record_id, version, decision, label, text if decision == "edit" else None, reason
 
 
@@ -192,6 +191,8 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
             return refused(problem.status, str(problem))
         try:
             state.decide(session["reviewer"], *decision)
+        except LabelDisagrees as problem:
+            return refused(422, str(problem))
         except SkinvlmError as problem:
             return refused(409, str(problem))
         return answer_next(request, session_id, session)
@@ -202,7 +203,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
             item = undo_last(state, session["reviewer"])
         except SkinvlmError as problem:
             return refused(409, str(problem))
-        shown = JSONResponse(item_json(state, item, rules))
+        shown = JSONResponse(item_json(state, item, rules, session["reviewer"]))
         return with_cookies(shown, request, session_id, session)
 
     @guarded

@@ -18,7 +18,7 @@ function showText(text, findings) {
 }
 
 function render(next) {
-  item = next; setMode("view"); $("message").textContent = "";
+  item = next; setMode("view"); closeAsk(); $("message").textContent = "";
   const skipped = next.progress.skipped_lines;
   $("progress").textContent = next.progress.reviewed + " / " + next.progress.records + " reviewed" +
     (skipped ? " · " + skipped + " journal lines skipped (not decisions)" : "");
@@ -68,11 +68,58 @@ function setMode(next) {
   if (mode === "reject") $("reason").focus();
 }
 
+// The class a text's <label> names (by a class's name or English name), or null: the page's side of the rule that
+// the server keeps too (a label the page cannot read, an alias, is checked there).
+function textClass(text) {
+  const tag = /<label>\s*([^<]*?)\s*<\/label>/.exec(text || "");
+  const named = tag && boot.classes.find((c) => c.name === tag[1] || c.english.toLowerCase() === tag[1].toLowerCase());
+  return named ? named.name : null;
+}
+
+function retagged(text, label) {
+  return text.replace(/<label>[^<]*<\/label>/, "<label>" + label + "</label>");
+}
+
+// What a decision comes to, as a pure function of what the clinician did: the label is always the one chosen in
+// the menu, never one read from the text; where the text names another class, nothing is sent until the
+// clinician picks one of the two (ask). Property-tested over every combination in the browser test.
+function planDecision(decision, chosen, shownText, editedText) {
+  const text = decision === "edit" ? editedText : shownText;
+  const says = decision === "reject" ? null : textClass(text);
+  if (says && says !== chosen) return { ask: { decision: decision, says: says, label: chosen, text: text } };
+  return { send: { decision: decision, label: chosen, text: decision === "edit" ? editedText : null } };
+}
+
+function english(name) {
+  const found = boot.classes.find((c) => c.name === name);
+  return found ? name + " (" + found.english + ")" : name;
+}
+
+let pending = null;  // a decision waiting for the clinician to choose between the text's class and the label
+
+function askWhich(ask) {
+  pending = ask;
+  $("mismatch-says").textContent = "The text says " + english(ask.says) + ", the label is " + english(ask.label) +
+    " / 본문은 " + ask.says + ", 진단은 " + ask.label;
+  $("keep-label").textContent = "Keep " + ask.label + ": write it in the text / 진단 유지";
+  $("take-text").textContent = "Change the diagnosis to " + ask.says + " / 진단 변경";
+  $("mismatch").hidden = false;
+  $("keep-label").focus();
+}
+
+function closeAsk() { pending = null; $("mismatch").hidden = true; }
+
 async function decide(decision) {
   if (busy || !item || item.done) return;
-  busy = true;
-  const body = {id: item.id, version: item.version, decision: decision, label: $("label").value,
-                text: decision === "edit" ? $("edit").value : null, reason: $("reason").value};
+  const plan = planDecision(decision, $("label").value, item.text, $("edit").value);
+  if (plan.ask) { askWhich(plan.ask); return; }
+  await send(plan.send);
+}
+
+async function send(chosen) {
+  busy = true; closeAsk();
+  const body = {id: item.id, version: item.version, decision: chosen.decision, label: chosen.label,
+                text: chosen.text, reason: $("reason").value};
   try { render(await post("api/decide", body)); }
   catch (error) {
     $("message").textContent = error.message;
@@ -81,6 +128,17 @@ async function decide(decision) {
   }
   finally { busy = false; }
 }
+
+$("keep-label").onclick = () => {  // the label stands; the text's tag is brought into line with it: an edit
+  const ask = pending;
+  if (ask) send({ decision: "edit", label: ask.label, text: retagged(ask.text, ask.label) });
+};
+$("take-text").onclick = () => {  // the clinician changes the diagnosis to the text's class, by this click alone
+  const ask = pending;
+  if (!ask) return;
+  $("label").value = ask.says;
+  send({ decision: ask.decision, label: ask.says, text: ask.decision === "edit" ? ask.text : null });
+};
 
 async function undo() {
   if (busy) return;
@@ -101,22 +159,12 @@ $("reviewer").onchange = async () => {
   catch (error) { $("message").textContent = error.message; }
 };
 
-// The label written in an edited text drives the menu, so the two never disagree when the edit is saved.
-$("edit").addEventListener("input", () => {
-  const tag = /<label>\s*([^<]*?)\s*<\/label>/.exec($("edit").value);
-  const named = tag && boot.classes.find((c) => c.name === tag[1] || c.english.toLowerCase() === tag[1].toLowerCase());
-  if (named && $("label").value !== named.name) {
-    $("label").value = named.name;
-    $("message").textContent = "Label set from the text / 본문의 진단으로 바꿈: " + named.name;
-  }
-});
-
 // Korean is typed through an input method: a key pressed while a syllable is being composed belongs to it,
 // so nothing is saved or submitted until the composition ends.
 $("edit").addEventListener("keydown", (e) => {
   if (e.isComposing || e.keyCode === 229) return;
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); decide("edit"); }
-  if (e.key === "Escape") { e.preventDefault(); setMode("view"); }
+  if (e.key === "Escape") { e.preventDefault(); closeAsk(); setMode("view"); }
 });
 $("reason").addEventListener("keydown", (e) => {
   if (e.isComposing || e.keyCode === 229) return;
@@ -125,6 +173,8 @@ $("reason").addEventListener("keydown", (e) => {
 });
 document.addEventListener("keydown", (e) => {
   if (e.isComposing || e.ctrlKey || e.metaKey || e.altKey) return;
+  if (pending && e.key === "Escape") { e.preventDefault(); closeAsk(); return; }
+  if (pending) return;  // the choice is made with its own two buttons
   if (["INPUT", "TEXTAREA", "SELECT"].includes(e.target.tagName)) return;
   const key = e.key.toLowerCase();
   if (key === "a") { e.preventDefault(); decide("accept"); }
