@@ -20,6 +20,7 @@ from skinvlm import personal
 from skinvlm.leakage import leakage
 from skinvlm.prompts import parse_answer
 from skinvlm.rules import Rules, nfc
+from skinvlm.workspace import TEXT_STAGES
 
 ENGLISH_WORD = re.compile(r"[A-Za-z]{3,}")
 TAGS = re.compile(r"</?(?:label|summary)>")
@@ -238,9 +239,31 @@ def check_tags(
     return flagged
 
 
+def strict_failures(report: AuditReport) -> list[str]:
+    """What `audit --strict` refuses, one phrase each ([] where it passes): the one gate, so `publish` refuses
+    exactly this and its card, with --ignore-audit, says exactly this."""
+    found = []
+    if report.problems:
+        personal = f", {report.personal_records} of them with personal data" if report.personal_records else ""
+        found.append(f"{report.problems} records with problems{personal}")
+    leak = report.leakage
+    if leak.get("patients_in_both_splits"):
+        found.append(f"{leak['patients_in_both_splits']} patients with photos in both splits")
+    if leak.get("near_duplicates_across_splits"):
+        found.append(f"{leak['near_duplicates_across_splits']} near-duplicate photos across the splits")
+    return found
+
+
 def audit(ws: Any, rules: Rules, stage: str | None = None) -> AuditReport:
-    stage = stage or ws.newest_text_stage()
+    """The text stage's records and the leakage between splits; on a workspace with photos and no text yet, the
+    leakage alone (a leaky split is worth knowing before 10,800 descriptions are paid for)."""
     from datasets import load_from_disk
+
+    if stage is None and not any((ws.dataset(s) / "dataset_dict.json").exists() for s in TEXT_STAGES):
+        report = AuditReport(stage="ingested", records=0)
+        report.leakage = leakage(ws, rules)
+        return report
+    stage = stage or ws.newest_text_stage()
 
     text = load_from_disk(str(ws.require(stage, newer_reviews=True)))
     labels = load_from_disk(str(ws.require("ingested")))

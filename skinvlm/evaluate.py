@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import __version__, checklist, devices, endpoints, external, openai_api, review
+from skinvlm import __version__, checklist, devices, endpoints, external, leakage, openai_api, review
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
@@ -828,6 +828,8 @@ def evaluate(
     }
     if settings.dataset:
         result["external"] = external.summary(settings.dataset, names, answers, rules)
+    else:  # the workspace's own held-out photos: whether they leak, as the last audit found
+        result["leakage"] = leakage.counts(leakage.last_check(ws))
     result["notes"] = run_notes(result, records, settings)
     result["skinvlm_version"] = __version__
     # the checklist travels to the model card: the folder's name, never where this machine keeps it
@@ -858,7 +860,7 @@ def evaluate(
 def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
     """What a reader of the figures must know: most answers unparsed (the model knew more than the format let it
     say when the probabilities disagree), no log-probabilities from the endpoint."""
-    notes = []
+    notes = [said] if (said := leakage.warning(result.get("leakage"))) else []
     unparsed = [r for r in records if r["predicted"] == UNPARSED and not r["error"]]
     if len(unparsed) * 2 > len(records):
         auc = (result.get("probabilities") or {}).get("macro_auc")

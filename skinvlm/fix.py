@@ -15,7 +15,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from skinvlm import review
@@ -37,6 +37,9 @@ class FixResult:
     written: bool
     seconds: float = 0.0
     review_lines_skipped: int = 0  # review journal lines that are not decisions
+    review: dict[str, int] = field(default_factory=dict)  # records per review outcome applied
+    labels_corrected: int = 0  # records whose label a clinician changed from the folder's
+    texts_replaced: int = 0  # records whose text a clinician's edit replaced
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -46,15 +49,23 @@ class FixResult:
             "examples": [{"before": b, "after": a} for b, a in self.examples],
             "written": self.written,
             "review_lines_skipped": self.review_lines_skipped,
+            "review": self.review,
+            "labels_corrected": self.labels_corrected,
+            "texts_replaced": self.texts_replaced,
             "audit": self.report.as_json(),
         }
 
 
 # Particle pairs: (after a final consonant, after a vowel); 으로/로 takes 로 after ㄹ too.
 PARTICLES = (("은", "는"), ("이", "가"), ("을", "를"), ("과", "와"), ("으로", "로"))
-# A particle attached to the replaced word (or one space away, as mixed-script text often has it;
-# not a lone 이, which is also "this"), ending where the Hangul ends: 과는, 으로도 are left alone.
-PARTICLE = r"(?P<particle>(?:으로|로|은|는|이|가|을|를|과|와)(?![가-힣])| (?:으로|로|은|는|가|을|를|과|와)(?![가-힣]))?"
+# A particle attached to the replaced word (or one space away, as mixed-script text often has it), ending where the
+# Hangul ends: 과는, 으로도 are left alone. A lone 이 one space away is also "this" (scale 이 병변): taken as the
+# particle only before a predicate that a subject comes before (scale 이 보입니다, scale 이 있고).
+PREDICATES = "보|있|없|관찰|나타|뚜렷|확인|동반|존재|두드러|많|적|심하|흩어|덮"
+PARTICLE = (
+    r"(?P<particle>(?:으로|로|은|는|이|가|을|를|과|와)(?![가-힣])| (?:으로|로|은|는|가|을|를|과|와)(?![가-힣])"
+    rf"| 이(?= (?:{PREDICATES})))?"
+)
 
 
 def particle_after(word: str, particle: str) -> str:
@@ -69,6 +80,12 @@ def particle_after(word: str, particle: str) -> str:
                 return vowel if final in (0, 8) else consonant
             return consonant if final else vowel
     return particle
+
+
+def ingested_labels(ingested: Any, ds: Any) -> list[str]:
+    """The folder label of each record of `ds`, in its order."""
+    label_of = dict(zip(ingested["id"], ingested["label"], strict=True))
+    return [label_of[rid] for rid in ds["id"]]
 
 
 def term_pattern(rules: Rules) -> re.Pattern[str] | None:
@@ -136,7 +153,7 @@ def fix(
     hits: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
     rows_for_audit: list[dict[str, Any]] = []
-    splits, changed = {}, 0
+    splits, changed, corrected, replaced = {}, 0, 0, 0
     dropped_by: Counter[str] = Counter()
     for split, ds in described.items():
         phase(f"rewriting {split} ({ds.num_rows} records)")
@@ -149,6 +166,9 @@ def fix(
                     examples.append((before or "", after))
         outcomes = review.reviewed_outcomes(ds["id"], labels[split], decisions)
         reviewed.update(o.status for o in outcomes)
+        folders = ingested_labels(labels[split], ds)
+        corrected += sum(o.label != folder for o, folder in zip(outcomes, folders, strict=True))
+        replaced += sum(o.text is not None for o in outcomes)
         fixed = [fixed_text if o.text is None else o.text for fixed_text, o in zip(fixed, outcomes, strict=True)]
         table = (
             ds.remove_columns("output")
@@ -170,6 +190,8 @@ def fix(
     phase("auditing the result")
     report = audit_rows("fixed", rows_for_audit, rules)
     result = FixResult(hits, changed, sum(dropped_by.values()), examples, report, not dry_run, 0.0, skipped_lines)
+    result.review = {status: reviewed[status] for status in review.STATUSES if reviewed[status]}
+    result.labels_corrected, result.texts_replaced = corrected, replaced
     if not dry_run:
         data = DatasetDict(splits).flatten_indices()
         settings = {
@@ -184,7 +206,8 @@ def fix(
             "changed": changed,
             "dropped": result.dropped,
             "dropped_by": dict(dropped_by),
-            "review": {status: reviewed[status] for status in review.STATUSES if reviewed[status]},
+            "review": result.review,
+            "labels_corrected": corrected,
             "hits": dict(hits),
             "problems_after": report.problems,
         }

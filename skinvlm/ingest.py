@@ -85,6 +85,7 @@ class IngestResult:
     metadata: dict[str, Any] = field(default_factory=dict)  # kept, or how many files were cleaned and turned
     patients: dict[str, Any] = field(default_factory=dict)  # known (a pattern gave them), and per split
     settings: dict[str, Any] = field(default_factory=dict)
+    leakage: dict[str, Any] | None = None  # where patients are known: the leakage audit's counts, run at once
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +98,7 @@ class IngestResult:
             "cross_split_duplicates": self.cross_split_duplicates,
             "metadata": self.metadata,
             "patients": self.patients,
+            "leakage": self.leakage,
             "seconds": self.seconds,
         }
 
@@ -595,10 +597,15 @@ def ingest(
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         with staged(ws.ingested, "ingest") as tmp:
-            return write(tmp)
+            result = write(tmp)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    if pattern is not None:  # patients known: whether the split leaks, before anything is paid to describe it
+        from skinvlm.leakage import counts, leakage
+
+        result.leakage = counts(leakage(ws, rules))
+    return result
 
 
 def check_both_splits(files: list[ImageFile], resplit: float | None) -> None:

@@ -118,12 +118,19 @@ def leakage(ws: Workspace, rules: Rules) -> dict[str, Any]:
     radius = rules.audit.near_duplicate_distance
     count, pairs = near_duplicates(hashes.get("train", {}), hashes.get("test", {}), radius)
     patients = shared_patients(ingested) if known else Counter()
+    # the pairs' files as ingest stored their paths (patient ids hashed): for the clinic to look at, on this machine
+    shown = {rid for a, b, _ in pairs for rid in (a, b)}
+    where = {rid: source for ds in ingested.values() for rid, source in zip(ds["id"], ds["source"], strict=True)
+             if rid in shown}  # fmt: skip
     found = {
         "patients_known": known,
         "patients_in_both_splits": len(patients),
         "near_duplicates_across_splits": count,
         "max_distance": radius,
-        "pairs": [{"train": a, "test": b, "distance": d} for a, b, d in pairs],
+        "pairs": [
+            {"train": a, "test": b, "distance": d, "train_path": where.get(a), "test_path": where.get(b)}
+            for a, b, d in pairs
+        ],  # fmt: skip
         "patients": [{"patient": p, "photos": n} for p, n in patients.most_common(EXAMPLES)],
     }
     write_json(ws.leakage_record, {"ingested": stage_fingerprint(ws.ingested), **found})
@@ -143,5 +150,24 @@ def found_any(found: dict[str, Any]) -> bool:
     return bool(found.get("patients_in_both_splits") or found.get("near_duplicates_across_splits"))
 
 
+def warning(found: dict[str, Any] | None) -> str | None:
+    """The one sentence every place that shows held-out figures says while the split leaks (None: it does not, or
+    it was never checked)."""
+    if not found or not found_any(found):
+        return None
+    return (
+        f"{found['patients_in_both_splits']} patients and {found['near_duplicates_across_splits']} near-duplicate "
+        "photos are in both splits: held-out figures are optimistic; `skinvlm ingest SRC --force --resplit 0.1` "
+        "makes a split that cannot leak"
+    )
+
+
+def counts(found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The figures metrics.json and the ui carry of the last check (no pairs or patients named)."""
+    keys = ("patients_known", "patients_in_both_splits", "near_duplicates_across_splits")
+    return {k: found.get(k) for k in keys} if found else None
+
+
 def shown_pairs(pairs: Iterable[dict[str, Any]]) -> list[str]:
-    return [f"train {p['train']} ~ test {p['test']} ({p['distance']} bits apart)" for p in pairs]
+    return [f"{p.get('train_path') or p['train']} ~ {p.get('test_path') or p['test']} ({p['distance']} bits apart)"
+            for p in pairs]  # fmt: skip

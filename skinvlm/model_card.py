@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skinvlm import checklist
+from skinvlm import checklist, leakage
 from skinvlm.errors import SkinvlmError
 from skinvlm.publish import (
     PublishResult,
@@ -325,8 +325,11 @@ def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         ]
     shown = metrics | {"backend": short_backend(metrics["backend"])}
     report = report_markdown(shown, rules, with_checklist=False).splitlines()[1:]  # its title is ours
+    leak = leakage.warning(metrics.get("leakage"))
+    photos = (f"{metrics['n']} held-out photos, not independent of training ({leak})" if leak
+              else f"{metrics['n']} held-out photos never used in training")  # fmt: skip
     return [
-        f"Eval run `{facts.eval_name}` on {metrics['n']} held-out photos never used in training (95% intervals: "
+        f"Eval run `{facts.eval_name}` on {photos} (95% intervals: "
         f"{interval_method(metrics)}; calibration where the model's label probabilities were read).",
         *report,
     ]

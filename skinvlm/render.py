@@ -59,6 +59,12 @@ def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules
         highlight=False,
     )
     out.print(escape(patients_line(result.patients)), highlight=False)
+    if result.leakage is not None:
+        from skinvlm.leakage import warning
+
+        said = warning(result.leakage)
+        none = "leakage: no patient and no near-duplicate photo in both splits"
+        out.print(f"[bold red]LEAKAGE:[/] {escape(said)}" if said else none, highlight=False)
     for item in result.skipped:
         err.print(f"  [yellow]skipped[/] {escape(item['path'])}: {escape(item['reason'])}", highlight=False)
     for kind, groups in (
@@ -184,8 +190,9 @@ def leakage_report(out: Console, found: dict[str, Any]) -> None:
         shown = [f"patient {p['patient']}: {p['photos']} photos" for p in found["patients"][:5]]
         table.add_row("patients in both splits", f"{shared:,}", "\n".join(shown))
     out.print(table)
-    out.print("held-out figures are optimistic while these remain: `skinvlm ingest SRC --force` with the copies "
-              "removed (or one split per patient)", highlight=False)  # fmt: skip
+    out.print("held-out figures are optimistic while these remain: `skinvlm ingest SRC --force --resplit 0.1` "
+              "pools the photos and holds out a tenth of each class, each patient and each group of copies wholly "
+              "on one side", highlight=False)  # fmt: skip
 
 
 def audit_report(out: Console, report: Any, brief: bool = False) -> None:
@@ -268,6 +275,11 @@ def fix_report(out: Console, result: Any, ws: Any) -> None:
     out.print(f"{result.changed:,} records changed, {result.dropped:,} dropped {where}")
     if result.review_lines_skipped:
         out.print(skipped_lines_note(result.review_lines_skipped))
+    decided = {k: v for k, v in result.review.items() if k != "unreviewed"}
+    if decided:
+        outcomes = ", ".join(f"{status} {n:,}" for status, n in decided.items())
+        out.print(f"clinicians' review applied: {outcomes}; {result.labels_corrected:,} labels corrected, "
+                  f"{result.texts_replaced:,} texts replaced by their edits", highlight=False)  # fmt: skip
     audit_report(out, result.report, brief=True)
 
 

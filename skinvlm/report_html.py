@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from skinvlm import checklist, devices
+from skinvlm import checklist, devices, leakage
 from skinvlm.images import as_rgb
 from skinvlm.numbers import score
 from skinvlm.rules import Rules
@@ -163,7 +163,9 @@ def headline(result: dict[str, Any]) -> str:
                 f'<b id="ece">{score(probabilities["ece"])}</b><span class="ci">ECE, top class</span>',
             ),
         ]
-    return '<div class="cards">' + "".join(f"<div><i>{k}</i>{v}</div>" for k, v in cards) + "</div>"
+    shown = '<div class="cards">' + "".join(f"<div><i>{k}</i>{v}</div>" for k, v in cards) + "</div>"
+    leak = leakage.warning(result.get("leakage"))
+    return (f'<p class="note" id="leakage">{escape(leak)}</p>' if leak else "") + shown
 
 
 def class_name(label: str, rules: Rules) -> str:
@@ -302,6 +304,7 @@ body { font-family: SkinvlmHangul, system-ui, "Noto Sans CJK KR", "Malgun Gothic
        margin: 2rem; color: #1b1b1b; max-width: 1400px; }
 pre, select, option, button, input, textarea { font-family: inherit; } /* their UA fonts skip the embedded Hangul */
 h1 { margin-bottom: 0; } .sub { color: #555; margin-top: .2rem; } .referred { color: #b35c00; }
+.note { border-left: 4px solid #b00020; background: #fff5f5; padding: .4rem .8rem; }
 .cards { display: flex; flex-wrap: wrap; gap: 1rem; }
 .cards div { border: 1px solid #ccc; border-radius: 6px; padding: .6rem 1rem; min-width: 8rem; }
 .cards i { display: block; font-style: normal; color: #555; font-size: .85rem; }

@@ -86,7 +86,9 @@ def test_patients_and_altered_copies_in_both_splits_are_counted_exactly(cli, tmp
     cache = (cli.workspace / "cache" / "phash.json").read_text(encoding="utf-8")
     assert len(json.loads(cache)) == 36 + 17, "one hash per photo file, kept for the next audit"
     cli("fix")
-    cli("publish", "me/x", "--dry-run")
+    refused = cli("publish", "me/x", "--dry-run", ok=False)
+    assert "2 patients with photos in both splits" in error_line(refused.stderr), "the gate audit --strict is"
+    cli("publish", "me/x", "--dry-run", "--ignore-audit")
     out = every_byte(cli.workspace / "publish") + cli("audit", "--json").stdout.encode()
     out += (cli.workspace / "datasets" / "ingested" / "manifest.json").read_bytes()
     assert b"PT000" not in out and b"PT900" not in out, "no patient id from a file name leaves in any form"

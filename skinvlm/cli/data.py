@@ -251,8 +251,8 @@ def audit(
 ) -> None:
     """Report what is wrong with the generated text: English, other scripts, label tags, format, length."""
     from skinvlm.audit import audit as run_audit
+    from skinvlm.audit import strict_failures
     from skinvlm.audit import suggest as suggestions
-    from skinvlm.leakage import found_any
 
     ws, loaded = open_workspace(workspace, rules)
     report = run_audit(ws, loaded, stage.value if stage else None)
@@ -261,9 +261,12 @@ def audit(
     elif as_json:
         print_json(report.as_json())
     else:
-        render.audit_report(out, report)
+        if report.records or report.stage != "ingested":
+            render.audit_report(out, report)
+        else:
+            out.print("no text stage yet (`skinvlm describe`): the leakage between splits only", highlight=False)
         render.leakage_report(out, report.leakage)
-    if strict and (report.problems or found_any(report.leakage)):
+    if strict and strict_failures(report):
         raise typer.Exit(1)
 
 

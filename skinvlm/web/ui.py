@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from skinvlm import leakage
 from skinvlm.errors import SkinvlmError
 from skinvlm.web import jobs
 from skinvlm.web.assets import asset_route, template
@@ -312,7 +313,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
 
         stages = [stage_json(s) for s in stage_status(ws)]
         found = {"workspace": str(ws.root), "stages": stages, "next": next_step(stages),
-                 "review": review.current()[1] or None}  # fmt: skip
+                 "review": review.current()[1] or None, "leakage": leakage.warning(leakage.last_check(ws))}  # fmt: skip
         return JSONResponse(found)
 
     @guarded

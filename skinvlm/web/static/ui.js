@@ -43,6 +43,7 @@ async function overview() {
   $("workspace").textContent = found.workspace;
   $("next").textContent = found.next;
   $("no-review").textContent = found.review ? `(not yet: ${found.review})` : "";
+  $("leakage").textContent = found.leakage ? "LEAKAGE: " + found.leakage : "";
   const body = document.querySelector("#stages tbody");
   body.replaceChildren(...found.stages.map((s) => {
     const rows = Object.entries(s.rows || {}).map(([k, v]) => `${k} ${v}`).join(", ");
