@@ -1,6 +1,10 @@
 """Benchmark: GRPO after SFT on the tiny model, on a laptop CPU: does it answer better than where it started?
 
-    python benchmarks/grpo_cpu.py [--sft-steps 40] [--grpo-steps 60]
+    python benchmarks/grpo_cpu.py [--sft-steps 40] [--grpo-steps 60] [--seeds 1] [--eval-rows 0]
+
+With --eval-rows K (and --eval-steps), GRPO keeps the best of its evaluations on K development rows, the start
+scored first (free answers parsed as eval parses them): the guard against a GRPO that hands back a worse model.
+With --seeds N, GRPO runs N times from the same SFT start with seeds 1..N, each line its own.
 
 An undertrained SFT adapter (the tiny recipe, --sft-steps steps on ~60 class-coloured images), then
 `train --method grpo --from` it; each merged and evaluated by free generation (not --constrained) on the same 24
@@ -24,11 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_cpu import FAST, skinvlm  # noqa: E402
 
+from skinvlm.render import kept_line  # noqa: E402
+
 # GRPO on the tiny model: 8 answers sampled per photo, 2 photos per step, at the default temperature (0.3); a
 # learning rate a tenth of the tiny SFT recipe's.
 GRPO_FLAGS = [
     "--num-generations", "8", "--batch-size", "16", "--grad-accum", "1", "--learning-rate", "5e-4",
-    "--max-completion-tokens", "48", "--eval-rows", "0", "--dataloader-workers", "0",
+    "--max-completion-tokens", "48", "--dataloader-workers", "0",
 ]  # fmt: skip
 EVAL_FLAGS = ["--json", "--max-tokens", "48"]
 
@@ -54,6 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--eval-rows", type=int, default=0, help="development rows GRPO selects on (0: none)")
+    parser.add_argument("--eval-steps", type=int, default=10)
     args = parser.parse_args()
     from skinvlm.demo.pipeline import short_rules
     from skinvlm.demo.synthetic import write_tree
@@ -71,42 +80,39 @@ def main() -> None:
     sft = ws / "models" / "adapter"
     run(skinvlm("train", "-w", str(ws), "--model", str(tiny), *FAST, "--max-steps", str(args.sft_steps)), env)
     before = evaluate(ws, sft, "sft", env)
+    print(f"SFT, {args.sft_steps} steps (baseline): {figures(before)} of {before['n']} held-out images")
+    for seed in range(1, args.seeds + 1):
+        grpo(ws, sft, before, seed, args, env)
+
+
+def grpo(ws: Path, sft: Path, before: dict, seed: int, args: argparse.Namespace, env: dict[str, str]) -> None:
+    flags = [*GRPO_FLAGS, "--eval-rows", str(args.eval_rows), "--eval-steps", str(args.eval_steps)]
+    output = ws / "models" / f"adapter-grpo-{seed}"
     clock = time.perf_counter()
-    trained = json.loads(
-        run(
-            skinvlm(
-                "train",
-                "-w",
-                str(ws),
-                "--method",
-                "grpo",
-                "--from",
-                str(sft),
-                *GRPO_FLAGS,
-                "--max-steps",
-                str(args.grpo_steps),
-                "--json",
-            ),
-            env,
-        )  # fmt: skip
-    )
+    command = ["train", "-w", str(ws), "--method", "grpo", "--from", str(sft), *flags, "--seed", str(seed),
+               "--max-steps", str(args.grpo_steps), "--output", str(output), "--json"]  # fmt: skip
+    trained = json.loads(run(skinvlm(*command), env))
     grpo_seconds = time.perf_counter() - clock
-    after = evaluate(ws, Path(trained["output"]), "grpo", env)
-    compared = json.loads(run(skinvlm("eval", "-w", str(ws), "--compare", "sft", "grpo", "--json"), env))
+    name = f"grpo-{seed}"
+    after = evaluate(ws, Path(trained["output"]), name, env)
+    compared = json.loads(run(skinvlm("eval", "-w", str(ws), "--compare", "sft", name, "--json"), env))
     pair = compared["paired"][0]
     rewards = [r["mean"] for r in trained["rewards"]]
     tenth = max(1, len(rewards) // 10)
     first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
     difference = pair["difference"]
-    print(f"SFT, {args.sft_steps} steps (baseline): {figures(before)} of {before['n']} held-out images")
-    print(f"SFT + GRPO, {args.grpo_steps} steps ({grpo_seconds:.0f}s): {figures(after)}")
+    kept = trained.get("kept")
+    no_worse = after["accuracy"] >= before["accuracy"] and after["unparsed"] <= before["unparsed"]
+    chosen = f"; {kept_line(kept)}" if kept else ""
+    print(f"SFT + GRPO seed {seed}, {args.grpo_steps} steps ({grpo_seconds:.0f}s){chosen}: {figures(after)}")
     print(
-        f"mean reward of the first and last {tenth} steps: {first:.3f} -> {last:.3f}; "
+        f"  mean reward of the first and last {tenth} steps: {first:.3f} -> {last:.3f}; "
         f"accuracy {difference['accuracy']['value']:+.3f} {difference['accuracy']['interval']}, "
         f"macro F1 {difference['macro_f1']['value']:+.3f} {difference['macro_f1']['interval']} "
         f"({pair['resampled']}); McNemar: {pair['mcnemar']['only_second_right']} right only after GRPO, "
         f"{pair['mcnemar']['only_first_right']} only before, p = {pair['mcnemar']['p_value']:.3g}; "
-        f"unparsed {before['unparsed']} -> {after['unparsed']}"
+        f"unparsed {before['unparsed']} -> {after['unparsed']}; "
+        f"no worse than the start: {no_worse}"
     )
 
 

@@ -490,7 +490,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     deff = trust["design_effect"]
     latencies = sorted(rec["latency"] for rec in records)
     vision = [rec["image_tokens"] for rec in records if rec.get("image_tokens") is not None]  # in-process runs
-    labels = [*classes, UNPARSED]
+    columns = [*classes, UNPARSED]
     return {
         "n": len(records),
         "accuracy": round(float(accuracy_score(truth, predicted)), 4),
@@ -509,8 +509,9 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
             for i, c in enumerate(classes)
         },
         "per_view": {view: round(sum(hits) / len(hits), 4) for view, hits in sorted(views.items())},
-        "labels": labels,
-        "confusion_matrix": confusion_matrix(truth, predicted, labels=labels).tolist(),
+        "labels": classes,  # the classes only: what scikit-learn's `labels=` takes (unparsed is counted apart)
+        "predicted_labels": columns,  # the confusion matrix's columns: the classes, then unparsed
+        "confusion_matrix": confusion_matrix(truth, predicted, labels=columns)[: len(classes)].tolist(),
         "unparsed": predicted.count(UNPARSED),
         "latency_p50": round(percentile(latencies, 0.50), 4),
         "latency_p95": round(percentile(latencies, 0.95), 4),
@@ -685,12 +686,11 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
         "",
         "Confusion matrix (rows: true, columns: predicted)",
         "",
-        "| | " + " | ".join(result["labels"]) + " |",
-        "|---" * (len(result["labels"]) + 1) + "|",
+        "| | " + " | ".join(matrix_axes(result)[1]) + " |",
+        "|---" * (len(matrix_axes(result)[1]) + 1) + "|",
     ]
-    for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
-        if label != UNPARSED:
-            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+    for label, row in zip(*matrix_axes(result)[::2], strict=True):
+        lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
     if with_checklist and result.get("checklist"):
         lines += checklist.markdown(result["checklist"])
     return "\n".join(lines) + "\n"
@@ -855,6 +855,14 @@ def evaluate(
     used = asdict(settings) | {"name": name, "base_url": None if settings.model_dir else who["endpoint"]}
     write_manifest(run, manifest("eval", used, inputs, {"n": len(records)}, started))
     return result
+
+
+def matrix_axes(result: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
+    """(rows: the true classes, columns: the predicted labels, the counts) of a run's confusion matrix, from this
+    version's metrics.json or an older one (whose `labels` held unparsed too, a row of zeros)."""
+    columns = result.get("predicted_labels") or result["labels"]
+    rows = [label for label in result["labels"] if label != UNPARSED]
+    return rows, columns, result["confusion_matrix"][: len(rows)]
 
 
 def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:

@@ -395,10 +395,12 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
         out.print(escape(f"external photos: {external_line(result['external'])}"), highlight=False)
     for note in result.get("notes", []):
         out.print(f"[yellow]note[/]: {escape(note)}")
-    matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *result["labels"])
-    for label, row in zip(result["labels"], result["confusion_matrix"], strict=False):
-        if label != "unparsed":
-            matrix.add_row(label, *map(str, row))
+    from skinvlm.evaluate import matrix_axes
+
+    rows, columns, counts = matrix_axes(result)
+    matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *columns)
+    for label, row in zip(rows, counts, strict=True):
+        matrix.add_row(label, *map(str, row))
     out.print(matrix)
     made = [
         p.name
@@ -833,6 +835,19 @@ def train_result(out: Console, result: Any) -> None:
         f"{result.seconds:.0f}s; {loss}; peak RSS {result.peak_rss_mb:,.0f} MiB{vram} -> {result.output}",
         highlight=False,
     )
+    if result.kept:
+        out.print(escape(kept_line(result.kept)), highlight=False)
+
+
+def kept_line(kept: dict[str, Any]) -> str:
+    """What selection kept against the first evaluation (for GRPO the start), as a user checks it."""
+    first, chosen = kept["first"], kept["kept"]
+    where = "the start" if chosen["step"] == 0 else f"step {chosen['step']}"
+    figures = f"held-out macro F1 {first['macro_f1']} -> {chosen['macro_f1']}"
+    if first.get("unparsed") is not None:
+        figures += f", unparsed {first['unparsed']} -> {chosen['unparsed']}"
+    stopped = f"; stopped early at {kept['collapsed']}" if kept.get("collapsed") else ""
+    return f"kept {where}: {figures} (first evaluation at step {first['step']}){stopped}"
 
 
 def training_interrupted(checkpoint: str | None, saved_now: bool, resume: str) -> str:

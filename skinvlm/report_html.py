@@ -173,13 +173,13 @@ def class_name(label: str, rules: Rules) -> str:
 
 
 def matrix(result: dict[str, Any], rules: Rules) -> str:
-    labels = result["labels"]
-    shown = labels if any(row[-1] for row in result["confusion_matrix"]) else labels[:-1]
+    from skinvlm.evaluate import matrix_axes
+
+    classes, labels, counts = matrix_axes(result)
+    shown = labels if any(row[-1] for row in counts) else labels[:-1]
     head = "".join(f"<th>{class_name(label, rules)}</th>" for label in shown)
     rows = []
-    for truth, row in zip(labels, result["confusion_matrix"], strict=False):
-        if truth == UNPARSED:
-            continue
+    for truth, row in zip(classes, counts, strict=True):
         total = sum(row) or 1
         cells = "".join(
             f'<td><button class="cell{" diagonal" if truth == predicted else ""}" data-true="{escape(truth)}" '
@@ -230,7 +230,8 @@ def per_view(result: dict[str, Any]) -> str:
 
 
 def filters(result: dict[str, Any]) -> str:
-    options = "".join(f'<option value="{escape(label)}">{escape(label)}</option>' for label in result["labels"])
+    shown = result.get("predicted_labels") or result["labels"]
+    options = "".join(f'<option value="{escape(label)}">{escape(label)}</option>' for label in shown)
     return f"""<div class="filters">
 <label>true <select id="filter-true"><option value="">all</option>{options}</select></label>
 <label>predicted <select id="filter-pred"><option value="">all</option>{options}</select></label>

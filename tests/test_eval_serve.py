@@ -78,10 +78,17 @@ def test_metrics_equal_hand_computed_values(cli, ingested: Path) -> None:
     assert per_class["정상"]["recall"] == 0.5 and per_class["정상"]["f1"] == pytest.approx(2 / 3, abs=1e-4)
     assert result["macro_f1"] == pytest.approx((1 + 1 + 0 + 0 + 2 / 3 + 2 / 3) / 6, abs=1e-4)
     assert result["per_view"] == {"정면": pytest.approx(4 / 6, abs=1e-4), "측면": pytest.approx(3 / 6, abs=1e-4)}
-    labels = result["labels"]
-    assert labels[-1] == "unparsed"
+    labels, columns = result["labels"], result["predicted_labels"]
+    assert labels == ["건선", "아토피", "여드름", "주사", "지루", "정상"] and columns == [*labels, "unparsed"]
+    assert len(result["confusion_matrix"]) == len(labels), "a row per class, none for unparsed"
     row = result["confusion_matrix"][labels.index("주사")]
-    assert row[labels.index("지루")] == 2
+    assert row[columns.index("지루")] == 2
+    from sklearn.metrics import f1_score
+
+    answers = [json.loads(line) for line in (Path(result["output_dir"]) / "predictions.jsonl").read_text().splitlines()]
+    sklearn_f1 = f1_score([a["label"] for a in answers], [a["predicted"] for a in answers], labels=labels,
+                          average="macro", zero_division=0)  # fmt: skip
+    assert sklearn_f1 == pytest.approx(result["macro_f1"], abs=1e-4), "scikit-learn takes `labels` as it is"
     run = Path(result["output_dir"])
     assert {p.name for p in run.iterdir()} >= {
         "metrics.json",

@@ -188,10 +188,19 @@ def test_grpo_scores_its_start_before_step_one_and_keeps_it_when_no_step_does_be
     result = run_cli("train", "-w", started, *GRPO, *flags, "--json")
     assert result.returncode == 0, result.stderr
     trained = json.loads(result.stdout)
-    assert [e["step"] for e in trained["evals"]] == [0, 2, 4], "the start is a candidate too"
-    best = max(trained["evals"], key=lambda e: (e["macro_f1"], e["step"]))
-    assert trained["best_step"] == best["step"]
-    if best["step"] == 0:  # a learning rate this high wrecks the adapter: the start is handed back
+    steps = [e["step"] for e in trained["evals"]]
+    assert steps[0] == 0 and steps in ([0, 2, 4], [0, 2]), "the start is a candidate too (a collapse stops early)"
+    first = trained["evals"][0]
+    assert {"unparsed", "classes_answered", "samples"} <= set(first), "free answers scored, as eval scores them"
+    assert first["samples"] and {"id", "label", "answer"} <= set(first["samples"][0]), "what the answers say"
+    better = [e for e in trained["evals"][1:] if e["macro_f1"] > first["macro_f1"]
+              or (e["macro_f1"] == first["macro_f1"] and e["unparsed"] < first["unparsed"])]  # fmt: skip
+    assert trained["best_step"] == (max(better, key=lambda e: (e["macro_f1"], -e["unparsed"]))["step"] if better else 0)
+    kept = trained["kept"]
+    assert kept["first"]["step"] == 0 and kept["kept"]["step"] == trained["best_step"]
+    shown = run_cli("status", "-w", started)
+    assert shown.returncode == 0
+    if trained["best_step"] == 0:  # a learning rate this high wrecks the adapter: the start is handed back
         from safetensors.torch import load_file
 
         kept = load_file(started / "models" / "adapter-grpo" / "adapter_model.safetensors")
@@ -250,3 +259,18 @@ def test_gpu_smoke_runs_the_parts_never_measured_on_this_gpu_first(tmp_path: Pat
         recorded, [{"part": "tiny-grpo", "status": "ran", "s_per_step": 0.3}], "NVIDIA H200", versions, "d"
     )
     assert gpu_smoke.measured(gpu_smoke.read_results(recorded), "tiny-grpo", "NVIDIA H200", versions)
+
+
+def test_selection_keeps_the_start_unless_a_step_beats_it_and_names_a_collapse() -> None:
+    from skinvlm.selection import better, collapse
+
+    start = {"step": 0, "loss": None, "macro_f1": 0.4, "unparsed": 3, "classes_answered": 4}
+    assert not better({"step": 10, "loss": None, "macro_f1": 0.4, "unparsed": 3}, start, "macro_f1"), "a tie: start"
+    assert better({"step": 10, "loss": None, "macro_f1": 0.4, "unparsed": 2}, start, "macro_f1"), "parses more"
+    assert not better({"step": 10, "loss": None, "macro_f1": 0.3, "unparsed": 0}, start, "macro_f1")
+    assert better({"step": 10, "loss": None, "macro_f1": 0.5, "unparsed": 9}, start, "macro_f1")
+    lost_form = collapse({"unparsed": 8, "classes_answered": 3}, start, 16)
+    assert lost_form is not None and "lose their form: unparsed 3 -> 8 of 16" in lost_form
+    one_class = collapse({"unparsed": 0, "classes_answered": 1}, start, 16)
+    assert one_class is not None and "one class (the start named 4)" in one_class
+    assert collapse({"unparsed": 4, "classes_answered": 3}, start, 16) is None

@@ -69,11 +69,12 @@ def test_the_report_shows_the_metrics_and_a_cell_shows_its_photos(report: tuple[
             assert page.text_content("#referral-threshold") == f"{metrics['selective']['threshold']:.3f}"
             sure = [max(r.values()) for r in scored_probabilities(path.parent)]
             assert len(referred) == sum(s < metrics["selective"]["threshold"] for s in sure)
-        labels = metrics["labels"]
+        labels, columns = metrics["labels"], metrics["predicted_labels"]
         for cell in page.query_selector_all(".cell"):
             truth, predicted = cell.get_attribute("data-true"), cell.get_attribute("data-pred")
-            assert int(cell.text_content()) == metrics["confusion_matrix"][labels.index(truth)][labels.index(predicted)]
-        right = sum(metrics["confusion_matrix"][i][i] for i in range(len(labels) - 1))
+            counts = metrics["confusion_matrix"][labels.index(truth)]
+            assert int(cell.text_content()) == counts[columns.index(predicted)]
+        right = sum(metrics["confusion_matrix"][i][i] for i in range(len(labels)))
         assert page.text_content("#shown-count") == str(metrics["n"] - right), "errors only at first"
 
         page.click('.cell[data-true="주사"][data-pred="지루"]')

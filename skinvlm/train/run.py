@@ -52,6 +52,7 @@ class TrainResult:
     method: str = "sft"
     from_adapter: str | None = None  # GRPO: the SFT adapter it started from
     rewards: list[dict[str, Any]] = field(default_factory=list)  # GRPO: {step, mean, label, format} per step
+    kept: dict[str, Any] | None = None  # what selection kept against the first evaluation: step, macro F1, unparsed
 
     def as_json(self) -> dict[str, Any]:
         fields = {k: v for k, v in asdict(self).items() if k not in ("summary", "log")}
@@ -251,6 +252,7 @@ def train(
         settings.method,
         settings.from_adapter,
         reward_log(log),
+        kept_account(chooser, best_step),
     )
 
 
@@ -297,8 +299,10 @@ def choosing_callback(
         if on_step:
             on_step(scored | {"eval_loss": entry.get("loss")})
 
-    # GRPO's trainer runs no evaluation of its own here: the scoring runs every --eval-steps steps instead.
-    every = settings.eval_steps if settings.method == "grpo" else None
+    # GRPO's trainer runs no evaluation of its own here: the scoring runs every --eval-steps steps instead, on free
+    # answers (what GRPO changes), as long as the ones it samples.
+    grpo = settings.method == "grpo"
+    every = settings.eval_steps if grpo else None
     return selection.selection_callback(
         setup.plan.output,
         setup.processor,
@@ -309,7 +313,19 @@ def choosing_callback(
         settings.patience,
         shown,
         every,
+        settings.max_completion_tokens if grpo else None,
     )
+
+
+def kept_account(chooser: Any, best_step: int | None) -> dict[str, Any] | None:
+    """The first evaluation (GRPO's start) beside the kept one, and why training stopped early if it did."""
+    if chooser is None or not chooser.evals or best_step is None:
+        return None
+    first = chooser.evals[0]
+    kept = next((e for e in chooser.evals if e["step"] == best_step), chooser.evals[-1])
+    keys = ("step", "macro_f1", "accuracy", "unparsed")
+    return {"first": {k: first.get(k) for k in keys}, "kept": {k: kept.get(k) for k in keys},
+            "collapsed": chooser.collapsed}  # fmt: skip
 
 
 def chosen_step(chooser: Any, settings: TrainSettings, last_step: int) -> int | None:

@@ -187,7 +187,7 @@ def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
     if found is None:
         raise BadRequest(409, f"eval run {name!r}: its metrics.json is damaged; run this eval again")
     keep = ("name", "n", "accuracy", "macro_f1", "unparsed", "intervals", "per_class", "per_view", "labels",
-            "confusion_matrix", "selective", "patients", "ci_method")  # fmt: skip
+            "predicted_labels", "confusion_matrix", "selective", "patients", "ci_method")  # fmt: skip
     return finite({k: found.get(k) for k in keep}) | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
 
 
