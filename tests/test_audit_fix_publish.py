@@ -324,6 +324,8 @@ def test_particles_agree_with_the_korean_word_after_a_term_swap() -> None:
         "scale과 홍반": "인설과 홍반",
         "erythema 와 구진": "홍반과 구진",  # one space away, as mixed-script text often has it
         "erythema 이 부위": "홍반 이 부위",  # a lone 이 after a space is "this", not a particle
+        "scale 이 보입니다": "인설이 보입니다",  # ... unless a predicate follows: then it is the subject's particle
+        "comedone 이 있고": "면포가 있고",
         "erythema, 구진": "홍반, 구진",
     }
     for before, after in cases.items():

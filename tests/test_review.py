@@ -239,7 +239,8 @@ def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -
         line = "error: clinicians made review decisions after datasets/fixed was made: run `skinvlm fix`\n"
         assert refused.exit_code == 1 and refused.stderr == line, command
     assert cli("audit", "--stage", "fixed").exit_code == 0, "audit and review itself read on"
-    cli("fix")
+    said = cli("fix").stdout
+    assert "clinicians' review applied: accepted 1, edited 1, rejected 1;" in said and "1 texts replaced" in said
     from datasets import load_from_disk
 
     data = load_from_disk(str(reviewable / "datasets" / "fixed"))
