@@ -650,6 +650,9 @@ def short_backend(backend: str) -> str:
 
 
 def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool = True) -> str:
+    from skinvlm.report_html import matrix_axes
+
+    rows, columns, counts = matrix_axes(result)
     lines = [
         f"# Evaluation {result['name']}",
         "",
@@ -686,10 +689,10 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
         "",
         "Confusion matrix (rows: true, columns: predicted)",
         "",
-        "| | " + " | ".join(matrix_axes(result)[1]) + " |",
-        "|---" * (len(matrix_axes(result)[1]) + 1) + "|",
+        "| | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
-    for label, row in zip(*matrix_axes(result)[::2], strict=True):
+    for label, row in zip(rows, counts, strict=True):
         lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
     if with_checklist and result.get("checklist"):
         lines += checklist.markdown(result["checklist"])
@@ -855,14 +858,6 @@ def evaluate(
     used = asdict(settings) | {"name": name, "base_url": None if settings.model_dir else who["endpoint"]}
     write_manifest(run, manifest("eval", used, inputs, {"n": len(records)}, started))
     return result
-
-
-def matrix_axes(result: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
-    """(rows: the true classes, columns: the predicted labels, the counts) of a run's confusion matrix, from this
-    version's metrics.json or an older one (whose `labels` held unparsed too, a row of zeros)."""
-    columns = result.get("predicted_labels") or result["labels"]
-    rows = [label for label in result["labels"] if label != UNPARSED]
-    return rows, columns, result["confusion_matrix"][: len(rows)]
 
 
 def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:

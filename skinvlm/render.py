@@ -395,7 +395,7 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
         out.print(escape(f"external photos: {external_line(result['external'])}"), highlight=False)
     for note in result.get("notes", []):
         out.print(f"[yellow]note[/]: {escape(note)}")
-    from skinvlm.evaluate import matrix_axes
+    from skinvlm.report_html import matrix_axes
 
     rows, columns, counts = matrix_axes(result)
     matrix = _table("confusion matrix (rows: true, columns: predicted)", "true", *columns)

@@ -172,9 +172,15 @@ def class_name(label: str, rules: Rules) -> str:
     return f"{escape(label)} <small>{escape(rules.english(label))}</small>" if label != UNPARSED else UNPARSED
 
 
-def matrix(result: dict[str, Any], rules: Rules) -> str:
-    from skinvlm.evaluate import matrix_axes
+def matrix_axes(result: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
+    """(rows: the true classes, columns: the predicted labels, the counts) of a run's confusion matrix, from this
+    version's metrics.json or an older one (whose `labels` held unparsed too, a row of zeros)."""
+    columns = result.get("predicted_labels") or result["labels"]
+    rows = [label for label in result["labels"] if label != UNPARSED]
+    return rows, columns, result["confusion_matrix"][: len(rows)]
 
+
+def matrix(result: dict[str, Any], rules: Rules) -> str:
     classes, labels, counts = matrix_axes(result)
     shown = labels if any(row[-1] for row in counts) else labels[:-1]
     head = "".join(f"<th>{class_name(label, rules)}</th>" for label in shown)

@@ -121,6 +121,7 @@ def test_a_mistyped_workspace_is_one_line_and_leaves_nothing_behind(cli, tmp_pat
     typo = tmp_path / "my-workspcae"
     commands = [["fix"], ["describe", "--template"], ["train"], ["eval"], ["merge"], ["status"], ["audit"]]
     commands += [["eval", "--compare", "a", "b"], ["publish", "me/x", "--dry-run"], ["serve", "--print-command"]]
+    commands += [["ui", "--port", "1"], ["review", "--report"]]
     for command in commands:
         refused = cli.runner.invoke(app, ["-w", str(typo), *command])
         assert refused.exit_code == 1 and f"no workspace at {typo}" in error_line(refused.stderr), command

@@ -92,10 +92,6 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
-COMMANDS = (
-    *("ingest", "status", "describe", "audit", "fix", "publish", "review"),
-    *("train", "merge", "serve", "eval", "doctor"),
-)
 
 
 def flag(*names: str, help: str) -> Any:  # noqa: A002 - typer's own name
@@ -190,7 +186,9 @@ def main_options(
     if quiet:  # the libraries' own bars (loading weights, downloads, map) read these when they are imported
         os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if workspace is not None:  # `skinvlm -w WS status` as well as `skinvlm status -w WS`
-        ctx.default_map = {command: {"workspace": str(workspace)} for command in COMMANDS}
+        # every registered command, from the group itself: a hand-kept list once left out `ui`
+        names = ctx.command.list_commands(ctx) if isinstance(ctx.command, TyperGroup) else []
+        ctx.default_map = {command: {"workspace": str(workspace)} for command in names}
         ctx.default_map["demo"] = {"folder": str(workspace)}  # the demo's own folder: `skinvlm -w DIR demo`
 
 
