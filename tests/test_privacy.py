@@ -302,9 +302,12 @@ def test_the_card_counts_what_the_shards_hold_and_says_what_was_left_out(cli, ug
         key = LOCAL_KEY
         cli("describe", "--base-url", server.url, "--api-key", key, "--backoff", "0.01", "--concurrency", "1")
     cli("fix", "--drop-invalid")
-    cli("publish", "me/x", "--dry-run")
+    refused = cli("publish", "me/x", "--dry-run", ok=False)  # the ugly tree's leaked.png is in both splits
+    assert "1 near-duplicate photos across the splits" in error_line(refused.stderr)
+    cli("publish", "me/x", "--dry-run", "--ignore-audit")
     folder = cli.workspace / "publish" / "dataset"
     card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "`skinvlm audit --strict` fails: 1 near-duplicate photos across the splits" in card
     from datasets import Dataset
 
     shards = {p.name.split("-")[0]: Dataset.from_parquet(str(p)) for p in (folder / "data").glob("*.parquet")}
