@@ -478,8 +478,9 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     truth = [r["label"] for r in records]
     predicted = [r["predicted"] for r in records]
     p, r, f, support = precision_recall_fscore_support(truth, predicted, labels=classes, zero_division=0)
+    scored = [c for c in classes if c in set(truth)] or classes  # macro figures: the classes with photos here
     averages = {
-        avg: precision_recall_fscore_support(truth, predicted, labels=classes, average=avg, zero_division=0)
+        avg: precision_recall_fscore_support(truth, predicted, labels=scored, average=avg, zero_division=0)
         for avg in ("macro", "weighted")
     }
     views: dict[str, list[bool]] = defaultdict(list)
@@ -510,6 +511,7 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
         },
         "per_view": {view: round(sum(hits) / len(hits), 4) for view, hits in sorted(views.items())},
         "labels": classes,  # the classes only: what scikit-learn's `labels=` takes (unparsed is counted apart)
+        "macro_over": scored,  # the classes macro figures average: those with photos in this set
         "predicted_labels": columns,  # the confusion matrix's columns: the classes, then unparsed
         "confusion_matrix": confusion_matrix(truth, predicted, labels=columns)[: len(classes)].tolist(),
         "unparsed": predicted.count(UNPARSED),
@@ -878,6 +880,10 @@ def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: E
             f"{result['label_corrections']} of the {len(records)} photos are scored against the label a clinician "
             "gave in `skinvlm review`, not their folder's"
         )
+    if len(result["macro_over"]) < len(result["labels"]):
+        absent = [c for c in result["labels"] if c not in result["macro_over"]]
+        notes.append(f"macro figures average the {len(result['macro_over'])} classes with photos in this set; "
+                     f"{', '.join(absent)} have none here")  # fmt: skip
     if settings.probabilities and result["probabilities"] is None:
         notes.append("the endpoint returned no logprobs: no class probabilities, AUC or calibration")
     return notes

@@ -44,10 +44,14 @@ def stopping_like_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     for forwarded in FORWARDED:
         signal.signal(forwarded, _as_ctrl_c)
+    mask: set[int | signal.Signals] = set()
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
         yield
     finally:
+        # Blocked again where they were at the start: a stop that comes once the work is done (the process exiting)
+        # waits, and the command ends with its own exit status rather than killed by the default action.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 

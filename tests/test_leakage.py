@@ -231,6 +231,10 @@ def test_external_photos_are_scored_on_the_mapped_classes_and_the_rest_counted(c
         found = cli.json("eval", "--name", "clinic-b", *args)
         again = cli.json("eval", "--name", "clinic-b", *args)
     assert found["n"] == 9 and found["accuracy"] == 1.0, "acne and rosacea mapped, psoriasis by its English name"
+    assert found["macro_f1"] == 1.0 and found["macro_over"] == ["건선", "여드름", "주사"], "over the classes it has"
+    low, high = found["intervals"]["macro_f1"]
+    assert low < 1.0 <= high, "an interval around 1.0, not one pinned at 0.5"
+    assert any("average the 3 classes with photos in this set" in note for note in found["notes"])
     external = found["external"]
     assert external["dataset"] == "clinic-b" and external["scored"] == 9
     assert external["out_of_scope"] == {"n": 3, "classes": {"melanoma": 3}, "answered": {"정상": 3}}

@@ -96,9 +96,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_a_checkpoint(des
 
 
 @pytest.mark.parametrize("after", [0.0, 0.3, 1.0])
-def test_a_stop_before_the_command_is_ready_is_honoured(described: Path, after: float) -> None:
+def test_a_stop_before_the_command_is_ready_is_honoured(described: Path, tiny: Path, after: float) -> None:
     ws = Workspace.open(described)
-    job = jobs.start(ws, ["audit"])
+    job = jobs.start(ws, ["train", "--model", str(tiny), *FAST, "--max-steps", "400"])  # seconds of imports first
     time.sleep(after)
     jobs.stop(ws, job.id)
     wait_for(lambda: job_of(ws, job.id).status != "running", 60)
@@ -106,6 +106,7 @@ def test_a_stop_before_the_command_is_ready_is_honoured(described: Path, after: 
     assert ended.status == "stopped", (ended, jobs.log_tail(ws, job.id))
     assert ended.returncode == 128 + signal.SIGTERM, ended
     assert "interrupted by SIGTERM" in jobs.log_tail(ws, job.id), "stopped by its own handler, not half-way"
+    assert not (described / "models" / "adapter" / "adapter_config.json").exists(), "it did not train on"
 
 
 def test_a_reused_pid_is_not_the_job_and_is_never_signalled(described: Path) -> None:

@@ -62,10 +62,13 @@ def preflight(ws: Workspace, rules: Rules, settings: TrainSettings, dry_run: boo
     resume_from = newest_checkpoint(output) if settings.resume else None
     if settings.resume and resume_from is None:
         raise SkinvlmError(f"--resume: no checkpoint in {output / 'checkpoints'}")
-    if resume_from and (done := checkpoint_step(Path(resume_from))) >= settings.max_steps:
+    finished = (
+        output / "manifest.json"
+    ).is_file()  # a run that ended and saved its adapter (an interrupted one has none)
+    if resume_from and finished and (done := checkpoint_step(Path(resume_from))) >= settings.max_steps:
         raise SkinvlmError(
-            f"--resume: {resume_from} is at step {done}, and --max-steps is {settings.max_steps}: nothing is left "
-            "to train; raise --max-steps to go on"
+            f"--resume: the run in {output} finished, its newest checkpoint at step {done}, and --max-steps is "
+            f"{settings.max_steps}: nothing is left to train; raise --max-steps to go on"
         )
     if not (settings.resume or dry_run) and (output / "adapter_config.json").exists():
         raise SkinvlmError(f"{output} already holds an adapter; pass --resume to continue it or --output elsewhere")
