@@ -104,7 +104,9 @@ def test_a_stop_before_the_command_is_ready_is_honoured(described: Path, tiny: P
     wait_for(lambda: job_of(ws, job.id).status != "running", 60)
     ended = job_of(ws, job.id)
     assert ended.status == "stopped", (ended, jobs.log_tail(ws, job.id))
-    assert ended.returncode == 128 + signal.SIGTERM, ended
+    # 143 as a rule; -2 where the stop lands while an import runs exec() on a string (a dataclass being made):
+    # CPython 3.11 then marks the KeyboardInterrupt unhandled although skinvlm handled it, and exits by SIGINT.
+    assert ended.returncode in (128 + signal.SIGTERM, -signal.SIGINT), ended
     assert "interrupted by SIGTERM" in jobs.log_tail(ws, job.id), "stopped by its own handler, not half-way"
     assert not (described / "models" / "adapter" / "adapter_config.json").exists(), "it did not train on"
 
