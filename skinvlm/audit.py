@@ -246,7 +246,12 @@ def strict_failures(report: AuditReport) -> list[str]:
     if report.problems:
         personal = f", {report.personal_records} of them with personal data" if report.personal_records else ""
         found.append(f"{report.problems} records with problems{personal}")
-    leak = report.leakage
+    return found + leak_failures(report.leakage)
+
+
+def leak_failures(leak: dict[str, Any]) -> list[str]:
+    """The leakage between splits that `audit --strict` refuses, one phrase each."""
+    found = []
     if leak.get("patients_in_both_splits"):
         found.append(f"{leak['patients_in_both_splits']} patients with photos in both splits")
     if leak.get("near_duplicates_across_splits"):

@@ -277,7 +277,7 @@ def normalised(alternatives: list[tuple[bytes, float]], classes: list[str]) -> d
 def prediction(
     item: Item, raw: str | None, latency: float, rules: Rules, error: str | None = None, cut: bool = False
 ) -> dict[str, Any]:
-    predicted = rules.canonical(parse_answer(raw).tag) or UNPARSED
+    predicted = predicted_class(raw, rules)
     return {
         "id": item.id,
         "sha256": item.sha256,
@@ -388,13 +388,26 @@ def ask_local(
         if settings.constrained:  # the label is the best-scored class; generation goes on after </label>
             answers = constrained_answers(model, processor, text, images, scored, settings)
         else:
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=answer_budget(settings), do_sample=False, **stop)
-            answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers = greedy_answers(model, processor, inputs, answer_budget(settings), **stop)
         per_image = (time.perf_counter() - clock) / len(batch)
         for item, answer, tokens, probabilities in zip(batch, answers, vision, scored, strict=True):
             record = prediction(item, answer, per_image, rules) | {"image_tokens": tokens}
             sink(record | {"probabilities": probabilities} if probabilities and settings.probabilities else record)
+
+
+def greedy_answers(model: Any, processor: Any, inputs: Any, max_new_tokens: int, **stop: Any) -> list[str]:
+    """The model's greedy answers to processed inputs, the prompt cut off: how eval generates, and how GRPO's
+    selection reads the development rows (selection.generation_scores), so both score the same answers."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **stop)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def predicted_class(raw: str | None, rules: Rules) -> str:
+    """The class an answer's <label> names (through the aliases), or UNPARSED."""
+    return rules.canonical(parse_answer(raw).tag) or UNPARSED
 
 
 def constrained_answers(

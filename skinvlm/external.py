@@ -30,8 +30,9 @@ def shown_name(dataset: str) -> str:
 def load(dataset: str, split: str) -> tuple[Any, list[str]]:
     """(a Dataset with an `image` column, each photo's class name as the source gives it)."""
     path = Path(dataset).expanduser()
+    shown: list[str] | None = None  # how each photo is named in a line about it (a folder's: its relative path)
     if path.exists():
-        ds, names = from_folder(path)
+        ds, names, shown = from_folder(path)
     elif looks_local(dataset):
         raise SkinvlmError(f"--dataset {dataset}: no such folder here (a Hub dataset id is OWNER/NAME, tried only "
                            "where no folder of that name's first part exists)")  # fmt: skip
@@ -39,7 +40,7 @@ def load(dataset: str, split: str) -> tuple[Any, list[str]]:
         ds, names = from_hub(dataset, split)
     else:
         raise SkinvlmError(f"--dataset {dataset}: no such folder, and not a Hub dataset id (OWNER/NAME)")
-    return with_sizes(ds, [str(p) for p in ds["image_path"]] if "image_path" in ds.column_names else None), names
+    return with_sizes(ds, shown), names
 
 
 def looks_local(dataset: str) -> bool:
@@ -73,11 +74,10 @@ def with_sizes(ds: Any, shown: list[str] | None) -> Any:
                 sizes.append(image.size)
         except (OSError, SyntaxError, ValueError) as err:
             raise SkinvlmError(f"--dataset: {name} cannot be read ({err}): replace it or leave it out") from None
-    ds = ds.remove_columns([c for c in ("image_path",) if c in ds.column_names])
     return ds.add_column("width", [w for w, _ in sizes]).add_column("height", [h for _, h in sizes])
 
 
-def from_folder(root: Path) -> tuple[Any, list[str]]:
+def from_folder(root: Path) -> tuple[Any, list[str], list[str]]:
     """Photos in class folders under `root`, no link followed: a folder given to eval (unpacked from a zip,
     perhaps) must not send photos from elsewhere on this machine to the endpoint."""
     from datasets import Dataset, Image
@@ -107,7 +107,7 @@ def from_folder(root: Path) -> tuple[Any, list[str]]:
     if not paths:
         raise SkinvlmError(f"--dataset {root.name}: no .png/.jpg photos in class folders under it")
     shown = [str(Path(p).relative_to(root)) for p in paths]
-    return Dataset.from_dict({"image": paths, "image_path": shown}).cast_column("image", Image()), names
+    return Dataset.from_dict({"image": paths}).cast_column("image", Image()), names, shown
 
 
 def from_hub(repo: str, split: str) -> tuple[Any, list[str]]:

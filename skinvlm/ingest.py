@@ -44,7 +44,7 @@ from skinvlm.workspace import (
     fingerprint,
     manifest,
     now_iso,
-    read_manifest,
+    patients_known,
     secret_key,
     staged,
     write_manifest,
@@ -734,15 +734,11 @@ def patient_ids(files: list[ImageFile], pattern: str | None, key: bytes) -> tupl
 def patient_key(ws: Workspace) -> bytes:
     """The key patient ids are hashed with. Made once; a new one gives every patient a new hash, so one is not
     made silently where the ingested photos name patients by the old one."""
-    if not ws.patient_key.exists():
-        found = read_manifest(ws.ingested) if ws.ingested.exists() else None
-        counts = found.get("counts") if isinstance(found, dict) else None
-        patients = counts.get("patients") if isinstance(counts, dict) else None
-        if isinstance(patients, dict) and patients.get("known"):
-            raise SkinvlmError(
-                f"{ws.patient_key} is missing, and datasets/ingested names its patients by it: restore the key from a "
-                "backup, or remove datasets/ingested to give every patient a new hash"
-            )
+    if not ws.patient_key.exists() and ws.ingested.exists() and patients_known(ws):
+        raise SkinvlmError(
+            f"{ws.patient_key} is missing, and datasets/ingested names its patients by it: restore the key from a "
+            "backup, or remove datasets/ingested to give every patient a new hash"
+        )
     return secret_key(ws.patient_key, "restore it from a backup (a new key would give every patient a new hash)")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import metadata, openai_api
-from skinvlm.audit import AuditReport, audit, strict_failures
+from skinvlm.audit import AuditReport, audit, leak_failures, strict_failures
 from skinvlm.errors import SkinvlmError
 from skinvlm.rules import Rules
 from skinvlm.workspace import Workspace, now_iso, read_manifest, write_json, writes
@@ -143,7 +143,7 @@ def audit_lines(report: AuditReport) -> list[str]:
         "summaries too short": report.too_short,
     }
     listed = [f"  - {check}: {n:,}" for check, n in failed.items() if n]
-    leaks = [f"  - {phrase}" for phrase in failed_gate[1:]]
+    leaks = [f"  - {phrase}" for phrase in leak_failures(report.leakage)]
     return [
         f"- **Published with `--ignore-audit` although `skinvlm audit` finds {report.problems:,} of {report.records:,} "
         "records with problems:**",

@@ -57,33 +57,29 @@ SAMPLES_LOGGED = 3  # development rows whose free answers each evaluation logs, 
 def generation_scores(
     model: Any, processor: Any, prompt_text: str, rows: Any, rules: Rules, max_new_tokens: int
 ) -> dict[str, Any]:
-    """The held-out rows scored the way `eval` scores a model: its greedy free answer parsed for a <label>; macro F1
-    over the classes with an unparsed answer wrong. What GRPO changes is the free answer (its form as much as its
-    class), which class probabilities do not see: they stayed right while every answer of a class broke."""
-    import torch
+    """The held-out rows scored the way `eval` scores a model: its greedy free answer (eval's own generation)
+    parsed for a <label>; macro F1 over the classes with an unparsed answer wrong. What GRPO changes is the free
+    answer (its form as much as its class), which class probabilities do not see: they stayed right while every
+    answer of a class broke."""
     from sklearn.metrics import accuracy_score, f1_score
 
+    from skinvlm.evaluate import UNPARSED, greedy_answers, predicted_class
     from skinvlm.images import as_rgb
-    from skinvlm.prompts import parse_answer
     from skinvlm.vlm import END_OF_TURN
 
     was_training = model.training
     model.eval()
+    # The training model's generation config may not end at the turn's end, as a merged folder's does.
     ends = [processor.tokenizer.convert_tokens_to_ids(END_OF_TURN), processor.tokenizer.eos_token_id]
+    stop = {"eos_token_id": [e for e in ends if e is not None]}
     answers = []
     try:
-        with torch.no_grad():
-            for row in rows:
-                inputs = processor(text=[prompt_text], images=[as_rgb(row["image"])], return_tensors="pt")
-                inputs = inputs.to(model.device)
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                     eos_token_id=[e for e in ends if e is not None])  # fmt: skip
-                answers.append(
-                    processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-                )
+        for row in rows:
+            inputs = processor(text=[prompt_text], images=[as_rgb(row["image"])], return_tensors="pt")
+            answers += greedy_answers(model, processor, inputs.to(model.device), max_new_tokens, **stop)
     finally:
         model.train(was_training)
-    predicted = [rules.canonical(parse_answer(a).tag) or UNPARSED for a in answers]
+    predicted = [predicted_class(a, rules) for a in answers]
     truth = list(rows["label"])
     return {
         "accuracy": round(float(accuracy_score(truth, predicted)), 4),
@@ -95,9 +91,6 @@ def generation_scores(
         "samples": [{"id": row["id"], "label": row["label"], "answer": a[:200]}
                     for row, a in zip(rows.select(range(min(SAMPLES_LOGGED, len(answers)))), answers, strict=False)],
     }  # fmt: skip
-
-
-UNPARSED = "unparsed"  # evaluate.UNPARSED: an answer with no <label> naming a class
 
 
 def collapse(entry: dict[str, Any], start: dict[str, Any], rows: int) -> str | None:
