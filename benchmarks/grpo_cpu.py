@@ -8,7 +8,7 @@ With --seeds N, GRPO runs N times from the same SFT start with seeds 1..N, each 
 
 An undertrained SFT adapter (the tiny recipe, --sft-steps steps on ~60 class-coloured images), then
 `train --method grpo --from` it; each merged and evaluated by free generation (not --constrained) on the same 24
-held-out images; then `eval --compare` pairs them (McNemar's exact test, bootstrap interval of the difference).
+held-out images; then `eval --compare` pairs them (mid-p McNemar, bootstrap interval of the difference).
 The baseline is the SFT adapter GRPO starts from, measured in the same run. Everything is seeded, but 40 steps
 leave the SFT start at the edge of parsing, where CPU thread scheduling moves it between runs (8 to 18 of the 24
 answers unparsed): compare the two lines of one run, not runs with each other.
@@ -109,8 +109,9 @@ def grpo(ws: Path, sft: Path, before: dict, seed: int, args: argparse.Namespace,
         f"  mean reward of the first and last {tenth} steps: {first:.3f} -> {last:.3f}; "
         f"accuracy {difference['accuracy']['value']:+.3f} {difference['accuracy']['interval']}, "
         f"macro F1 {difference['macro_f1']['value']:+.3f} {difference['macro_f1']['interval']} "
-        f"({pair['resampled']}); McNemar: {pair['mcnemar']['only_second_right']} right only after GRPO, "
-        f"{pair['mcnemar']['only_first_right']} only before, p = {pair['mcnemar']['p_value']:.3g}; "
+        f"({pair['resampled']}); {pair['test']['only_second_right']} right only after GRPO, "
+        f"{pair['test']['only_first_right']} only before, p = {pair['test']['p_value']:.3g} "
+        f"({pair['test']['verdict']}); "
         f"unparsed {before['unparsed']} -> {after['unparsed']}; "
         f"no worse than the start: {no_worse}"
     )

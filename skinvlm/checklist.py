@@ -10,7 +10,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from skinvlm import explanation, subgroups
 from skinvlm.leakage import found_any, last_check
+from skinvlm.numbers import auc_phrase, bounds, calibration_phrase
 from skinvlm.workspace import Workspace, read_manifest
 
 FILLED, NOT_APPLICABLE, TEAM = "filled", "not applicable", "to be written by the team"
@@ -51,11 +53,12 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
         ("Training", *training_row(trained)),
         ("Model selection", *selection_row(trained)),
         ("Evaluation photos", *evaluation_row(result, leakage)),
-        ("Accuracy with interval", *filled(f"{result['accuracy']:.4f} (95% CI {span(ci['accuracy'])})")),
-        ("Macro F1 with interval", *filled(f"{result['macro_f1']:.4f} (95% CI {span(ci['macro_f1'])})")),
+        ("Accuracy with interval", *filled(f"{result['accuracy']:.4f} (95% CI {bounds(ci['accuracy'])})")),
+        ("Macro F1 with interval", *filled(f"{result['macro_f1']:.4f} (95% CI {bounds(ci['macro_f1'])})")),
         ("Interval method", *filled(ci.get("method") or "bootstrap stratified by class")),
         ("Per-class figures", *filled("precision, recall and F1 (95% CI) per class: the per-class table")),
-        ("Subgroups (view)", *filled(", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items()))),
+        ("Subgroups", *filled(subgroup_text(result))),
+        ("Generated explanation", *explanation_row(result.get("explanation"))),
         ("Discrimination (AUC)", *auc_row(result.get("probabilities"))),
         ("Calibration", *calibration_row(result.get("probabilities"))),
         ("Sample size and detectable difference", *sample_row(result)),
@@ -74,10 +77,6 @@ def filled(detail: str) -> tuple[str, str]:
 
 def team(what: str) -> tuple[str, str]:
     return TEAM, what
-
-
-def span(pair: list[float]) -> str:
-    return f"{pair[0]:.3f}-{pair[1]:.3f}"
 
 
 def training_manifest(model_dir: str | None) -> dict[str, Any] | None:
@@ -138,13 +137,27 @@ def selection_row(trained: dict[str, Any] | None) -> tuple[str, str]:
 def auc_row(probabilities: dict[str, Any] | None) -> tuple[str, str]:
     if not probabilities or probabilities.get("macro_auc") is None:
         return NOT_APPLICABLE, "no class probabilities in this run"
-    return filled(f"macro AUC {probabilities['macro_auc']:.3f} (one-vs-rest, per class in the report)")
+    return filled(f"{auc_phrase(probabilities)} (one-vs-rest, per class in the report)")
+
+
+def subgroup_text(result: dict[str, Any]) -> str:
+    views = "view: " + ", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items())
+    said = subgroups.lines(result.get("subgroups") or {})
+    return "; ".join([views, *said]) if said else f"{views}; no other attribute known (ingest --metadata CSV)"
+
+
+def explanation_row(found: dict[str, Any] | None) -> tuple[str, str]:
+    if found is None:
+        return NOT_APPLICABLE, "photos from another source: no reviewed descriptions to score against"
+    if not found["n"]:
+        return TEAM, f"not scored: {found['why']}"
+    return filled(" ".join(explanation.lines(found)))
 
 
 def calibration_row(probabilities: dict[str, Any] | None) -> tuple[str, str]:
     if not probabilities:
         return NOT_APPLICABLE, "no class probabilities in this run"
-    return filled(f"expected calibration error {probabilities['ece']:.3f}; reliability diagram in reliability.png")
+    return filled(f"{calibration_phrase(probabilities)}; reliability diagram in reliability.png")
 
 
 def sample_row(result: dict[str, Any]) -> tuple[str, str]:

@@ -21,18 +21,29 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from skinvlm import __version__, checklist, devices, endpoints, external, leakage, openai_api, review
+from skinvlm import (
+    __version__,
+    checklist,
+    devices,
+    endpoints,
+    explanation,
+    external,
+    leakage,
+    openai_api,
+    review,
+    subgroups,
+)
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
 from skinvlm.images import as_rgb
 from skinvlm.journal import last_by_id
-from skinvlm.numbers import rate, score, seconds
+from skinvlm.numbers import auc_phrase, bounds, calibration_phrase, p_value, rate, score, seconds
 from skinvlm.prompts import LABEL_END, LABEL_START, conversation, instruction, parse_answer
 from skinvlm.rules import Rules
 from skinvlm.sampling import stratified_sample
@@ -108,6 +119,7 @@ class Item:
     sha256: str
     corrected: bool = False  # the label is a clinician's correction
     patient: str = ""  # a keyed hash from ingest --patient-pattern; "" when patients are unknown
+    subgroups: dict[str, str] = field(default_factory=dict)  # from ingest --metadata
 
 
 # -- choosing images -------------------------------------------------------------------------
@@ -121,9 +133,10 @@ def eval_items(ws: Workspace, settings: EvalSettings) -> tuple[Any, list[Item]]:
     truth = true_labels(ds, review.decisions_of(ws)[0])
     known = patients_known(ws)
     patients = ds["patient"] if known and "patient" in ds.column_names else [""] * ds.num_rows
-    columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], patients, strict=True)
-    items = [Item(i, rid, label, view, sha, label != was, patient)
-             for i, (rid, label, was, view, sha, patient) in enumerate(columns)]  # fmt: skip
+    groups = ds["subgroups"] if "subgroups" in ds.column_names else [""] * ds.num_rows
+    columns = zip(ds["id"], truth, ds["label"], ds["view"], ds["sha256"], patients, groups, strict=True)
+    items = [Item(i, rid, label, view, sha, label != was, patient, subgroups.from_column(group))
+             for i, (rid, label, was, view, sha, patient, group) in enumerate(columns)]  # fmt: skip
     if not items:
         raise SkinvlmError(f"split {settings.split!r} is empty")
     return ds, stratified_sample(items, settings.limit, settings.seed, lambda i: i.label, lambda i: i.view)
@@ -499,9 +512,8 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     views: dict[str, list[bool]] = defaultdict(list)
     for record in records:
         views[record["view"]].append(record["predicted"] == record["label"])
-    patients = [r["patient"] for r in records] if all(r.get("patient") for r in records) else None
+    patients = patients_of(records)
     trust = stats.intervals(truth, predicted, classes, patients=patients)
-    deff = trust["design_effect"]
     latencies = sorted(rec["latency"] for rec in records)
     vision = [rec["image_tokens"] for rec in records if rec.get("image_tokens") is not None]  # in-process runs
     columns = [*classes, UNPARSED]
@@ -537,10 +549,28 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
         "ci_method": trust["ci_method"],
         "design_effect": trust["design_effect"],
         "minimal_detectable_difference": trust["minimal_detectable_difference"],
-        "intervals": trust
-        | {"per_view": {v: stats.proportion_interval(h, deff=deff) for v, h in sorted(views.items())}},
+        "intervals": trust | {"per_view": view_intervals(records)},
         "probabilities": probability_summary(records, classes),
         "selective": selective_summary(records, target_accuracy),
+        "subgroups": subgroups.breakdown(records),
+    }
+
+
+def patients_of(records: list[dict[str, Any]]) -> list[str] | None:
+    return [r["patient"] for r in records] if records and all(r.get("patient") for r in records) else None
+
+
+def view_intervals(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each view's accuracy interval by its own design effect: a view holds about one photo a patient, so the
+    whole set's (two views a patient) made them 1.3x too wide."""
+    from skinvlm import stats
+
+    views: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        views[record["view"]].append(record)
+    return {
+        view: stats.share_interval([r["predicted"] == r["label"] for r in members], patients_of(members))
+        for view, members in sorted(views.items())
     }
 
 
@@ -552,7 +582,8 @@ def selective_summary(records: list[dict[str, Any]], target: float) -> dict[str,
     if len(scored) < 2:
         return None
     confidence = [max(r["probabilities"].values()) for r in scored]
-    return stats.selective([r["label"] for r in scored], [r["predicted"] for r in scored], confidence, target)
+    truth, predicted = [r["label"] for r in scored], [r["predicted"] for r in scored]
+    return stats.selective(truth, predicted, confidence, target, patients=patients_of(scored))
 
 
 def probability_summary(records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
@@ -562,7 +593,7 @@ def probability_summary(records: list[dict[str, Any]], classes: list[str]) -> di
     if not scored:
         return None
     table = [[r["probabilities"][c] for c in classes] for r in scored]
-    return stats.probability_metrics([r["label"] for r in scored], table, classes)
+    return stats.probability_metrics([r["label"] for r in scored], table, classes, patients=patients_of(scored))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -691,15 +722,19 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
     if probabilities := result.get("probabilities"):
         lines += [
             "",
-            f"Class probabilities ({probabilities['n']} images): macro AUC {score(probabilities['macro_auc'])}, "
-            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, "
-            f"expected calibration error {score(probabilities['ece'])}",
+            f"Class probabilities ({probabilities['n']} images): {auc_phrase(probabilities)}, "
+            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, {calibration_phrase(probabilities)}",
         ]
     lines += selective_lines(result)
     lines += ["", "| view | accuracy |", "|---|---|"]
     per_view = result["intervals"].get("per_view", {})
     lines += [f"| {view} | {acc:.3f} ({bounds(per_view[view])}) |" if view in per_view else f"| {view} | {acc:.3f} |"
               for view, acc in result["per_view"].items()]  # fmt: skip
+    if said := explanation.lines(result.get("explanation")):
+        lines += ["", *said]
+    if said := subgroups.lines(result.get("subgroups") or {}):
+        lines += ["", "Subgroups (accuracy, 95% CI by patient; the worst is picked on these photos):", ""]
+        lines += [f"- {line}" for line in said]
     lines += [
         "",
         "Confusion matrix (rows: true, columns: predicted)",
@@ -761,10 +796,6 @@ def interval_method(result: dict[str, Any]) -> str:
     return result["intervals"].get("method") or "bootstrap stratified by class"
 
 
-def bounds(pair: list[float]) -> str:
-    return f"{pair[0]:.3f}-{pair[1]:.3f}"
-
-
 # -- the stage -------------------------------------------------------------------------------
 @writes("eval")
 def evaluate(
@@ -819,7 +850,7 @@ def evaluate(
         # A request that failed for good counts as an unparsed, wrong answer: never silently dropped.
         scored = [i for i in items if i.id in done and done[i.id].get("key") == key]
         # a correction made after the answer counts; the patient as ingest knows it now
-        answers = [{**done[i.id], "label": i.label, "patient": i.patient} for i in scored]
+        answers = [{**done[i.id], "label": i.label, "patient": i.patient, "subgroups": i.subgroups} for i in scored]
         records = [r for r in answers if r["label"] != external.OUT_OF_SCOPE]  # out of scope: counted, not scored
         require_an_answer(records)
     except BaseException:
@@ -846,8 +877,9 @@ def evaluate(
     }
     if settings.dataset:
         result["external"] = external.summary(settings.dataset, names, answers, rules)
-    else:  # the workspace's own held-out photos: whether they leak, as the last audit found
+    else:  # the workspace's own held-out photos: whether they leak (the last audit), how well they are explained
         result["leakage"] = leakage.counts(leakage.last_check(ws))
+        result["explanation"] = explained(ws, records, settings, rules)
     result["notes"] = run_notes(result, records, settings)
     result["skinvlm_version"] = __version__
     # the checklist travels to the model card: the folder's name, never where this machine keeps it
@@ -873,6 +905,13 @@ def evaluate(
     used = asdict(settings) | {"name": name, "base_url": None if settings.model_dir else who["endpoint"]}
     write_manifest(run, manifest("eval", used, inputs, {"n": len(records)}, started))
     return result
+
+
+def explained(ws: Workspace, records: list[dict[str, Any]], settings: EvalSettings, rules: Rules) -> dict[str, Any]:
+    """The answers' summaries against the clinician-reviewed descriptions of the same photos (explanation.py)."""
+    if settings.labels_only:
+        return {"n": 0, "why": "--labels-only answers stop at the label, with no summary to score"}
+    return explanation.explanation_scores(records, explanation.references(ws, settings.split), rules.class_names)
 
 
 def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
@@ -905,7 +944,30 @@ def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: E
 def compare(ws: Workspace, names: list[str], rules: Rules) -> dict[str, Any]:
     """The runs' metrics side by side, and each later run paired with the first on the same photos."""
     runs = [load_run(ws, name) for name in names]
-    return {"runs": runs, "paired": [paired_with(ws, runs[0], run, rules) for run in runs[1:]]}
+    paired = [paired_with(ws, runs[0], run, rules) for run in runs[1:]]
+    detectable = runs[0].get("minimal_detectable_difference")
+    return {"runs": runs, "paired": [pair | {"said": comparison_verdict(pair, detectable)} for pair in paired]}
+
+
+VERDICTS = {
+    "no difference shown": "no difference shown",
+    "second better": "{second} is better than {first}",
+    "first better": "{second} is worse than {first}",
+}
+
+
+def comparison_verdict(pair: dict[str, Any], detectable: float | None) -> str:
+    """The test's counts, p-value and verdict in one sentence; the detectable difference only as what these photos
+    can tell (80% power), never as a second verdict (one that disagreed with the test did, 36-66% of the time)."""
+    t = pair["test"]
+    said = VERDICTS[t["verdict"]].format(first=pair["first"], second=pair["second"])
+    power = (f"; on these photos a difference of {detectable * 100:.1f} accuracy points is found 80% of the time"
+             if detectable is not None else "")  # fmt: skip
+    return (
+        f"{pair['second']} vs {pair['first']} on {pair['n']} photos both answered: {said} "
+        f"({t['method']}: only {pair['first']} right {t['only_first_right']}, only {pair['second']} right "
+        f"{t['only_second_right']}; p {'' if t['p_value'] < 1e-4 else '= '}{p_value(t['p_value'])}){power}"
+    )
 
 
 def load_run(ws: Workspace, name: str) -> dict[str, Any]:

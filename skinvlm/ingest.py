@@ -37,6 +37,7 @@ from skinvlm import devices, metadata
 from skinvlm.errors import SkinvlmError
 from skinvlm.images import as_rgb
 from skinvlm.rules import Rules, linear_regex, nfc, patient_pattern_problem
+from skinvlm.subgroups import Metadata, as_column, read_metadata
 from skinvlm.workspace import (
     SPLITS,
     Workspace,
@@ -70,6 +71,7 @@ class ImageFile:
     label: str
     view: str
     size: int  # bytes at discovery: nothing later stats a file that may be gone by then
+    subgroups: str = ""  # its attributes from --metadata (subgroups.as_column), "" when none are known
 
 
 @dataclass
@@ -86,6 +88,7 @@ class IngestResult:
     patients: dict[str, Any] = field(default_factory=dict)  # known (a pattern gave them), and per split
     settings: dict[str, Any] = field(default_factory=dict)
     leakage: dict[str, Any] | None = None  # where patients are known: the leakage audit's counts, run at once
+    subgroups: dict[str, Any] | None = None  # with --metadata: its attributes and how many photos it named
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +102,7 @@ class IngestResult:
             "metadata": self.metadata,
             "patients": self.patients,
             "leakage": self.leakage,
+            "subgroups": self.subgroups,
             "seconds": self.seconds,
         }
 
@@ -409,6 +413,7 @@ def features() -> Any:
             "height": Value("int32"),
             "sha256": Value("string"),
             "patient": Value("string"),  # a keyed hash of the id in the file's path, or the record id when unknown
+            "subgroups": Value("string"),  # --metadata's attributes as a JSON object; never published
         }
     )
 
@@ -500,6 +505,7 @@ def ingest(
     about: str | None = None,
     patient_pattern: str | None = None,
     resplit: float | None = None,
+    metadata: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
     from datasets import DatasetDict
@@ -518,7 +524,10 @@ def ingest(
     files, ignored, skipped = discover(src, rules, test_size, seed)
     pattern = patient_pattern or rules.patients.pattern
     key = patient_key(ws) if pattern else b""
-    files, patient_of = patient_ids(files, pattern, key)
+    described = read_metadata(metadata, (lambda raw: patient_hash(raw, key)) if pattern else None) if metadata else None
+    files, patient_of = patient_ids(with_subgroups(files, described, "path", {}), pattern, key)
+    files = with_subgroups(files, described, "patient", patient_of)
+    named = subgroup_counts(files, described, metadata)
     skipped = skipped_without_ids(skipped, pattern, key)
     if resplit is not None:
         files = split_without_leakage(files, patient_of, resplit, seed, rules.audit.near_duplicate_distance)
@@ -549,6 +558,7 @@ def ingest(
                 "split": split,
                 "source": f.source,
                 "patient": patient_of.get(f.source) or record_id(f.source),
+                "subgroups": f.subgroups,
                 **found,
             }
 
@@ -559,6 +569,7 @@ def ingest(
         result.metadata = {"kept": keep_metadata, "cleaned": changed["cleaned"], "turned": changed["turned"]}
         per_split = {split: len(set(data[split]["patient"])) for split in SPLITS}
         result.patients = {"known": pattern is not None, **per_split}
+        result.subgroups = named
         result.settings = {
             "src": str(src.resolve()),
             "test_size": test_size,
@@ -572,6 +583,7 @@ def ingest(
             "about": about,
             "patient_pattern": pattern,
             "resplit": resplit,
+            "metadata_file": str(metadata.resolve()) if metadata else None,
             "split_made_by": split_description(resplit, seed, rules.audit.near_duplicate_distance, pattern),
         }
         inputs = {
@@ -588,6 +600,7 @@ def ingest(
             "cross_split_duplicates": len(result.cross_split_duplicates),
             "metadata": result.metadata,
             "patients": result.patients,
+            "subgroups": result.subgroups,
         }
         content = content_digest(data, ("id", "sha256", "label", "view", "split"))
         extra = {"skipped": skipped, "cross_split": result.cross_split_duplicates, "content": content}
@@ -749,8 +762,44 @@ def hidden_patient(source: str, regex: Any, key: bytes) -> tuple[str, str | None
     if not match or not match.group(group):
         return source, None
     start, end = match.span(group)
-    hashed = "p" + hmac.new(key, match.group(group).encode(), "sha256").hexdigest()[:15]
+    hashed = patient_hash(match.group(group), key)
     return source[:start] + hashed + source[end:], hashed
+
+
+def patient_hash(raw: str, key: bytes) -> str:
+    """A patient id's keyed hash: what every stored path, column and line names a patient by."""
+    return "p" + hmac.new(key, raw.encode(), "sha256").hexdigest()[:15]
+
+
+def with_subgroups(
+    files: list[ImageFile], described: Metadata | None, key: str, patient_of: dict[str, str]
+) -> list[ImageFile]:
+    """The files with their --metadata attributes, matched by `key`: the path (before the patient id in it is
+    hashed: the CSV names the photos as they are on disk) or the patient's keyed hash."""
+    if described is None or described.key != key:
+        return files
+    name = (lambda f: f.source) if key == "path" else (lambda f: patient_of.get(f.source, ""))
+    return [replace(f, subgroups=as_column(described.rows.get(name(f)))) for f in files]
+
+
+def subgroup_counts(files: list[ImageFile], described: Metadata | None, path: Path | None) -> dict[str, Any] | None:
+    """How many photos --metadata named; none at all is an error (the key column names photos some other way)."""
+    if described is None or path is None:
+        return None
+    named = sum(1 for f in files if f.subgroups)
+    if not named and files:
+        example = "Training/images/TS_건선_정면/P0012_1.png" if described.key == "path" else "the id the pattern finds"
+        raise SkinvlmError(
+            f"--metadata {path} names none of the {len(files):,} photos: its {described.key} column must hold each "
+            f"photo's {described.key} as ingest sees it (e.g. {example}); nothing was written"
+        )
+    return {
+        "attributes": described.attributes,
+        "keyed_by": described.key,
+        "photos_with": named,
+        "photos_without": len(files) - named,
+        "rows": len(described.rows),
+    }
 
 
 def skipped_without_ids(skipped: list[dict[str, str]], pattern: str | None, key: bytes) -> list[dict[str, str]]:

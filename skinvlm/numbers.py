@@ -20,3 +20,24 @@ def rate(value: float | None, unit: str = "images/s") -> str:
 def p_value(value: float) -> str:
     """Exact tests give 0 only by underflow: below 1e-4 it is written as a bound."""
     return "< 0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def bounds(pair: list[float]) -> str:
+    return f"{pair[0]:.3f}-{pair[1]:.3f}"
+
+
+def calibration_phrase(probabilities: dict[str, object]) -> str:
+    """The ECE with its interval and the range a perfectly calibrated model scores on as many photos (a run
+    scored before they were kept has the figure alone)."""
+    said = f"expected calibration error {score(probabilities['ece'])}"  # type: ignore[arg-type]
+    if "ece_interval" not in probabilities:
+        return said
+    return (f"{said} ({bounds(probabilities['ece_interval'])}; a perfectly calibrated model scores "  # type: ignore[arg-type]
+            f"{bounds(probabilities['ece_if_calibrated'])} on {probabilities['n']} photos)")  # type: ignore[arg-type]  # fmt: skip
+
+
+def auc_phrase(probabilities: dict[str, object]) -> str:
+    """Macro AUC with its interval (a run scored before it was kept has the figure alone)."""
+    said = f"macro AUC {score(probabilities['macro_auc'])}"  # type: ignore[arg-type]
+    bounds_of = probabilities.get("macro_auc_interval")
+    return f"{said} ({bounds(bounds_of)})" if bounds_of else said  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from skinvlm import personal
 from skinvlm.ingest import IngestResult
-from skinvlm.numbers import p_value, rate, score, seconds
+from skinvlm.numbers import auc_phrase, calibration_phrase, rate, score, seconds
 from skinvlm.rules import Rules
 
 
@@ -59,6 +59,12 @@ def ingest_report(out: Console, err: Console, result: IngestResult, rules: Rules
         highlight=False,
     )
     out.print(escape(patients_line(result.patients)), highlight=False)
+    if named := result.subgroups:
+        out.print(
+            f"subgroups ({', '.join(named['attributes'])}, by {named['keyed_by']}): {named['photos_with']:,} photos "
+            f"named, {named['photos_without']:,} not; kept for eval, never published",
+            highlight=False,
+        )
     if result.leakage is not None:
         from skinvlm.leakage import warning
 
@@ -381,8 +387,8 @@ def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
     )
     if probabilities := result.get("probabilities"):
         out.print(
-            f"class probabilities ({probabilities['n']} images): macro AUC {score(probabilities['macro_auc'])}, "
-            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, ECE {score(probabilities['ece'])}",
+            f"class probabilities ({probabilities['n']} images): {auc_phrase(probabilities)}, "
+            f"top-2 accuracy {score(probabilities['top2_accuracy'])}, {calibration_phrase(probabilities)}",
             highlight=False,
         )
     from skinvlm.evaluate import selective_lines
@@ -441,20 +447,7 @@ def compare_runs(out: Console, compared: dict[str, Any], rules: Any) -> None:
         )
     out.print(table)
     for pair in compared["paired"]:
-        m = pair["mcnemar"]
-        out.print(
-            f"McNemar's exact test, {pair['second']} vs {pair['first']} on {pair['n']} photos both answered: "
-            f"only {pair['first']} right {m['only_first_right']}, only {pair['second']} right "
-            f"{m['only_second_right']} (both right {m['both_right']}, both wrong {m['both_wrong']}); "
-            f"p {'' if m['p_value'] < 1e-4 else '= '}{p_value(m['p_value'])}",
-            highlight=False,
-        )
-        detectable = runs[0].get("minimal_detectable_difference")
-        if detectable is not None:
-            shown = pair["difference"]["accuracy"]["value"] * 100
-            verdict = "within what this set can tell from noise" if abs(shown) < detectable * 100 else "beyond it"
-            out.print(f"accuracy {shown:+.1f} points; these photos detect about {detectable * 100:.1f} points "
-                      f"(80% power): {verdict}", highlight=False)  # fmt: skip
+        out.print(pair["said"], highlight=False)
 
 
 def demo_step(out: Console, err: Console, kind: str, result: Any, rules: Any) -> None:

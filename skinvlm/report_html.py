@@ -121,6 +121,7 @@ def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, im
 {per_class(result, rules)}
 <h2>Per view</h2>
 {per_view(result)}
+{per_subgroup(result)}
 {referral(result)}
 {checklist.html(result["checklist"]) if result.get("checklist") else ""}
 <h2 id="photos">Photos</h2>
@@ -156,11 +157,17 @@ def headline(result: dict[str, Any]) -> str:
     ]
     if probabilities := result.get("probabilities"):
         cards += [
-            ("macro AUC", f'<b id="macro-auc">{score(probabilities["macro_auc"])}</b>'),
+            (
+                "macro AUC",
+                f'<b id="macro-auc">{score(probabilities["macro_auc"])}</b>'
+                + (span(probabilities["macro_auc_interval"]) if probabilities.get("macro_auc_interval") else ""),
+            ),
             ("top-2 accuracy", f'<b id="top2">{score(probabilities["top2_accuracy"])}</b>'),
             (
                 "calibration error",
-                f'<b id="ece">{score(probabilities["ece"])}</b><span class="ci">ECE, top class</span>',
+                f'<b id="ece">{score(probabilities["ece"])}</b>'
+                + (span(probabilities["ece_interval"]) if "ece_interval" in probabilities else "")
+                + f'<span class="ci">ECE, top class; {calibrated(probabilities)}</span>',
             ),
         ]
     shown = '<div class="cards">' + "".join(f"<div><i>{k}</i>{v}</div>" for k, v in cards) + "</div>"
@@ -222,6 +229,13 @@ def auc_cell(auc: dict[str, float], c: str, result: dict[str, Any]) -> str:
     return f'<span class="ci" title="{escape(why)}">&mdash; {escape(why)}</span>'
 
 
+def calibrated(probabilities: dict[str, Any]) -> str:
+    if "ece_if_calibrated" not in probabilities:
+        return ""
+    low, high = probabilities["ece_if_calibrated"]
+    return f"a calibrated model scores {low:.3f}&ndash;{high:.3f} here"
+
+
 def span(bounds: list[float]) -> str:
     return f'<span class="ci">{bounds[0]:.3f}&ndash;{bounds[1]:.3f}</span>'
 
@@ -233,6 +247,25 @@ def per_view(result: dict[str, Any]) -> str:
         for view, acc in result["per_view"].items()
     )
     return f'<table class="numbers"><tr><th>view</th><th>accuracy (95% CI)</th></tr>{rows}</table>'
+
+
+def per_subgroup(result: dict[str, Any]) -> str:
+    """Each attribute from ingest --metadata: its groups' accuracy, too-small groups said so, the worst marked."""
+    found = result.get("subgroups") or {}
+    tables = []
+    for attribute, figures in found.items():
+        rows = "".join(
+            f"<tr><td>{escape(value)}{' (worst)' if value == figures['worst'] else ''}</td><td>{f['n']}</td><td>"
+            + ("too few photos to say anything" if f["too_small"] else f"{f['accuracy']:.3f} {span(f['interval'])}")
+            + "</td></tr>"
+            for value, f in figures["groups"].items()
+        )
+        tables.append(f'<h3>{escape(attribute)}</h3><table class="numbers"><tr><th>group</th><th>photos</th>'
+                      f"<th>accuracy (95% CI)</th></tr>{rows}</table>")  # fmt: skip
+    if not tables:
+        return ""
+    return ('<h2 id="subgroups">Subgroups</h2><p class="sub">The worst group is picked on these photos: its figure '
+            "leans low.</p>" + "".join(tables))  # fmt: skip
 
 
 def filters(result: dict[str, Any]) -> str:

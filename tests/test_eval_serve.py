@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import error_line
 
+from skinvlm import stats
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, mean_colour
 from skinvlm.demo.synthetic import colour_label
 from skinvlm.evaluate import label_distribution, plot_confusion
@@ -160,12 +161,14 @@ def test_limit_takes_a_stratified_sample_and_compare_pairs_runs_on_the_same_phot
     with FakeOpenAI(answer=perfect_answers) as server:
         run_eval(cli, server, "--name", "perfect")
     table = cli("eval", "--compare", "twelve", "perfect").stdout
-    assert "twelve" in table and "perfect - twelve" in table and "McNemar" in table and "p = 0.1250" in table
+    assert "twelve" in table and "perfect - twelve" in table and "mid-p McNemar" in table and "p = 0.0625" in table
+    assert "no difference shown" in table, "4 of 11, one way: mid-p 0.0625, and the verdict says what the test says"
     both = cli.json("eval", "--compare", "twelve", "--compare", "perfect")
     (pair,) = both["paired"]
     # 11 photos both answered (one request of "twelve" failed): 7 right in both, 4 only in "perfect".
-    assert pair["n"] == 11 and pair["mcnemar"] == {
-        "both_right": 7, "only_first_right": 0, "only_second_right": 4, "both_wrong": 0, "p_value": 0.125
+    assert pair["n"] == 11 and pair["test"] == {
+        "both_right": 7, "only_first_right": 0, "only_second_right": 4, "both_wrong": 0, "p_value": 0.0625,
+        "method": stats.TEST_METHODS["photo"], "verdict": "no difference shown",
     }  # fmt: skip
     assert pair["difference"]["accuracy"]["value"] == pytest.approx(4 / 11, abs=1e-4)
     low, high = pair["difference"]["accuracy"]["interval"]

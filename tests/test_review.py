@@ -300,7 +300,7 @@ def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, review
     support = {c: after["per_class"][c]["support"] - before["per_class"][c]["support"] for c in (folder, clinician)}
     assert support == {folder: -1, clinician: 1}, "the photo counts under the clinician's label"
     (pair,) = cli.json("eval", "--compare", "earlier", "--compare", "held-out")["paired"]
-    assert pair["mcnemar"]["both_wrong"] == 1, "runs are paired on the true labels as they stand"
+    assert pair["test"]["both_wrong"] == 1, "runs are paired on the true labels as they stand"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")

@@ -21,7 +21,7 @@ def simulated(n: int, right: float, seed: int) -> tuple[list[str], list[str]]:
 def test_resampled_scores_are_sklearns_on_the_whole_set_and_intervals_hold_the_estimate() -> None:
     truth, predicted = simulated(1200, 0.83, seed=1)
     t, p = stats.encode(truth, CLASSES), stats.encode(predicted, CLASSES)
-    whole = stats.scores(stats.confusions(t, p, len(CLASSES) + 1, np.arange(len(t))[None, :]), len(CLASSES))
+    whole = stats.scores(stats.confusion(t, p, len(CLASSES) + 1), len(CLASSES))
     assert whole["accuracy"][0] == pytest.approx(accuracy_score(truth, predicted))
     assert whole["macro_f1"][0] == pytest.approx(f1_score(truth, predicted, labels=CLASSES, average="macro"))
     found = stats.intervals(truth, predicted, CLASSES)
@@ -35,8 +35,8 @@ def test_paired_comparison_counts_discordant_photos() -> None:
     second = list(truth)  # right everywhere
     paired = stats.paired(truth, first, second, CLASSES)
     wrong = sum(a != t for a, t in zip(first, truth, strict=True))
-    assert paired["mcnemar"]["only_second_right"] == wrong and paired["mcnemar"]["only_first_right"] == 0
-    assert paired["mcnemar"]["p_value"] < 1e-6
+    assert paired["test"]["only_second_right"] == wrong and paired["test"]["only_first_right"] == 0
+    assert paired["test"]["p_value"] < 1e-6 and paired["test"]["verdict"] == "second better"
     low, high = paired["difference"]["accuracy"]["interval"]
     difference = paired["difference"]["accuracy"]["value"]
     assert difference == pytest.approx(wrong / 600, abs=1e-4) and low <= difference <= high
@@ -93,3 +93,29 @@ def test_selection_keeps_the_later_of_equal_scores_and_the_development_rows_are_
     assert {labels[i] for i in dev} == set(CLASSES) and len(dev) == 2 * len(CLASSES), "each class its share"
     chosen = {patients[i] for i in dev}
     assert not chosen & {patients[i] for i in range(len(labels)) if i not in dev}, "whole patients on one side"
+
+
+def test_resampled_auc_is_sklearns_with_sample_weights_ties_included() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    sure = np.round(rng.random(300), 2)  # rounded: many ties
+    positive = rng.random(300) < 0.3 + 0.4 * sure
+    weights = rng.integers(0, 3, (4, 300)).astype(float)
+    expected = [roc_auc_score(positive, sure, sample_weight=w) for w in weights]
+    assert stats.weighted_auc(sure, positive, weights) == pytest.approx(expected)
+
+
+def test_ece_of_a_calibrated_model_lies_within_what_chance_gives_on_few_photos() -> None:
+    rng = np.random.default_rng(4)
+    truth = [CLASSES[i % 6] for i in range(60)]
+    table = []
+    for label in truth:  # says 80% for its answer, and is right 80% of the time: calibrated by construction
+        answer = CLASSES.index(label) if rng.random() < 0.8 else (CLASSES.index(label) + 1) % 6
+        table.append([0.8 if i == answer else 0.04 for i in range(6)])
+    found = stats.probability_metrics(truth, table, CLASSES, patients=[f"p{i // 2}" for i in range(60)])
+    low, high = found["ece_if_calibrated"]
+    assert low <= found["ece"] <= high and high > 0.05, "on 60 photos chance alone gives a calibrated model ECE"
+    assert found["ece_interval"][0] <= found["ece"] <= found["ece_interval"][1]
+    low, high = found["macro_auc_interval"]
+    assert low <= found["macro_auc"] <= high < 1.0

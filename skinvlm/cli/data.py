@@ -91,6 +91,15 @@ def ingest(
             "group of near-duplicate photos wholly on one side (--seed): for trees with no split, or a leaky one.",
         ),
     ] = None,
+    metadata: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="CSV",
+            help="Who the photos are, for eval's subgroup figures: a key column, path (relative to SRC) or "
+            "patient (the id --patient-pattern finds), then up to 8 attributes (e.g. fitzpatrick, age_band, "
+            "sex). Kept with each photo; never published.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every image under SRC and write datasets/ingested (splits train/test)."""
@@ -113,6 +122,7 @@ def ingest(
             about=about,
             patient_pattern=patient_pattern,
             resplit=resplit,
+            metadata=metadata,
             progress=progress,
         )
     if as_json:
