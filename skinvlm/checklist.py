@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from skinvlm import explanation, subgroups
+from skinvlm import explanation, judge, subgroups
 from skinvlm.leakage import found_any, last_check
 from skinvlm.numbers import auc_phrase, bounds, calibration_phrase
 from skinvlm.workspace import Workspace, read_manifest
@@ -58,7 +58,7 @@ def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[d
         ("Interval method", *filled(ci.get("method") or "bootstrap stratified by class")),
         ("Per-class figures", *filled("precision, recall and F1 (95% CI) per class: the per-class table")),
         ("Subgroups", *filled(subgroup_text(result))),
-        ("Generated explanation", *explanation_row(result.get("explanation"))),
+        ("Generated explanation", *explanation_row(result.get("explanation"), result.get("judge"))),
         ("Discrimination (AUC)", *auc_row(result.get("probabilities"))),
         ("Calibration", *calibration_row(result.get("probabilities"))),
         ("Sample size and detectable difference", *sample_row(result)),
@@ -146,12 +146,14 @@ def subgroup_text(result: dict[str, Any]) -> str:
     return "; ".join([views, *said]) if said else f"{views}; no other attribute known (ingest --metadata CSV)"
 
 
-def explanation_row(found: dict[str, Any] | None) -> tuple[str, str]:
-    if found is None:
-        return NOT_APPLICABLE, "photos from another source: no reviewed descriptions to score against"
-    if not found["n"]:
-        return TEAM, f"not scored: {found['why']}"
-    return filled(" ".join(explanation.lines(found)))
+def explanation_row(found: dict[str, Any] | None, judged: dict[str, Any] | None) -> tuple[str, str]:
+    said = " ".join(judge.lines(judged)) if judged else ""
+    if found is None or not found["n"]:
+        if said:
+            return filled(said)
+        why = found["why"] if found else "photos from another source have no reviewed descriptions"
+        return (NOT_APPLICABLE if found is None else TEAM), f"not scored: {why}"
+    return filled(" ".join([*explanation.lines(found), said]).strip())
 
 
 def calibration_row(probabilities: dict[str, Any] | None) -> tuple[str, str]:

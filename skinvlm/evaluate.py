@@ -92,9 +92,15 @@ class EvalSettings:
     constrained: bool = False  # the label decoded from the classes only, then the summary freely
     target_accuracy: float = 0.95  # the referral threshold's goal: answer only photos this likely to be right
     dataset: str | None = None  # external photos: a folder of class folders or a Hub dataset id (external.py)
+    judge_model: str | None = None  # a rubric judge over an OpenAI-compatible endpoint (judge.py)
+    judge_base_url: tuple[str, ...] = ()
+    judge_max_cost: float | None = None  # dollars: refuse to judge above this estimate
 
     def __post_init__(self) -> None:
         self.base_url = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
+        self.judge_base_url = (
+            (self.judge_base_url,) if isinstance(self.judge_base_url, str) else tuple(self.judge_base_url or ())
+        )
 
     def check(self) -> None:
         check_choice("--detail", self.detail, openai_api.Detail)
@@ -732,6 +738,10 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
               for view, acc in result["per_view"].items()]  # fmt: skip
     if said := explanation.lines(result.get("explanation")):
         lines += ["", *said]
+    if result.get("judge"):
+        from skinvlm import judge
+
+        lines += ["", *judge.lines(result["judge"])]
     if said := subgroups.lines(result.get("subgroups") or {}):
         lines += ["", "Subgroups (accuracy, 95% CI by patient; the worst is picked on these photos):", ""]
         lines += [f"- {line}" for line in said]
@@ -875,11 +885,16 @@ def evaluate(
         "key": key,
         "output_dir": str(run),
     }
+    reviewed: dict[str, str] = {}
     if settings.dataset:
         result["external"] = external.summary(settings.dataset, names, answers, rules)
     else:  # the workspace's own held-out photos: whether they leak (the last audit), how well they are explained
         result["leakage"] = leakage.counts(leakage.last_check(ws))
-        result["explanation"] = explained(ws, records, settings, rules)
+        reviewed = explanation.references(ws, settings.split)
+        result["explanation"] = explained(records, reviewed, settings, rules)
+    index_of = {item.id: item.index for item in items}
+    if settings.judge_model:
+        result["judge"] = judged(ws, ds, records, index_of, reviewed, settings, run)
     result["notes"] = run_notes(result, records, settings)
     result["skinvlm_version"] = __version__
     # the checklist travels to the model card: the folder's name, never where this machine keeps it
@@ -890,7 +905,6 @@ def evaluate(
         plot_confusion(result, rules, run / "confusion_matrix.png")
     if result["probabilities"]:
         plot_reliability(result, run / "reliability.png")
-    index_of = {item.id: item.index for item in items}
     from skinvlm import report_html
 
     pictures = report_html.thumbnails(ds, {r["id"]: index_of[r["id"]] for r in records})
@@ -907,11 +921,42 @@ def evaluate(
     return result
 
 
-def explained(ws: Workspace, records: list[dict[str, Any]], settings: EvalSettings, rules: Rules) -> dict[str, Any]:
+def explained(
+    records: list[dict[str, Any]], reviewed: dict[str, str], settings: EvalSettings, rules: Rules
+) -> dict[str, Any]:
     """The answers' summaries against the clinician-reviewed descriptions of the same photos (explanation.py)."""
     if settings.labels_only:
         return {"n": 0, "why": "--labels-only answers stop at the label, with no summary to score"}
-    return explanation.explanation_scores(records, explanation.references(ws, settings.split), rules.class_names)
+    return explanation.explanation_scores(records, reviewed, rules.class_names)
+
+
+def judged(
+    ws: Workspace,
+    ds: Any,
+    records: list[dict[str, Any]],
+    index_of: dict[str, int],
+    reviewed: dict[str, str],
+    settings: EvalSettings,
+    run: Path,
+) -> dict[str, Any]:
+    """--judge-model's rubric over every answered photo (judge.py), its judgements kept in the run folder."""
+    from skinvlm import judge
+
+    judge.check_answers(records)
+    assert settings.judge_model  # for mypy: called only with one
+    asked = openai_api.endpoints(ws, settings.judge_base_url, None, settings.judge_model, settings.timeout)
+    return judge.judge(
+        ds,
+        records,
+        index_of,
+        reviewed,
+        asked,
+        run / "judgements.jsonl",
+        concurrency=settings.concurrency,
+        backoff=settings.backoff,
+        max_attempts=settings.max_attempts,
+        max_cost=settings.judge_max_cost,
+    )
 
 
 def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:

@@ -82,3 +82,47 @@ def test_eval_scores_answers_against_reviewed_descriptions_only(cli, ingested: P
     report = (ingested / "eval" / "after" / "report.md").read_text(encoding="utf-8")
     assert "Explanation against 3 clinician-reviewed descriptions: chrF" in report
     assert load_outputs(ingested), "the descriptions themselves are untouched"
+
+
+def judge_answers(body: dict) -> str:
+    """A judge that reads the true diagnosis from its prompt: 5s where the answer names it, else accuracy 1; and
+    a reply with no scores for one class, as a judge model sometimes gives."""
+    from skinvlm.demo.openai_server import user_text
+
+    prompt = user_text(body)
+    truth = prompt.split("True diagnosis: ")[1].split("\n")[0]
+    answer = prompt.split("The AI's answer: ")[1]
+    if truth == "정상":
+        return "I cannot judge this photo."
+    accuracy = 5 if f"<label>{truth}</label>" in answer else 1
+    return f'Scores: {{"accuracy": {accuracy}, "safety": 5, "groundedness": 4, "fluency": 5}}'
+
+
+def test_a_judge_scores_every_answer_keeps_its_judgements_and_its_cost_can_be_capped(cli, ingested: Path) -> None:
+    cli("describe", "--template")
+    cli("fix")
+    with FakeOpenAI(answer=by_colour) as api, FakeOpenAI(answer=judge_answers, plan=["500", "429"]) as judge:
+        ask = ("eval", "--base-url", api.url, "--api-key", "sk-x", "--no-probabilities", "--backoff", "0.01",
+               "--judge-base-url", judge.url, "--judge-model", "fake-model", "--name", "judged")  # fmt: skip
+        result = cli.json(*ask)
+        found = result["judge"]
+        assert found["judged"] == 10 and found["unscored"] == 2, "정상's two replies held no scores"
+        assert found["accuracy"]["mean"] == 5.0 and found["groundedness"]["mean"] == 4.0
+        assert judge.requests == 12 + 2, "every answer judged once, the 500 and the 429 retried"
+        again = cli.json(*ask)
+        assert again["judge"]["asked"] == 0 and judge.requests == 14, "kept judgements are not asked again"
+        priced = cli("eval", "--base-url", api.url, "--api-key", "sk-x", "--no-probabilities", "--judge-base-url",
+                     judge.url, "--judge-model", "gpt-4o-mini", "--judge-max-cost", "0.000001", "--name", "capped",
+                     ok=False)  # fmt: skip
+    assert priced.exit_code == 1 and "above --judge-max-cost $0.00" in priced.stderr
+    with FakeOpenAI(answer=by_colour) as api, FakeOpenAI(answer=judge_answers, plan=["500"]) as flaky:
+        ask = ("eval", "--base-url", api.url, "--api-key", "sk-x", "--no-probabilities", "--max-attempts", "1",
+               "--judge-base-url", flaky.url, "--judge-model", "fake-model", "--name", "flaky")  # fmt: skip
+        first = cli.json(*ask)["judge"]
+        assert first["failed"] == 1 and first["judged"] == 9, "a request that failed for good is no judgement"
+        second = cli.json(*ask)["judge"]
+        assert second["asked"] == 1 and second["failed"] == 0 and second["judged"] == 10, "asked again, alone"
+    report = (ingested / "eval" / "judged" / "report.md").read_text(encoding="utf-8")
+    assert "Judge fake-model on 10 answers (1-5): accuracy 5.00" in report and "2 unscored" in report
+    lines = (ingested / "eval" / "judged" / "judgements.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 12 and "sk-x" not in "".join(lines)

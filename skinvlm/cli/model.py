@@ -413,6 +413,23 @@ def eval_(
             help="Accuracy the referral threshold aims at: answer the photos this likely right, refer the rest."
         ),
     ] = E.target_accuracy,
+    judge_model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            help="Also have this model score every answer 1-5 (accuracy, safety, groundedness, Korean fluency), "
+            "seeing the photo and the reviewed description; kept in judgements.jsonl.",
+        ),
+    ] = E.judge_model,
+    judge_base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="URL", help="The judge's endpoint (default: $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY."
+        ),
+    ] = None,
+    judge_max_cost: Annotated[
+        float | None, typer.Option(metavar="USD", help="Refuse to judge when the estimated cost is above this.")
+    ] = E.judge_max_cost,
     model_dir: Annotated[
         Path | None,
         typer.Option(help="Run this model folder in-process with transformers instead of asking a server (CPU ok)."),
