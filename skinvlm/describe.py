@@ -184,15 +184,9 @@ async def run_requests(
             finish(handle, done, stats, progress)
 
     try:
-        await pool.check()
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(pool.slots, len(tasks))):
-                group.create_task(worker())
-    except* SkinvlmError as errors:
-        raise errors.exceptions[0] from None
+        await pool.work(worker, len(tasks))
     finally:
         handle.close()
-        await pool.close()
 
 
 # -- the stage -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -122,6 +123,19 @@ class Pool:
                 f"the endpoints do not all serve model {model!r} ({'; '.join(others)}): give every --base-url the same "
                 "model, or pass --model with the name they share"
             )
+
+    async def work(self, worker: Callable[[], Coroutine[Any, Any, None]], jobs: int, wait: float | None = None) -> None:
+        """Check the endpoints, then run as many `worker`s as there are slots (no more than `jobs`) until each
+        returns; the first SkinvlmError stops them all and is raised alone. The pool is closed either way."""
+        try:
+            await self.check(wait)
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.slots, jobs)):
+                    group.create_task(worker())
+        except* SkinvlmError as errors:
+            raise errors.exceptions[0] from None
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         for probe in self.probes:

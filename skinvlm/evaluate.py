@@ -352,15 +352,9 @@ async def ask_server(
             sink(record)
 
     try:
-        await pool.check(settings.wait)
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(pool.slots, len(items))):
-                group.create_task(worker())
-    except* SkinvlmError as errors:
-        raise errors.exceptions[0] from None
+        await pool.work(worker, len(items), settings.wait)
     finally:
         live[:] = pool.summary()
-        await pool.close()
 
 
 def ask_local(

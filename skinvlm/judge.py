@@ -140,15 +140,7 @@ async def ask_judge(
             judgement = {"id": rid, "key": judged_key(model, prompts[rid]), "scores": scores, "error": error}
             keep(judgement | {"failed": bool(reply.error)})
 
-    try:
-        await pool.check(0.0)
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(pool.slots, len(todo))):
-                group.create_task(worker())
-    except* SkinvlmError as errors:
-        raise errors.exceptions[0] from None
-    finally:
-        await pool.close()
+    await pool.work(worker, len(todo))
 
 
 def summary(judged: list[dict[str, Any]], model: str, estimate: float | None, asked: int) -> dict[str, Any]:
