@@ -65,6 +65,15 @@ def name() -> str:
     return signal.Signals(received()).name
 
 
+def handled() -> None:
+    """Tell CPython the Ctrl-C was handled. A KeyboardInterrupt raised inside exec() of a string (the stop landing
+    while an import makes a dataclass, whose methods are made by exec) sets the interpreter's "unhandled
+    KeyboardInterrupt" flag, and `python -m` then ends the process by SIGINT whatever exit status we chose (or
+    exits 130 where SIGINT is blocked). Every exec() of a string clears that flag first, and there is no other
+    way to reach it from Python."""
+    exec("None")
+
+
 @contextlib.contextmanager
 def held_for_children() -> Iterator[None]:
     """Processes started inside the block begin with SIGINT, SIGTERM and SIGHUP blocked (a signal mask survives

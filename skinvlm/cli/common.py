@@ -261,6 +261,7 @@ def interrupted() -> str:
 
 
 def stopped_code() -> int:
+    signals.handled()  # else a stop that landed in an exec() would exit by SIGINT, not with this status
     return 128 + signals.received()  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
