@@ -9,7 +9,7 @@ both photos share one draw); accuracy 0.83, 0.95 or 0.99 in every class, a wrong
 counts balanced or one class at 5%. That is 72 scenarios. The truth is the figure of the expected confusion
 matrix (accuracy; macro F1 over the six classes). For each: the share of replicates whose 95% interval holds the
 truth (coverage, Monte Carlo error about 0.7 points at 1,000 replicates) and the mean width, for skinvlm's
-interval and a reference measured in the same run: Wilson's on photos for accuracy (patients ignored) and a
+interval (accuracy, macro F1, and each class's F1: the worst-covered class) and a reference measured in the same run: Wilson's on photos for accuracy (patients ignored) and a
 percentile bootstrap of whole patients within each class for macro F1. Then --compare's one test: how often it
 says two equally good models differ (5% asked) and how often it finds a true difference as large as the
 detectable difference it reports (80% asked), beside McNemar's exact test on photos.
@@ -103,12 +103,14 @@ def answers(rng: np.random.Generator, truth: np.ndarray, right: np.ndarray) -> n
     return np.where(right, truth, wrong)
 
 
-def true_macro_f1(truth: np.ndarray, accuracy: float) -> float:
+def true_scores(truth: np.ndarray, accuracy: float) -> dict[str, np.ndarray]:
+    """Macro F1 and each class's F1 of the expected confusion matrix."""
     counts = np.bincount(truth, minlength=K).astype(float)
     expected = np.zeros((K + 1, K + 1))
     expected[:K, :K] = np.outer(counts, np.full(K, (1 - accuracy) / (K - 1)))
     expected[np.arange(K), np.arange(K)] = counts * accuracy
-    return float(stats.scores(expected[None], K)["macro_f1"][0])
+    found = stats.scores(expected[None], K)
+    return {"macro_f1": found["macro_f1"][0], "f1": found["f1"][0]}
 
 
 def bootstrap_macro_f1(t: np.ndarray, p: np.ndarray, patients: list[str] | None, seed: int) -> list[float]:
@@ -127,9 +129,11 @@ def run_scenario(args: tuple[Scenario, int, int]) -> dict[str, object]:
     truth, patient_numbers = design(s)
     labels = [CLASSES[c] for c in truth]
     patients = [str(p) for p in patient_numbers] if s.pairs else None
-    f1_truth = true_macro_f1(truth, s.accuracy)
+    true = true_scores(truth, s.accuracy)
+    f1_truth = float(true["macro_f1"])
     rng = np.random.default_rng(seed)
     tally = {key: [0, 0.0] for key in ("accuracy", "accuracy_photos", "macro_f1", "macro_f1_bootstrap")}
+    each_class = np.zeros((2, K))  # per class: intervals holding its true F1, summed widths
     for r in range(replicates):
         predicted_codes = answers(rng, truth, right_answers(rng, s, s.accuracy, len(truth)))
         predicted = [CLASSES[c] for c in predicted_codes]
@@ -144,12 +148,16 @@ def run_scenario(args: tuple[Scenario, int, int]) -> dict[str, object]:
         for key, (bounds, target) in found.items():
             tally[key][0] += covered(bounds, target)
             tally[key][1] += bounds[1] - bounds[0]
+        for i, c in enumerate(CLASSES):
+            each_class[:, i] += covered(ours["f1"][c], float(true["f1"][i])), ours["f1"][c][1] - ours["f1"][c][0]
     return {
         "scenario": s.name,
         **asdict(s),
         "true_macro_f1": round(f1_truth, 4),
         **{f"{key}_coverage": hits / replicates for key, (hits, _) in tally.items()},
         **{f"{key}_width": round(width / replicates, 4) for key, (_, width) in tally.items()},
+        "class_f1_coverage": float(each_class[0].min() / replicates),  # the worst-covered class
+        "class_f1_width": round(float(each_class[1].mean() / replicates), 4),
     }
 
 
@@ -211,10 +219,11 @@ def main() -> None:
                                                   for i, (s, d) in enumerate(comparisons(args.quick))]))  # fmt: skip
     print(f"{len(rows)} scenarios x {replicates} replicates; coverage (share of 95% intervals holding the truth) "
           f"and mean width, skinvlm against the reference")  # fmt: skip
-    print(f"{'scenario':<40} {'accuracy':>15} {'Wilson photos':>15} {'macro F1':>15} {'bootstrap':>15}")
+    print(f"{'scenario':<40} {'accuracy':>15} {'Wilson photos':>15} {'macro F1':>15} {'bootstrap':>15} "
+          f"{'class F1 (worst)':>16}")  # fmt: skip
     for row in rows:
         cells = [f"{row[f'{k}_coverage']:.3f} / {row[f'{k}_width']:.3f}"
-                 for k in ("accuracy", "accuracy_photos", "macro_f1", "macro_f1_bootstrap")]  # fmt: skip
+                 for k in ("accuracy", "accuracy_photos", "macro_f1", "macro_f1_bootstrap", "class_f1")]  # fmt: skip
         print(f"{row['scenario']:<40} " + " ".join(f"{c:>15}" for c in cells))
     summary = summarise(rows)
     for line in summary["lines"]:
@@ -242,13 +251,14 @@ def summarise(rows: list[dict[str, object]]) -> dict[str, object]:
         "accuracy_lowest_coverage": lowest("accuracy_coverage"),
         "macro_f1_lowest_coverage": lowest("macro_f1_coverage"),
         "bootstrap_lowest_coverage": lowest("macro_f1_bootstrap_coverage"),
+        "class_f1_lowest_coverage": lowest("class_f1_coverage"),
         "width_ratio_where_bootstrap_covers": [round(min(fair), 2), round(max(fair), 2)] if fair else None,
         "width_ratio_all": [round(min(ratios), 2), round(max(ratios), 2)] if ratios else None,
     }
     lines = [
         f"lowest coverage: skinvlm accuracy {figures['accuracy_lowest_coverage']:.3f}, macro F1 "
-        f"{figures['macro_f1_lowest_coverage']:.3f}; the patient bootstrap's macro F1 "
-        f"{figures['bootstrap_lowest_coverage']:.3f}",
+        f"{figures['macro_f1_lowest_coverage']:.3f}, a class's F1 {figures['class_f1_lowest_coverage']:.3f}; the "
+        f"patient bootstrap's macro F1 {figures['bootstrap_lowest_coverage']:.3f}",
         f"macro F1 width, skinvlm over the bootstrap: {figures['width_ratio_where_bootstrap_covers']} where the "
         f"bootstrap covers 93% or more; {figures['width_ratio_all']} over all",
     ]

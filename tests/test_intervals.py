@@ -39,6 +39,7 @@ def test_intervals_cover_the_truth_within_monte_carlo_error(simulated: dict) -> 
             coverage = row[f"{figure}_coverage"]
             assert abs(coverage - 0.95) <= error, f"{row['scenario']}: {figure} covers {coverage:.3f}"
             assert row[f"{figure}_width"] < 0.25
+        assert row["class_f1_coverage"] >= 0.95 - error, f"{row['scenario']}: a class's F1 covers less"  # the worst
 
 
 def test_the_compare_test_holds_its_level_and_never_disagrees_with_its_verdict(simulated: dict) -> None:
