@@ -3,16 +3,17 @@
     python benchmarks/intervals.py [--replicates 1000] [--workers 2] [--quick] [--json FILE]
 
 Synthetic predictions with a known truth, scored by skinvlm's own functions (`stats.intervals`, `stats.paired`,
-`stats.detectable_difference`): 6 classes; 60, 240 or 1,200 photos; independent photos, or two photos a patient
-(two views) whose right-or-wrong agree at a within-patient correlation of 0, 0.3 or 0.7 (with that probability
-both photos share one draw); accuracy 0.83, 0.95 or 0.99 in every class, a wrong answer any other class; class
-counts balanced or one class at 5%. That is 72 scenarios. The truth is the figure of the expected confusion
-matrix (accuracy; macro F1 over the six classes). For each: the share of replicates whose 95% interval holds the
-truth (coverage, Monte Carlo error about 0.7 points at 1,000 replicates) and the mean width, for skinvlm's
-interval (accuracy, macro F1, and each class's F1: the worst-covered class) and a reference measured in the same run: Wilson's on photos for accuracy (patients ignored) and a
-percentile bootstrap of whole patients within each class for macro F1. Then --compare's one test: how often it
-says two equally good models differ (5% asked) and how often it finds a true difference as large as the
-detectable difference it reports (80% asked), beside McNemar's exact test on photos.
+`stats.detectable_difference`): 6 classes; 60, 240 or 1,200 photos; independent photos, or two photos a patient (two
+views) whose right-or-wrong agree at a within-patient correlation of 0, 0.3 or 0.7 (with that probability both
+photos share one draw); accuracy 0.83, 0.95 or 0.99 in every class, a wrong answer any other class; class counts
+balanced or one class at 5%. That is 72 scenarios. The truth is the figure of the expected confusion matrix
+(accuracy; macro F1 over the six classes). For each: the share of replicates whose 95% interval holds the truth
+(coverage, Monte Carlo error about 0.7 points at 1,000 replicates) and the mean width, for skinvlm's interval
+(accuracy, macro F1, and each class's F1: the worst-covered class) and a reference measured in the same run:
+Wilson's on photos for accuracy (patients ignored) and a percentile bootstrap of whole patients within each class
+for macro F1. Then --compare's one test: how often it says two equally good models differ (5% asked) and how often
+it finds a true difference as large as the detectable difference it reports (80% asked), beside McNemar's exact test
+on photos.
 
 --quick runs four scenarios and the type-I check at 300 replicates (tests/test_intervals.py runs it).
 """
