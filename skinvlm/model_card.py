@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skinvlm import checklist, leakage
+from skinvlm import answer_review, checklist, leakage
 from skinvlm.errors import SkinvlmError
 from skinvlm.publish import (
     PublishResult,
@@ -55,6 +55,7 @@ class ModelFacts:
     dataset_repo: str | None
     ingested: dict[str, Any]  # datasets/ingested's manifest: what the photos are (`ingest --about`)
     external: list[str]  # the card's lines on evals of this folder on photos from elsewhere
+    clinician_scores: list[str]  # review --model-answers of the eval run
 
 
 def model_record(folder: Path) -> dict[str, Any]:
@@ -207,6 +208,7 @@ def gather(ws: Workspace, folder: Path, eval_run: str | None, license_name: str 
         dataset_repo=dataset.get("repo") if dataset.get("uploaded") else None,
         ingested=read_manifest(ws.ingested) or {},
         external=external_lines(ws, folder),
+        clinician_scores=answer_review.lines(ws, name) if name else [],
     )
 
 
@@ -332,6 +334,7 @@ def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
         f"Eval run `{facts.eval_name}` on {photos} (95% intervals: "
         f"{interval_method(metrics)}; calibration where the model's label probabilities were read).",
         *report,
+        *([""] + facts.clinician_scores if facts.clinician_scores else []),
     ]
 
 

@@ -313,6 +313,22 @@ def publish_report(out: Console, result: Any) -> None:
     out.print(result.url if result.uploaded else f"dry run: files are in {result.folder}; nothing was uploaded")
 
 
+def answer_review_report(out: Console, found: dict[str, Any]) -> None:
+    from skinvlm.answer_review import score_text
+
+    criteria = found["criteria"]
+    table = _table("model answers scored blind by clinicians (1-5)", "eval run", "scored", *criteria)
+    for run, figures in found["runs"].items():
+        cells = [score_text(figures.get(c)) for c in criteria]
+        table.add_row(plain(run), f"{figures['scored']:,} of {figures['answers']:,}", *cells)
+    out.print(table)
+    for run, figures in found["runs"].items():
+        who = ", ".join(plain(r) for r in figures["reviewers"]) or "nobody yet"
+        out.print(f"{plain(run)}: scored by {who}", highlight=False)
+    if found.get("skipped_lines"):
+        out.print(f"journal/answer-review.jsonl: {found['skipped_lines']:,} lines are not scores and were skipped")
+
+
 def review_report(out: Console, found: dict[str, Any]) -> None:
     if not found["reviewers"]:
         out.print(f"review: {found['records']:,} records, no decision yet (`skinvlm review` opens the page)")

@@ -132,6 +132,10 @@ class Workspace:
         return self.root / "journal" / "review.jsonl"
 
     @property
+    def answer_review_journal(self) -> Path:
+        return self.root / "journal" / "answer-review.jsonl"
+
+    @property
     def review_key(self) -> Path:
         return self.root / "journal" / "review.key"
 

@@ -384,12 +384,23 @@ def review(
     report: Annotated[
         bool, flag("--report", help="Print who decided what and how well reviewers agree, instead of serving.")
     ] = False,
+    model_answers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-answers",
+            metavar="eval/NAME",
+            help="Score these eval runs' answers blind (1-5: accuracy, safety, groundedness, fluency), their runs "
+            "mixed and unnamed; repeat to compare models. With --report: each run's mean scores.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Clinicians accept, edit or reject each description in a local web page; --report shows the agreement."""
     from skinvlm import review as reviewing
 
     ws, loaded = open_workspace(workspace, rules)
+    if model_answers:
+        return score_model_answers(ws, loaded, model_answers, report, as_json, host, port, reviewer, token)
     state, stage_name = reviewing.open_review(ws, loaded, stage.value if stage else None, overlap)
     if report:
         found = reviewing.report(state)
@@ -398,3 +409,19 @@ def review(
     from skinvlm.web.review import serve
 
     serve(ws, loaded, state, stage_name, host=host, port=port, reviewer=reviewer, token=token, say=err.print)
+
+
+def score_model_answers(
+    ws: Any, loaded: Any, runs: list[str], report: bool, as_json: bool, host: str, port: int,
+    reviewer: str | None, token: str | None,
+) -> None:  # fmt: skip
+    from skinvlm import answer_review
+
+    state = answer_review.open_answer_review(ws, runs)
+    if report:
+        found = answer_review.report(state)
+        print_json(found) if as_json else render.answer_review_report(out, found)
+        return
+    from skinvlm.web.review import serve_answers
+
+    serve_answers(ws, loaded, state, host=host, port=port, reviewer=reviewer, token=token, say=err.print)

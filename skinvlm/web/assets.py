@@ -16,6 +16,7 @@ FILES = {  # the files a page may load, and their types; anything else under sta
     "skinvlm.js": "text/javascript; charset=utf-8",
     "ui.js": "text/javascript; charset=utf-8",
     "review.js": "text/javascript; charset=utf-8",
+    "answers.js": "text/javascript; charset=utf-8",
 }
 FONT = "hangul.woff"
 

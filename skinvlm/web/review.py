@@ -12,9 +12,11 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from skinvlm.answer_review import CRITERIA, Answer, AnswerReview
 from skinvlm.errors import SkinvlmError
 from skinvlm.review import MAX_TEXT, Item, LabelDisagrees, ReviewState, report, undo_last
 from skinvlm.rules import Rules
@@ -111,6 +113,71 @@ def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str,
     return record_id, version, decision, label, text if decision == "edit" else None, reason
 
 
+TOKEN_PAGE = "<p>This review needs its access token: open the address with ?token=...</p>"
+
+
+def refused(status: int, message: str) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What every route of a review page checks first: the access token off loopback, and for a change the
+    session's CSRF token (a header a cross-site form cannot send); and the cookies every answer sets."""
+
+    sessions: Sessions
+    token: str | None
+
+    def authorised(self, request: Any) -> bool:
+        if self.token is None:
+            return True
+        # As the ui's tab, the ui's token cookie is the one the browser holds: either one that matches will do.
+        given = [request.query_params.get("token")] + [request.cookies.get(name) for name in TOKEN_COOKIES]
+        return any(hmac.compare_digest(found.encode(), self.token.encode()) for found in given if found)
+
+    def checked(self, request: Any) -> tuple[str, dict[str, str]] | Any:
+        """(session id, session), or the refusal to send."""
+        if not self.authorised(request):
+            return refused(401, "this review needs its access token (?token=...)")
+        session_id, session = self.sessions.get(
+            request.cookies.get(SESSION_COOKIE), request.cookies.get(REVIEWER_COOKIE)
+        )
+        if request.method == "POST" and not hmac.compare_digest(
+            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
+        ):
+            return refused(403, "this page is out of date: reload it")
+        return session_id, session
+
+    def with_cookies(self, response: Any, request: Any, session_id: str, session: dict[str, str]) -> Any:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
+        response.set_cookie(REVIEWER_COOKIE, quote(session["reviewer"]), httponly=True, samesite="strict")
+        if self.token is not None and request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """The handler behind the checks, given the session."""
+
+        async def endpoint(request: Any) -> Any:
+            found = self.checked(request)
+            if isinstance(found, tuple):
+                return await handler(request, *found)
+            return found
+
+        return endpoint
+
+
+def reviewer_name(body: dict[str, Any]) -> str:
+    name = body.get("reviewer", "")
+    name = name.strip() if isinstance(name, str) else ""
+    if not 0 < len(name) <= 100:
+        raise BadRequest(400, "a reviewer needs a name of 1-100 characters")
+    return name
+
+
 def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions, token: str | None, stage: str) -> Any:
     """`images`: split -> the ingested dataset with undecoded images (raw stored bytes by row). The app without
     its Host check and headers (`security.guarded_app`), which whoever serves it adds once."""
@@ -120,59 +187,20 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     from starlette.routing import Route
 
     classes = [{"name": c.name, "english": c.english} for c in rules.classes]
-
-    def authorised(request: Request) -> bool:
-        if token is None:
-            return True
-        # As the ui's tab, the ui's token cookie is the one the browser holds: either one that matches will do.
-        given = [request.query_params.get("token")] + [request.cookies.get(name) for name in TOKEN_COOKIES]
-        return any(hmac.compare_digest(found.encode(), token.encode()) for found in given if found)
-
-    def session_of(request: Request) -> tuple[str, dict[str, str]]:
-        return sessions.get(request.cookies.get(SESSION_COOKIE), request.cookies.get(REVIEWER_COOKIE))
-
-    def with_cookies(response: Response, request: Request, session_id: str, session: dict[str, str]) -> Response:
-        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
-        response.set_cookie(REVIEWER_COOKIE, quote(session["reviewer"]), httponly=True, samesite="strict")
-        if token is not None and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    def refused(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def checked(request: Request) -> tuple[str, dict[str, str]] | JSONResponse:
-        if not authorised(request):
-            return refused(401, "this review needs its access token (?token=...)")
-        session_id, session = session_of(request)
-        if request.method == "POST" and not hmac.compare_digest(
-            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
-        ):
-            return refused(403, "this page is out of date: reload it")
-        return session_id, session
+    guard = Guard(sessions, token)
 
     async def page(request: Request) -> Response:
-        found = checked(request)
-        if isinstance(found, JSONResponse):
-            return HTMLResponse("<p>This review needs its access token: open the address with ?token=...</p>", 401)
+        found = guard.checked(request)
+        if not isinstance(found, tuple):
+            return HTMLResponse(TOKEN_PAGE, 401)
         session_id, session = found
         state.refresh()
         first = next_json(state, session["reviewer"], rules)
         boot = {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
         html = template("review.html").replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
-        return with_cookies(HTMLResponse(html), request, session_id, session)
+        return guard.with_cookies(HTMLResponse(html), request, session_id, session)
 
-    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """The access token (and, for changes, the CSRF token) checked; the handler gets the session."""
-
-        async def endpoint(request: Request) -> Response:
-            found = checked(request)
-            if isinstance(found, JSONResponse):
-                return found
-            return await handler(request, *found)
-
-        return endpoint
+    guarded, with_cookies = guard.route, guard.with_cookies
 
     def answer_next(request: Request, session_id: str, session: dict[str, str]) -> Response:
         return with_cookies(JSONResponse(next_json(state, session["reviewer"], rules)), request, session_id, session)
@@ -209,13 +237,9 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     @guarded
     async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
         try:
-            name = (await json_body(request)).get("reviewer", "")
+            session["reviewer"] = reviewer_name(await json_body(request))
         except BadRequest as problem:
             return refused(problem.status, str(problem))
-        name = name.strip() if isinstance(name, str) else ""
-        if not 0 < len(name) <= 100:
-            return refused(400, "a reviewer needs a name of 1-100 characters")
-        session["reviewer"] = name
         return answer_next(request, session_id, session)
 
     @guarded
@@ -248,11 +272,15 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
 def review_app(ws: Workspace, rules: Rules, state: ReviewState, stage: str, reviewer: str, token: str | None) -> Any:
     """The review page over the workspace's photos: `review` serves it alone, `ui` under /review/ (the page's own
     requests are relative, so it works at either place)."""
+    return create_app(state, undecoded_images(ws), rules, Sessions(reviewer, review_key(ws)), token, stage)
+
+
+def undecoded_images(ws: Workspace) -> dict[str, Any]:
+    """Split -> the ingested dataset with its images as stored bytes, looked up by row."""
     from datasets import Image, load_from_disk
 
     ingested = load_from_disk(str(ws.require("ingested")))
-    images = {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
-    return create_app(state, images, rules, Sessions(reviewer, review_key(ws)), token, stage)
+    return {split: ds.cast_column("image", Image(decode=False)) for split, ds in ingested.items()}
 
 
 def serve(
@@ -275,3 +303,101 @@ def serve(
     say(f"review of {stage}: {address(host, port, token)} (reviewer {name}; {shown['reviewed']:,} of "
         f"{shown['records']:,} records reviewed; Ctrl-C stops)")  # fmt: skip
     run_server(app, host, port)
+
+
+def answer_json(state: AnswerReview, answer: Answer | None, rules: Rules, reviewer: str) -> dict[str, Any]:
+    """What the page shows of an answer: the photo's key, true label and view and the answer's text; never its
+    run."""
+    shown = {"scored": state.scored_by(reviewer), "answers": len(state.answers), "skipped_lines": state.skipped}
+    if answer is None:
+        return {"done": True, "progress": shown}
+    return {"done": False, "key": answer.key, "label": answer.label, "english": rules.english(answer.label),
+            "view": answer.view, "text": answer.text, "progress": shown}  # fmt: skip
+
+
+def checked_score(body: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    key, scores, comment = body.get("key"), body.get("scores"), body.get("comment") or ""
+    if not (isinstance(key, str) and isinstance(scores, dict) and isinstance(comment, str)):
+        raise BadRequest(400, "a score is a JSON object with key, scores and an optional comment")
+    return key, scores, comment
+
+
+def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions: Sessions, token: str | None) -> Any:
+    """The blind scoring page of `review --model-answers` (answers.html), behind the review page's own guard."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    guard = Guard(sessions, token)
+
+    def next_answer(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        shown = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
+        return guard.with_cookies(JSONResponse(shown), request, session_id, session)
+
+    async def page(request: Request) -> Response:
+        found = guard.checked(request)
+        if not isinstance(found, tuple):
+            return HTMLResponse(TOKEN_PAGE, 401)
+        session_id, session = found
+        state.refresh()
+        first = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
+        boot = {"item": first, "criteria": list(CRITERIA), "reviewer": session["reviewer"]}
+        html = template("answers.html").replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
+        return guard.with_cookies(HTMLResponse(html), request, session_id, session)
+
+    @guard.route
+    async def fresh(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        state.refresh()
+        return next_answer(request, session_id, session)
+
+    @guard.route
+    async def score(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        try:
+            state.score(session["reviewer"], *checked_score(await json_body(request)))
+        except BadRequest as problem:
+            return refused(problem.status, str(problem))
+        except SkinvlmError as problem:
+            return refused(422, str(problem))
+        return next_answer(request, session_id, session)
+
+    @guard.route
+    async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
+        try:
+            session["reviewer"] = reviewer_name(await json_body(request))
+        except BadRequest as problem:
+            return refused(problem.status, str(problem))
+        return next_answer(request, session_id, session)
+
+    @guard.route
+    async def image(request: Request, *_: Any) -> Response:
+        answer = state.by_key.get(request.path_params["key"])
+        if answer is None:
+            return refused(404, "no such answer")
+        data = images[answer.split][answer.index]["image"]["bytes"]
+        return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            asset_route(),
+            Route("/api/next", fresh),
+            Route("/api/score", score, methods=["POST"]),
+            Route("/api/reviewer", set_reviewer, methods=["POST"]),
+            Route("/image/{key:str}", image),
+        ]
+    )
+
+
+def serve_answers(
+    ws: Workspace, rules: Rules, state: AnswerReview, *, host: str, port: int, reviewer: str | None,
+    token: str | None, say: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Serve the blind scoring page until Ctrl-C or SIGTERM (every score is on disk when the page moves on)."""
+    check_serving("review", host, port, token)
+    name = reviewer or os.environ.get("USER") or "reviewer"
+    app = create_answers_app(state, undecoded_images(ws), rules, Sessions(name, review_key(ws)), token)
+    runs = len({a.run for a in state.answers})
+    say(f"blind scoring of {len(state.answers):,} model answers from {runs} eval run(s): {address(host, port, token)} "
+        f"(reviewer {name}; {state.scored_by(name):,} scored; Ctrl-C stops)")  # fmt: skip
+    run_server(guarded_app(app, host), host, port)
