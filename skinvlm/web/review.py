@@ -89,6 +89,14 @@ def image_type(data: bytes) -> str:
     return "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream"
 
 
+def photo(images: dict[str, Any], split: str, index: int) -> Any:
+    """A photo's stored bytes as they are, by its split and row (no part of a request becomes a path)."""
+    from starlette.responses import Response
+
+    data = images[split][index]["image"]["bytes"]
+    return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+
 def next_json(state: ReviewState, reviewer: str, rules: Rules) -> dict[str, Any]:
     return item_json(state, state.next_for(reviewer), rules, reviewer)
 
@@ -158,6 +166,17 @@ class Guard:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    def page(self, request: Any, name: str, boot: Callable[[dict[str, str]], dict[str, Any]]) -> Any:
+        """The page static/NAME with the session's CSRF token and `boot(session)` filled in."""
+        from starlette.responses import HTMLResponse
+
+        found = self.checked(request)
+        if not isinstance(found, tuple):
+            return HTMLResponse(TOKEN_PAGE, 401)
+        session_id, session = found
+        html = template(name).replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot(session)))
+        return self.with_cookies(HTMLResponse(html), request, session_id, session)
+
     def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
         """The handler behind the checks, given the session."""
 
@@ -183,22 +202,19 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     its Host check and headers (`security.guarded_app`), which whoever serves it adds once."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     classes = [{"name": c.name, "english": c.english} for c in rules.classes]
     guard = Guard(sessions, token)
 
-    async def page(request: Request) -> Response:
-        found = guard.checked(request)
-        if not isinstance(found, tuple):
-            return HTMLResponse(TOKEN_PAGE, 401)
-        session_id, session = found
-        state.refresh()
+    def boot(session: dict[str, str]) -> dict[str, Any]:
         first = next_json(state, session["reviewer"], rules)
-        boot = {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
-        html = template("review.html").replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
-        return guard.with_cookies(HTMLResponse(html), request, session_id, session)
+        return {"item": first, "classes": classes, "reviewer": session["reviewer"], "stage": stage}
+
+    async def page(request: Request) -> Response:
+        state.refresh()
+        return guard.page(request, "review.html", boot)
 
     guarded, with_cookies = guard.route, guard.with_cookies
 
@@ -247,8 +263,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
         item = state.items.get(request.path_params["record_id"])
         if item is None:
             return refused(404, "no such record")
-        data = images[item.split][item.index]["image"]["bytes"]
-        return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
+        return photo(images, item.split, item.index)
 
     @guarded
     async def summary(request: Request, *_: Any) -> Response:
@@ -326,7 +341,7 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
     """The blind scoring page of `review --model-answers` (answers.html), behind the review page's own guard."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     guard = Guard(sessions, token)
@@ -335,16 +350,13 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
         shown = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
         return guard.with_cookies(JSONResponse(shown), request, session_id, session)
 
-    async def page(request: Request) -> Response:
-        found = guard.checked(request)
-        if not isinstance(found, tuple):
-            return HTMLResponse(TOKEN_PAGE, 401)
-        session_id, session = found
-        state.refresh()
+    def boot(session: dict[str, str]) -> dict[str, Any]:
         first = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
-        boot = {"item": first, "criteria": list(CRITERIA), "reviewer": session["reviewer"]}
-        html = template("answers.html").replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot))
-        return guard.with_cookies(HTMLResponse(html), request, session_id, session)
+        return {"item": first, "criteria": list(CRITERIA), "reviewer": session["reviewer"]}
+
+    async def page(request: Request) -> Response:
+        state.refresh()
+        return guard.page(request, "answers.html", boot)
 
     @guard.route
     async def fresh(request: Request, session_id: str, session: dict[str, str]) -> Response:
@@ -374,8 +386,7 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
         answer = state.by_key.get(request.path_params["key"])
         if answer is None:
             return refused(404, "no such answer")
-        data = images[answer.split][answer.index]["image"]["bytes"]
-        return Response(data, media_type=image_type(data), headers={"Cache-Control": "private, max-age=3600"})
+        return photo(images, answer.split, answer.index)
 
     return Starlette(
         routes=[
