@@ -9,12 +9,9 @@ access token, compared in constant time and never logged (uvicorn's access log i
 
 from __future__ import annotations
 
-import hmac
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 from skinvlm.answer_review import CRITERIA, Answer, AnswerReview
 from skinvlm.errors import SkinvlmError
@@ -23,13 +20,14 @@ from skinvlm.rules import Rules
 from skinvlm.web.assets import asset_route, template
 from skinvlm.web.security import (
     BadRequest,
+    PageGuard,
     Sessions,
     address,
     check_serving,
     guarded_app,
     json_body,
+    refused,
     run_server,
-    script_json,
 )
 from skinvlm.workspace import Workspace, secret_key
 
@@ -121,72 +119,9 @@ def checked_decision(body: dict[str, Any], rules: Rules) -> tuple[str, int, str,
     return record_id, version, decision, label, text if decision == "edit" else None, reason
 
 
-TOKEN_PAGE = "<p>This review needs its access token: open the address with ?token=...</p>"
-
-
-def refused(status: int, message: str) -> Any:
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": message}, status_code=status)
-
-
-@dataclass(frozen=True)
-class Guard:
-    """What every route of a review page checks first: the access token off loopback, and for a change the
-    session's CSRF token (a header a cross-site form cannot send); and the cookies every answer sets."""
-
-    sessions: Sessions
-    token: str | None
-
-    def authorised(self, request: Any) -> bool:
-        if self.token is None:
-            return True
-        # As the ui's tab, the ui's token cookie is the one the browser holds: either one that matches will do.
-        given = [request.query_params.get("token")] + [request.cookies.get(name) for name in TOKEN_COOKIES]
-        return any(hmac.compare_digest(found.encode(), self.token.encode()) for found in given if found)
-
-    def checked(self, request: Any) -> tuple[str, dict[str, str]] | Any:
-        """(session id, session), or the refusal to send."""
-        if not self.authorised(request):
-            return refused(401, "this review needs its access token (?token=...)")
-        session_id, session = self.sessions.get(
-            request.cookies.get(SESSION_COOKIE), request.cookies.get(REVIEWER_COOKIE)
-        )
-        if request.method == "POST" and not hmac.compare_digest(
-            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
-        ):
-            return refused(403, "this page is out of date: reload it")
-        return session_id, session
-
-    def with_cookies(self, response: Any, request: Any, session_id: str, session: dict[str, str]) -> Any:
-        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
-        response.set_cookie(REVIEWER_COOKIE, quote(session["reviewer"]), httponly=True, samesite="strict")
-        if self.token is not None and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    def page(self, request: Any, name: str, boot: Callable[[dict[str, str]], dict[str, Any]]) -> Any:
-        """The page static/NAME with the session's CSRF token and `boot(session)` filled in."""
-        from starlette.responses import HTMLResponse
-
-        found = self.checked(request)
-        if not isinstance(found, tuple):
-            return HTMLResponse(TOKEN_PAGE, 401)
-        session_id, session = found
-        html = template(name).replace("__CSRF__", session["csrf"]).replace("__BOOT__", script_json(boot(session)))
-        return self.with_cookies(HTMLResponse(html), request, session_id, session)
-
-    def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
-        """The handler behind the checks, given the session."""
-
-        async def endpoint(request: Any) -> Any:
-            found = self.checked(request)
-            if isinstance(found, tuple):
-                return await handler(request, *found)
-            return found
-
-        return endpoint
+def page_guard(sessions: Sessions, token: str | None) -> PageGuard:
+    """The review pages' guard: as the ui's tab, the ui's token cookie is the one the browser holds, so it counts."""
+    return PageGuard(sessions, token, SESSION_COOKIE, TOKEN_COOKIES, REVIEWER_COOKIE)
 
 
 def reviewer_name(body: dict[str, Any]) -> str:
@@ -206,7 +141,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
     from starlette.routing import Route
 
     classes = [{"name": c.name, "english": c.english} for c in rules.classes]
-    guard = Guard(sessions, token)
+    guard = page_guard(sessions, token)
 
     def boot(session: dict[str, str]) -> dict[str, Any]:
         first = next_json(state, session["reviewer"], rules)
@@ -214,59 +149,44 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
 
     async def page(request: Request) -> Response:
         state.refresh()
-        return guard.page(request, "review.html", boot)
+        return guard.page(request, template("review.html"), boot)
 
-    guarded, with_cookies = guard.route, guard.with_cookies
+    def shown_next(session: dict[str, str]) -> Response:
+        return JSONResponse(next_json(state, session["reviewer"], rules))
 
-    def answer_next(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        return with_cookies(JSONResponse(next_json(state, session["reviewer"], rules)), request, session_id, session)
-
-    @guarded
-    async def next_item(request: Request, session_id: str, session: dict[str, str]) -> Response:
+    @guard.route
+    async def next_item(request: Request, session: dict[str, str]) -> Response:
         state.refresh()
-        return answer_next(request, session_id, session)
+        return shown_next(session)
 
-    @guarded
-    async def decide(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        try:
-            body = await json_body(request)
-            decision = checked_decision(body, rules)
-        except BadRequest as problem:
-            return refused(problem.status, str(problem))
+    @guard.route
+    async def decide(request: Request, session: dict[str, str]) -> Response:
+        decision = checked_decision(await json_body(request), rules)
         try:
             state.decide(session["reviewer"], *decision)
         except LabelDisagrees as problem:
             return refused(422, str(problem))
-        except SkinvlmError as problem:
-            return refused(409, str(problem))
-        return answer_next(request, session_id, session)
+        return shown_next(session)
 
-    @guarded
-    async def undo(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        try:
-            item = undo_last(state, session["reviewer"])
-        except SkinvlmError as problem:
-            return refused(409, str(problem))
-        shown = JSONResponse(item_json(state, item, rules, session["reviewer"]))
-        return with_cookies(shown, request, session_id, session)
+    @guard.route
+    async def undo(request: Request, session: dict[str, str]) -> Response:
+        item = undo_last(state, session["reviewer"])
+        return JSONResponse(item_json(state, item, rules, session["reviewer"]))
 
-    @guarded
-    async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        try:
-            session["reviewer"] = reviewer_name(await json_body(request))
-        except BadRequest as problem:
-            return refused(problem.status, str(problem))
-        return answer_next(request, session_id, session)
+    @guard.route
+    async def set_reviewer(request: Request, session: dict[str, str]) -> Response:
+        session["reviewer"] = reviewer_name(await json_body(request))
+        return shown_next(session)
 
-    @guarded
-    async def image(request: Request, *_: Any) -> Response:
+    @guard.route
+    async def image(request: Request, _: dict[str, str]) -> Response:
         item = state.items.get(request.path_params["record_id"])
         if item is None:
             return refused(404, "no such record")
         return photo(images, item.split, item.index)
 
-    @guarded
-    async def summary(request: Request, *_: Any) -> Response:
+    @guard.route
+    async def summary(request: Request, _: dict[str, str]) -> Response:
         state.refresh()
         return JSONResponse(report(state, resamples=200))
 
@@ -344,11 +264,10 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    guard = Guard(sessions, token)
+    guard = page_guard(sessions, token)
 
-    def next_answer(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        shown = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
-        return guard.with_cookies(JSONResponse(shown), request, session_id, session)
+    def shown_next(session: dict[str, str]) -> Response:
+        return JSONResponse(answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"]))
 
     def boot(session: dict[str, str]) -> dict[str, Any]:
         first = answer_json(state, state.next_for(session["reviewer"]), rules, session["reviewer"])
@@ -356,33 +275,28 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
 
     async def page(request: Request) -> Response:
         state.refresh()
-        return guard.page(request, "answers.html", boot)
+        return guard.page(request, template("answers.html"), boot)
 
     @guard.route
-    async def fresh(request: Request, session_id: str, session: dict[str, str]) -> Response:
+    async def fresh(request: Request, session: dict[str, str]) -> Response:
         state.refresh()
-        return next_answer(request, session_id, session)
+        return shown_next(session)
 
     @guard.route
-    async def score(request: Request, session_id: str, session: dict[str, str]) -> Response:
+    async def score(request: Request, session: dict[str, str]) -> Response:
         try:
             state.score(session["reviewer"], *checked_score(await json_body(request)))
-        except BadRequest as problem:
-            return refused(problem.status, str(problem))
         except SkinvlmError as problem:
             return refused(422, str(problem))
-        return next_answer(request, session_id, session)
+        return shown_next(session)
 
     @guard.route
-    async def set_reviewer(request: Request, session_id: str, session: dict[str, str]) -> Response:
-        try:
-            session["reviewer"] = reviewer_name(await json_body(request))
-        except BadRequest as problem:
-            return refused(problem.status, str(problem))
-        return next_answer(request, session_id, session)
+    async def set_reviewer(request: Request, session: dict[str, str]) -> Response:
+        session["reviewer"] = reviewer_name(await json_body(request))
+        return shown_next(session)
 
     @guard.route
-    async def image(request: Request, *_: Any) -> Response:
+    async def image(request: Request, _: dict[str, str]) -> Response:
         answer = state.by_key.get(request.path_params["key"])
         if answer is None:
             return refused(404, "no such answer")

@@ -10,9 +10,10 @@ import hmac
 import importlib.util
 import json
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from skinvlm.errors import SkinvlmError, install_hint
 
@@ -153,6 +154,84 @@ class Sessions:
         name = unquote(reviewer or "").strip()
         csrf = hmac.new(self.key, session_id.encode(), "sha256").hexdigest()
         return session_id, {"reviewer": name if 0 < len(name) <= 100 else self.default_reviewer, "csrf": csrf}
+
+
+def refused(status: int, message: str) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@dataclass(frozen=True)
+class PageGuard:
+    """What every route of every local page (the ui, the review page, the blind scoring page) passes first: the
+    access token off loopback (the query's, or a cookie in `token_cookies`, the page's own first), then for a change
+    the session's CSRF token, a header a cross-site form cannot send. Every answer carries the session's cookies
+    and, unless the route chose its own, `Cache-Control: no-store` (a shared machine's cache keeps no patient's
+    record). Bad input raised in a route (BadRequest, SkinvlmError) is a 4xx with its one line."""
+
+    sessions: Sessions
+    token: str | None
+    session_cookie: str
+    token_cookies: tuple[str, ...]
+    reviewer_cookie: str | None = None
+
+    def authorised(self, request: Any) -> bool:
+        if self.token is None:
+            return True
+        given = [request.query_params.get("token")] + [request.cookies.get(name) for name in self.token_cookies]
+        return any(hmac.compare_digest(found.encode(), self.token.encode()) for found in given if found)
+
+    def checked(self, request: Any) -> tuple[str, dict[str, str]] | Any:
+        """(session id, session), or the refusal to send."""
+        if not self.authorised(request):
+            return refused(401, "this page needs its access token: open it with ?token=...")
+        reviewer = request.cookies.get(self.reviewer_cookie) if self.reviewer_cookie else None
+        session_id, session = self.sessions.get(request.cookies.get(self.session_cookie), reviewer)
+        if request.method == "POST" and not hmac.compare_digest(
+            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
+        ):
+            return refused(403, "this page is out of date: reload it")
+        return session_id, session
+
+    def with_cookies(self, response: Any, request: Any, session_id: str, session: dict[str, str]) -> Any:
+        response.set_cookie(self.session_cookie, session_id, httponly=True, samesite="strict")
+        if self.reviewer_cookie:
+            response.set_cookie(self.reviewer_cookie, quote(session["reviewer"]), httponly=True, samesite="strict")
+        if self.token is not None and request.query_params.get("token"):
+            response.set_cookie(self.token_cookies[0], self.token, httponly=True, samesite="strict")
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def page(self, request: Any, html: str, boot: Callable[[dict[str, str]], Any] | None = None) -> Any:
+        """A page's HTML with the session's CSRF token (and `boot(session)`, its data) filled in."""
+        from starlette.responses import HTMLResponse
+
+        found = self.checked(request)
+        if not isinstance(found, tuple):
+            return HTMLResponse("<p>This page needs its access token: open the address with ?token=...</p>", 401)
+        session_id, session = found
+        html = html.replace("__CSRF__", session["csrf"])
+        if boot is not None:
+            html = html.replace("__BOOT__", script_json(boot(session)))
+        return self.with_cookies(HTMLResponse(html), request, session_id, session)
+
+    def route(self, handler: Callable[..., Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """`handler(request, session)` behind the checks."""
+
+        async def endpoint(request: Any) -> Any:
+            found = self.checked(request)
+            if not isinstance(found, tuple):
+                return found
+            try:
+                response = await handler(request, found[1])
+            except BadRequest as problem:
+                response = refused(problem.status, str(problem))
+            except SkinvlmError as problem:
+                response = refused(409, str(problem))
+            return self.with_cookies(response, request, *found)
+
+        return endpoint
 
 
 def script_json(value: Any) -> str:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from skinvlm.web import jobs
 from skinvlm.web.assets import asset_route, template
 from skinvlm.web.security import (
     BadRequest,
+    PageGuard,
     Sessions,
     address,
     check_serving,
@@ -265,50 +265,14 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
 
     review = ReviewTab(ws, token)
 
-    def refused(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def checked(request: Request) -> tuple[str, dict[str, str]] | JSONResponse:
-        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
-        if token and not hmac.compare_digest(given.encode(), token.encode()):
-            return refused(401, "this page needs its access token: open it with ?token=...")
-        session_id, session = sessions.get(request.cookies.get(SESSION_COOKIE), None)
-        if request.method == "POST" and not hmac.compare_digest(
-            request.headers.get("x-csrf-token", "").encode(), session["csrf"].encode()
-        ):
-            return refused(403, "this page is out of date: reload it")
-        return session_id, session
-
-    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            found = checked(request)
-            if isinstance(found, JSONResponse):
-                return found
-            try:
-                response = await handler(request)
-            except BadRequest as problem:
-                return refused(problem.status, str(problem))
-            except SkinvlmError as problem:
-                return refused(409, str(problem))
-            return with_cookies(response, request, found[0])
-
-        return endpoint
-
-    def with_cookies(response: Response, request: Request, session_id: str) -> Response:
-        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict")
-        if token and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        return response
+    guard = PageGuard(sessions, token, SESSION_COOKIE, (TOKEN_COOKIE,))
+    guarded = guard.route
 
     async def page(request: Request) -> Response:
-        found = checked(request)
-        if isinstance(found, JSONResponse):
-            return HTMLResponse("<p>This page needs its access token: open the address with ?token=...</p>", 401)
-        html = template("ui.html").replace("__CSRF__", found[1]["csrf"])
-        return with_cookies(HTMLResponse(html), request, found[0])
+        return guard.page(request, template("ui.html"))
 
     @guarded
-    async def overview(request: Request) -> Response:
+    async def overview(request: Request, _: dict[str, str]) -> Response:
         from skinvlm.render import stage_json
 
         stages = [stage_json(s) for s in stage_status(ws)]
@@ -317,11 +281,11 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(found)
 
     @guarded
-    async def job_list(request: Request) -> Response:
+    async def job_list(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse([job.as_json() for job in jobs.list_jobs(ws)])
 
     @guarded
-    async def job_start(request: Request) -> Response:
+    async def job_start(request: Request, _: dict[str, str]) -> Response:
         body = await json_body(request)
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
@@ -329,27 +293,27 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(jobs.start(ws, job_argv(str(body.get("command")), fields, ws.root)).as_json())
 
     @guarded
-    async def job_stop(request: Request) -> Response:
+    async def job_stop(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse(jobs.stop(ws, request.path_params["job_id"]).as_json())
 
     @guarded
-    async def job_log(request: Request) -> Response:
+    async def job_log(request: Request, _: dict[str, str]) -> Response:
         return PlainTextResponse(jobs.log_tail(ws, request.path_params["job_id"]))
 
     @guarded
-    async def training(request: Request) -> Response:
+    async def training(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse(train_runs(ws))
 
     @guarded
-    async def evaluations(request: Request) -> Response:
+    async def evaluations(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse(eval_runs(ws))
 
     @guarded
-    async def evaluation(request: Request) -> Response:
+    async def evaluation(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse(eval_run(ws, request.path_params["name"]))
 
     @guarded
-    async def compare(request: Request) -> Response:
+    async def compare(request: Request, _: dict[str, str]) -> Response:
         from skinvlm.evaluate import compare as compare_runs
         from skinvlm.rules import load_rules, resolve_rules_path
 
@@ -360,7 +324,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(compared["paired"][0])
 
     @guarded
-    async def eval_file(request: Request) -> Response:
+    async def eval_file(request: Request, _: dict[str, str]) -> Response:
         name, file = request.path_params["name"], request.path_params["file"]
         eval_run(ws, name)  # exists, and is a run of this workspace
         if file not in EVAL_FILES or not (ws.eval_run(name) / file).is_file():
