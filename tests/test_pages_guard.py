@@ -4,7 +4,10 @@ refuse a change without the session's CSRF token, and answer with the same polic
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from test_review import Server
 from test_ui import serving, status_of
 
 from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.report_html import SCRIPT
 
 pytest.importorskip("uvicorn", reason="the review extra is not installed (pip install -e '.[review]')")
 
@@ -59,3 +63,19 @@ def test_every_page_passes_one_guard(name: str, cli, described: Path) -> None:
                 "httponly" in (headers["Set-Cookie"] or "").lower()
                 and "samesite=strict" in headers["Set-Cookie"].lower()
             )
+
+
+def test_report_html_through_the_ui_runs_skinvlms_script_only(cli, described: Path) -> None:
+    """A script in a report.html that is not skinvlm's own (a description that slipped past an escape) gets no
+    hash in the policy, so the browser would not run it; skinvlm's own script's hash is the only one."""
+    with FakeOpenAI(answer=lambda body: "<label>정상</label>\n<summary>특이 소견이 없습니다.</summary>") as api:
+        cli("eval", "--base-url", api.url, "--api-key", "sk-x", "--no-probabilities", "--name", "first")
+    report = described / "eval" / "first" / "report.html"
+    planted = "<script>window.pwned = 1</script>"
+    report.write_text(report.read_text(encoding="utf-8").replace("<body>", "<body>" + planted, 1), encoding="utf-8")
+    own = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+    with serving(described) as url, urllib.request.urlopen(url + "/eval/first/report.html", timeout=10) as response:
+        assert planted in response.read().decode()
+        policy = response.headers["Content-Security-Policy"]
+    assert re.findall(r"'sha256-([^']+)'", policy) == [own] and "unsafe-inline'; img" in policy
+    assert "script-src 'sha256-" in policy and "'unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]

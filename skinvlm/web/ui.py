@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -244,16 +243,18 @@ class ReviewTab:
         await app(scope, receive, send)
 
 
-def report_policy(html: str) -> str:
+def report_policy() -> str:
     """The CSP for an eval run's report.html, one self-contained file (its script, style, photos and font inline,
-    so it opens from disk anywhere): its own scripts run, allowed by their hashes, nothing else does and nothing
-    loads. Inline style stays allowed: the confusion matrix colours its cells with style attributes."""
-    scripts = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
-    hashes = [base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() for body in scripts]
-    allowed = " ".join(f"'sha256-{h}'" for h in hashes) or "'none'"
+    so it opens from disk anywhere): skinvlm's own script runs, allowed by the hash of report_html.SCRIPT, never by
+    one read from the file, so a description that slipped past an escape stays inert; nothing loads. Inline style
+    stays allowed: the confusion matrix colours its cells with style attributes. (A report written by another
+    skinvlm version shows its figures with its script off.)"""
+    from skinvlm.report_html import SCRIPT
+
+    digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
     return (
-        f"default-src 'none'; script-src {allowed}; style-src 'unsafe-inline'; img-src data:; font-src data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+        "font-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
 
 
@@ -331,7 +332,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             raise BadRequest(404, f"no {file} in eval run {name!r}")
         if file == "report.html":
             html = (ws.eval_run(name) / file).read_text(encoding="utf-8")
-            return HTMLResponse(html, headers={"Content-Security-Policy": report_policy(html)})
+            return HTMLResponse(html, headers={"Content-Security-Policy": report_policy()})
         return FileResponse(ws.eval_run(name) / file)
 
     app = Starlette(
