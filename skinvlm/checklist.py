@@ -102,11 +102,6 @@ def leakage_row(found: dict[str, Any] | None) -> tuple[str, str]:
                   + ("" if found["patients_known"] else " (patients unknown)"))  # fmt: skip
 
 
-def label_row(result: dict[str, Any]) -> tuple[str, str]:
-    corrected = result.get("label_corrections", 0)
-    return filled(f"the folders' diagnoses; a clinician's correction (`skinvlm review`) for {corrected} photos")
-
-
 def review_row(fixed: dict[str, Any]) -> tuple[str, str]:
     review = (fixed.get("counts") or {}).get("review")
     if not review:

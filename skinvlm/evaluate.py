@@ -16,6 +16,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -840,6 +841,7 @@ def evaluate(
                 record["key"] = key
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 handle.flush()
+                os.fsync(handle.fileno())  # an answer paid for survives a power cut, as the describe journal's do
                 done[record["id"]] = record
                 answered.add(record["id"])
                 if not record["error"]:

@@ -157,7 +157,6 @@ def data_parallel_arguments(s: ServeSettings, plan: Layout, rank: int) -> list[s
 # -- laying GPUs out -------------------------------------------------------------------------
 RUNTIME_GIB = 2.0  # what vLLM takes besides weights and KV cache (CUDA context, activations, graphs): a rough guess
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float": 4, "half": 2}
-SAFETENSORS_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 @dataclass

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_review import CHROMIUM, Browserless, Server, raw_request
+from conftest import CHROMIUM
+from test_review import Browserless, Server, raw_request
 
 from skinvlm import answer_review
 from skinvlm.demo.openai_server import FakeOpenAI, image_of

@@ -4,12 +4,11 @@ dies mid-run or only throttles, endpoints serving other models, and the one-line
 from __future__ import annotations
 
 import json
-import socket
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from conftest import error_line, fake_secret
+from conftest import error_line, fake_secret, free_port
 
 from skinvlm.demo.openai_server import FakeOpenAI, image_of
 from skinvlm.demo.synthetic import colour_label
@@ -154,12 +153,6 @@ def test_the_endpoint_table_folds_long_urls_and_events_at_80_columns() -> None:
     shown = console.export_text()
     first_column = "".join(line.split("│")[1].strip() for line in shown.splitlines() if line.count("│") > 2)
     assert "…" not in shown and first_column == "".join(urls), "every URL whole, folded"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_an_endpoint_down_at_the_start_is_left_out_and_all_down_stops_in_one_line(cli, ingested: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line
+from conftest import alive, error_line, free_port
 
 from skinvlm import stats
 from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, mean_colour
@@ -325,7 +325,9 @@ def test_serve_without_vllm_or_model_says_what_to_do(cli, merged_folder: Path, w
 
 
 STAND_IN = """
-import http.server, sys
+import http.server, os, pathlib, sys
+if os.environ.get("STAND_IN_PID"):
+    pathlib.Path(os.environ["STAND_IN_PID"]).write_text(str(os.getpid()))
 port = int(sys.argv[sys.argv.index("--port") + 1])
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -339,22 +341,24 @@ def test_serve_waits_for_health_and_stops_on_ctrl_c(merged_folder: Path, workspa
     """A stand-in for vllm (no GPU here) that answers /health: the process handling is real."""
     script = tmp_path / "standin.py"
     script.write_text(STAND_IN)
-    env = {**os.environ, "SKINVLM_VLLM_BIN": f"{sys.executable} {script}"}
-    command = [sys.executable, "-m", "skinvlm", "serve", "-w", str(workspace), "--port", "18731"]
+    pid_file, port = tmp_path / "standin.pid", free_port()
+    env = {**os.environ, "SKINVLM_VLLM_BIN": f"{sys.executable} {script}", "STAND_IN_PID": str(pid_file)}
+    command = [sys.executable, "-m", "skinvlm", "serve", "-w", str(workspace), "--port", str(port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stdout.readline()
-        assert "ready" in ready and "http://127.0.0.1:18731/v1" in ready
-        assert "curl http://127.0.0.1:18731/v1/chat/completions" in proc.stdout.readline()
+        assert "ready" in ready and f"http://127.0.0.1:{port}/v1" in ready
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
         deadline = time.time() + 10
-        while subprocess.run(["pgrep", "-f", str(script)], capture_output=True).returncode == 0:
+        while alive(int(pid_file.read_text())):
             assert time.time() < deadline, "the stand-in server outlived skinvlm serve"
             time.sleep(0.1)
     finally:
         proc.kill()
-        subprocess.run(["pkill", "-f", str(script)], capture_output=True)
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_the_confusion_matrix_draws_the_unparsed_column_only_when_some_answer_was_unparsed(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, error_line, run_cli
+from conftest import FAST, alive, error_line, free_port, run_cli
 
 from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.demo.synthetic import image_bytes, write_tree
@@ -203,21 +203,6 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")
-
-
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_serve_takes_vllm_and_its_children_down_on_any_stop_signal(
     workspace: Path, tmp_path: Path, stop: signal.Signals
@@ -234,6 +219,7 @@ def test_serve_takes_vllm_and_its_children_down_on_any_stop_signal(
     ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == signal.SIGINT else None
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=ignore_sigint)  # fmt: skip
+    server = None
     try:
         assert "ready" in proc.stdout.readline()
         server = int(subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()[0])
@@ -250,7 +236,9 @@ def test_serve_takes_vllm_and_its_children_down_on_any_stop_signal(
             assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port is released"
     finally:
         proc.kill()
-        subprocess.run(["pkill", "-f", str(script)], capture_output=True)
+        for pid in (server, int(pid_file.read_text()) if pid_file.exists() else None):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM
 from test_eval_serve import run_eval, scripted_answers
 from test_ui import serving
 
 from skinvlm.demo.openai_server import FakeOpenAI
 
-CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium here: apt-get install chromium (or set SKINVLM_CHROMIUM to its path)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,18 +17,10 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
-from conftest import error_line
+from conftest import CHROMIUM, error_line, free_port
 
 pytest.importorskip("starlette", reason="the review extra is not installed (pip install -e '.[review]')")
 pytest.importorskip("uvicorn", reason="the review extra is not installed (pip install -e '.[review]')")
-
-CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

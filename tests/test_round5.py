@@ -399,7 +399,7 @@ def test_the_review_tab_takes_the_uis_token(described: Path) -> None:
     import urllib.request
     from http.cookiejar import CookieJar
 
-    from test_endpoints import free_port
+    from conftest import free_port
 
     port, token = free_port(), "t0ken-for-the-test"
     command = [sys.executable, "-m", "skinvlm", "ui", "-w", str(described), "--port", str(port), "--token", token]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,14 +17,11 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from test_endpoints import free_port
+from conftest import CHROMIUM, free_port, run_cli
 
 from skinvlm.demo.pipeline import TINY_RECIPE
 from skinvlm.web.security import BadRequest
 from skinvlm.web.ui import job_argv
-
-CHROMIUM = os.environ.get("SKINVLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @contextlib.contextmanager
