@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from conftest import CHROMIUM, free_port, run_cli
 
 from skinvlm.demo.pipeline import TINY_RECIPE
 from skinvlm.web.security import BadRequest
-from skinvlm.web.ui import job_argv
+from skinvlm.web.ui import FIELDS, SWITCHES, job_argv, job_forms
 
 
 @contextlib.contextmanager
@@ -146,6 +147,25 @@ def test_a_job_is_the_cli_command_one_at_a_time_and_outlives_the_ui(described: P
         assert "audit" in log.lower()
         overview = Browser(again).get("/api/overview")
         assert isinstance(overview, dict) and overview["next"] == "train", "described and fixed: training is next"
+
+
+def test_every_job_form_is_built_from_its_commands_own_flags() -> None:
+    """One source: the page's fields are what `skinvlm COMMAND --help` declares (a second copy in ui.js once
+    dropped train's --backend and eval's --model)."""
+    from typer.testing import CliRunner
+
+    from skinvlm.cli import app
+
+    for command, fields in job_forms().items():
+        shown = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=200).stdout.split())
+        assert [f["name"] for f in fields] == [*FIELDS[command], *SWITCHES.get(command, {})]
+        for field in fields:
+            assert f"--{field['name']}" in shown, (command, field)
+            if field["kind"] == "choice":
+                assert f"--{field['name']} <{'|'.join(field['choices'])}>" in shown
+            if field.get("default") is not None:
+                assert re.search(rf"\[default: {re.escape(field['default'])}[];]", shown), (command, field)
+    assert {f["name"] for f in job_forms()["train"]} >= {"backend", "model"}
 
 
 def test_a_form_becomes_the_cli_command_and_nothing_else(tmp_path: Path) -> None:

@@ -43,10 +43,65 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "fix": (),
     "audit": (),
 }
-SWITCHES = {  # check boxes: a flag without a value
-    "describe": ("dry-run", "template"), "train": ("dry-run",), "fix": ("dry-run",),
-    "eval": ("confusion-matrix", "constrained"),
+SWITCHES = {  # check boxes: a flag without a value, and whether the form starts with it ticked
+    "describe": {"dry-run": True, "template": False}, "train": {"dry-run": False}, "fix": {"dry-run": False},
+    "eval": {"confusion-matrix": True, "constrained": False},
 }  # fmt: skip
+
+
+def job_forms() -> dict[str, list[dict[str, Any]]]:
+    """Each job's form from its command's own declaration (the Typer function's annotations: type, default, help),
+    so a field can never drift from the flag it becomes; FIELDS and SWITCHES only choose which flags a form has."""
+    options = cli_options()
+    return {
+        command: [form_field(name, *options[command][name], SWITCHES.get(command, {}).get(name))
+                  for name in (*FIELDS[command], *SWITCHES.get(command, {}))]
+        for command in FIELDS
+    }  # fmt: skip
+
+
+def cli_options() -> dict[str, dict[str, tuple[Any, Any, str]]]:
+    """Command -> flag (without its dashes) -> (type, default, help), read from each command function."""
+    import inspect
+    import typing
+
+    from skinvlm.cli import app
+
+    found: dict[str, dict[str, tuple[Any, Any, str]]] = {}
+    for registered in app.registered_commands:
+        function = registered.callback
+        assert function is not None
+        hints = typing.get_type_hints(function, include_extras=True)
+        flags: dict[str, tuple[Any, Any, str]] = {}
+        for name, parameter in inspect.signature(function).parameters.items():
+            kind, *extras = typing.get_args(hints[name]) or (hints[name],)
+            info = next((e for e in extras if hasattr(e, "param_decls")), None)
+            if info is None:
+                continue
+            decls = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str) and d.startswith("--")]
+            for flag in decls or ["--" + name.replace("_", "-")]:
+                flags[flag[2:]] = (kind, parameter.default, info.help or "")
+        found[registered.name or function.__name__.rstrip("_")] = flags
+    return found
+
+
+def form_field(name: str, kind: Any, default: Any, help_text: str, checked: bool | None) -> dict[str, Any]:
+    import enum
+    import typing
+
+    if checked is not None:
+        return {"name": name, "kind": "switch", "checked": checked, "help": help_text}
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)  # X | None -> X
+    field: dict[str, Any] = {"name": name, "kind": "text", "help": help_text, "default": None}
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        field |= {"kind": "choice", "choices": [member.value for member in kind]}
+    elif kind in (int, float):
+        field["kind"] = "number"
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, str | int | float | Path) and not isinstance(default, bool):
+        field["default"] = str(default)
+    return field
 
 
 PATHS = ("from", "config", "output", "adapter", "model-dir")  # fields that name a file or folder
@@ -282,6 +337,10 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(found)
 
     @guarded
+    async def forms(request: Request, _: dict[str, str]) -> Response:
+        return JSONResponse(job_forms())
+
+    @guarded
     async def job_list(request: Request, _: dict[str, str]) -> Response:
         return JSONResponse([job.as_json() for job in jobs.list_jobs(ws)])
 
@@ -340,6 +399,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             Route("/", page),
             asset_route(),
             Route("/api/overview", overview),
+            Route("/api/forms", forms),
             Route("/api/jobs", job_list),
             Route("/api/jobs", job_start, methods=["POST"]),
             Route("/api/jobs/{job_id:str}/stop", job_stop, methods=["POST"]),

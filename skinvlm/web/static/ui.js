@@ -1,15 +1,6 @@
 // The ui page (ui.html); skinvlm.js gives $, el, get, post: every string from the workspace goes in as text.
 "use strict";
-const SWITCHES = { describe: [["dry-run", true], ["template", false]], train: [["dry-run", false]],
-  fix: [["dry-run", false]], eval: [["confusion-matrix", true], ["constrained", false]] };
-const FORMS = {
-  train: [["method", "sft"], ["from", ""], ["model", ""], ["max-steps", ""], ["learning-rate", ""], ["eval-steps", ""],
-          ["config", ""], ["output", ""]],
-  eval: [["model-dir", ""], ["base-url", ""], ["name", ""], ["split", ""], ["limit", ""], ["config", ""]],
-  merge: [["adapter", ""], ["output", ""]],
-  describe: [["model", ""], ["base-url", ""], ["limit", ""], ["config", ""]],
-  fix: [], audit: [],
-};
+let FORMS = {};  // each job's fields, as the server builds them from the CLI command (api/forms)
 let shownRun = null;
 
 function fixed(value) { return typeof value === "number" ? value.toFixed(4) : (value ?? "-"); }
@@ -55,27 +46,40 @@ async function overview() {
 
 function jobFields() {
   const command = document.querySelector('#job-form select[name="command"]').value;
-  const box = $("job-fields");
-  const inputs = FORMS[command].map(([name, value]) => {
-    const label = el("label", name + " ");
-    label.append(el("input", null, { name, value, size: name === "model-dir" || name === "from" ? 30 : 12 }));
-    return label;
-  });
-  const boxes = (SWITCHES[command] || []).map(([name, on]) => {
-    const label = el("label", name + " ");
-    const box = el("input", null, { name, type: "checkbox" });
-    box.checked = on;
+  $("job-fields").replaceChildren(...(FORMS[command] || []).map(formField));
+}
+
+// One field of a job's form: a check box for a switch, a menu for a choice, else a text box showing the command's
+// default (left empty, the command's own default applies); the flag's help as its tooltip.
+function formField(field) {
+  const label = el("label", field.name + " ", { title: field.help });
+  if (field.kind === "switch") {
+    const box = el("input", null, { name: field.name, type: "checkbox" });
+    box.checked = field.checked;
     label.append(box);
-    return label;
-  });
-  box.replaceChildren(...inputs, ...boxes);
+  } else if (field.kind === "choice") {
+    const menu = el("select", null, { name: field.name });
+    for (const choice of field.choices) menu.append(el("option", choice, { value: choice }));
+    menu.value = field.default ?? field.choices[0];
+    label.append(menu);
+  } else {
+    const wide = ["model-dir", "from", "model", "base-url", "config"].includes(field.name);
+    label.append(el("input", null, { name: field.name, placeholder: field.default ?? "", size: wide ? 30 : 12,
+                                     inputmode: field.kind === "number" ? "decimal" : "text" }));
+  }
+  return label;
+}
+
+async function loadForms() {
+  FORMS = await get("/api/forms");
+  jobFields();
 }
 
 async function startJob(event) {
   event.preventDefault();
   const form = event.target;
   const fields = {};
-  form.querySelectorAll("#job-fields input").forEach((input) => {
+  form.querySelectorAll("#job-fields input, #job-fields select").forEach((input) => {
     if (input.type === "checkbox") { if (input.checked) fields[input.name] = true; } else if (input.value) fields[input.name] = input.value;
   });
   const error = $("job-error");
@@ -229,6 +233,6 @@ document.querySelector('#job-form select[name="command"]').addEventListener("cha
 $("job-form").addEventListener("submit", startJob);
 $("compare").addEventListener("click", compareRuns);
 $("run").addEventListener("change", (e) => { shownRun = e.target.value; training(); });
-jobFields();
+loadForms();
 refresh();
 setInterval(refresh, 1500);
