@@ -48,7 +48,7 @@ def load_answers(ws: Workspace, runs: list[str]) -> list[Answer]:
     """Every answered photo of each run, in the blind order; an error (no answer) is nothing to score."""
     from datasets import load_from_disk
 
-    from skinvlm.evaluate import load_run, run_answers
+    from skinvlm.evaluate import run_answers
 
     ingested = load_from_disk(str(ws.require("ingested")))
     photos = {
@@ -58,7 +58,7 @@ def load_answers(ws: Workspace, runs: list[str]) -> list[Answer]:
     }
     found: list[Answer] = []
     for name in dict.fromkeys(run_name(r) for r in runs):
-        metrics = load_run(ws, name)
+        metrics = ws.read_eval(name)
         if metrics.get("external"):
             raise SkinvlmError(f"eval run {name!r} answered an external set (--dataset): its photos are not here")
         answered = [r for r in run_answers(ws, metrics).values() if not r.get("error")]

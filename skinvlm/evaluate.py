@@ -895,7 +895,7 @@ def evaluate(
     result["skinvlm_version"] = __version__
     # the checklist travels to the model card: the folder's name, never where this machine keeps it
     result["checklist"] = checklist.rows(ws, result | {"backend": short_backend(backend)}, settings.model_dir)
-    write_json(run / "metrics.json", result)
+    write_json(ws.eval_metrics(name), result)
     write_text(run / "report.md", report_markdown(result, rules))
     if settings.confusion_matrix:
         plot_confusion(result, rules, run / "confusion_matrix.png")
@@ -984,7 +984,7 @@ def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: E
 
 def compare(ws: Workspace, names: list[str], rules: Rules) -> dict[str, Any]:
     """The runs' metrics side by side, and each later run paired with the first on the same photos."""
-    runs = [load_run(ws, name) for name in names]
+    runs = [ws.read_eval(name) for name in names]
     paired = [paired_with(ws, runs[0], run, rules) for run in runs[1:]]
     detectable = runs[0].get("minimal_detectable_difference")
     return {"runs": runs, "paired": [pair | {"said": comparison_verdict(pair, detectable)} for pair in paired]}
@@ -1009,13 +1009,6 @@ def comparison_verdict(pair: dict[str, Any], detectable: float | None) -> str:
         f"({t['method']}: only {pair['first']} right {t['only_first_right']}, only {pair['second']} right "
         f"{t['only_second_right']}; p {'' if t['p_value'] < 1e-4 else '= '}{p_value(t['p_value'])}){power}"
     )
-
-
-def load_run(ws: Workspace, name: str) -> dict[str, Any]:
-    path = ws.eval_run(name) / "metrics.json"
-    if not path.exists():
-        raise SkinvlmError(f"no eval run {name!r} in {ws.eval_root} (metrics.json missing)")
-    return read_json_object(path, f"eval run {name!r}:")
 
 
 def run_answers(ws: Workspace, run: dict[str, Any]) -> dict[str, dict[str, Any]]:

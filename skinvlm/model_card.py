@@ -110,15 +110,14 @@ def newest_eval(ws: Workspace, folder: Path, name: str | None) -> tuple[str, dic
     """(run name, metrics) of the eval to report: `name`, else the newest finished eval of this very folder made
     after it was merged (an eval through a server cannot be tied to a folder: name it with --eval-run)."""
     if name:
-        metrics = ws.eval_run(name) / "metrics.json"
-        if not metrics.is_file():
+        if not ws.eval_metrics(name).is_file():
             raise SkinvlmError(f"--eval-run {name}: no finished eval of that name in {ws.eval_root}")
-        return name, json.loads(metrics.read_text(encoding="utf-8"))
+        return name, ws.read_eval(name)
     found = runs_of(ws, folder, external=False)
     if not found:
         return "", None
     newest = max(found)[2]
-    return newest, json.loads((ws.eval_run(newest) / "metrics.json").read_text(encoding="utf-8"))
+    return newest, ws.read_eval(newest)
 
 
 def runs_of(ws: Workspace, folder: Path, external: bool) -> list[tuple[str, int, str]]:
@@ -127,21 +126,13 @@ def runs_of(ws: Workspace, folder: Path, external: bool) -> list[tuple[str, int,
     merged_at = (read_manifest(folder) or {}).get("finished", "")
     # manifests say the second a run finished; two runs in one second are told apart by when their metrics landed
     found: list[tuple[str, int, str]] = []
-    for run in sorted(ws.eval_root.glob("*/metrics.json")) if ws.eval_root.is_dir() else []:
-        made = read_manifest(run.parent) or {}
+    for name in ws.finished_evals():
+        made = read_manifest(ws.eval_run(name)) or {}
         model = made.get("inputs", {}).get("model") or ""
         same = bool(model) and Path(model).exists() and os.path.realpath(model) == os.path.realpath(folder)
-        if same and made.get("finished", "") >= merged_at and ("external" in read_json(run)) == external:
-            found.append((made.get("finished", ""), run.stat().st_mtime_ns, run.parent.name))
+        if same and made.get("finished", "") >= merged_at and ("external" in ws.read_eval(name)) == external:
+            found.append((made.get("finished", ""), ws.eval_metrics(name).stat().st_mtime_ns, name))
     return found
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def external_lines(ws: Workspace, folder: Path) -> list[str]:
@@ -153,7 +144,7 @@ def external_lines(ws: Workspace, folder: Path) -> list[str]:
         return ["None: photos from another source were not evaluated (`skinvlm eval --model-dir DIR --dataset PATH`)."]
     lines = []
     for _, _, name in found:
-        m = read_json(ws.eval_run(name) / "metrics.json")
+        m = ws.read_eval(name)
         ci = m["intervals"]
         lines.append(f"- `{name}`: accuracy {m['accuracy']:.4f} ({ci['accuracy'][0]:.3f}-{ci['accuracy'][1]:.3f}), "
                      f"macro F1 {m['macro_f1']:.4f} ({ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}) on "

@@ -41,7 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from skinvlm.errors import SkinvlmError, json_problem
+from skinvlm.errors import SkinvlmError, json_problem, read_json_object
 from skinvlm.redaction import redact
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ REMADE_BY = {"describe": "skinvlm describe", "fix": "skinvlm fix", "train": "ski
 TEXT_STAGES = ("described", "fixed")
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
+METRICS = "metrics.json"  # an eval run's figures: written last, so its presence says the run finished
 VERSIONED_PACKAGES = (
     "skinvlm",
     "datasets",
@@ -122,6 +123,24 @@ class Workspace:
             shown = name if len(name) <= 40 else name[:40] + "..."
             raise SkinvlmError(f"run name {shown!r} must be 1-100 letters, digits, '.', '-' or '_'")
         return self.eval_root / name
+
+    def eval_metrics(self, name: str) -> Path:
+        """An eval run's figures: the file whose presence says the run finished."""
+        return self.eval_run(name) / METRICS
+
+    def finished_evals(self) -> list[str]:
+        """The names of the eval runs that finished (wrote their metrics), sorted."""
+        if not self.eval_root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.eval_root.glob(f"*/{METRICS}") if p.is_file())
+
+    def read_eval(self, name: str) -> dict[str, Any]:
+        """An eval run's metrics, or one line naming what is wrong: missing (not run, or stopped before its
+        figures) or damaged (a half-copied or hand-edited file), never a JSON traceback."""
+        path = self.eval_metrics(name)
+        if not path.is_file():
+            raise SkinvlmError(f"no eval run {name!r} in {self.eval_root} ({METRICS} missing)")
+        return read_json_object(path, f"eval run {name!r}:")
 
     @property
     def describe_journal(self) -> Path:
@@ -640,7 +659,7 @@ def stage_status(ws: Workspace) -> list[StageStatus]:
         rerun = out_of_date(ws, path) if found else []
         if present and not isinstance(found, dict) and name in REMAKE:
             rerun = [REMAKE[name]]  # a folder without its manifest: unfinished, damaged or made by hand
-        if name.startswith("eval/") and not (path / "metrics.json").is_file():
+        if name.startswith("eval/") and not (path / METRICS).is_file():
             rerun = [f"eval --name {path.name}"]  # stopped before its figures: the answers kept, the run not done
         finished = str(fields(found).get("finished", ""))
         out.append(StageStatus(name, path, present, rows, finished, str(source), rerun, headline(found, path)))
@@ -659,7 +678,7 @@ def fields(value: Any) -> dict[str, Any]:
 def headline(found: dict[str, Any] | None, path: Path) -> str:
     """The figures a list of runs shows (as `gh run list` or `llm logs` do): from an eval run's metrics.json, or
     the counts a train or merge manifest keeps."""
-    metrics = path / "metrics.json"
+    metrics = path / METRICS
     if (path / "predictions.jsonl").is_file() and not metrics.is_file():
         with (path / "predictions.jsonl").open("rb") as answers:
             kept = sum(1 for line in answers if line.strip())

@@ -18,7 +18,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, free_port, run_cli
+from conftest import CHROMIUM, error_line, free_port, run_cli
 
 from skinvlm.demo.pipeline import TINY_RECIPE
 from skinvlm.web.security import BadRequest
@@ -156,7 +156,7 @@ def test_every_job_form_is_built_from_its_commands_own_flags() -> None:
 
     from skinvlm.cli import app
 
-    for command, fields in job_forms().items():
+    for command, fields in job_forms(app).items():
         shown = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=200).stdout.split())
         assert [f["name"] for f in fields] == [*FIELDS[command], *SWITCHES.get(command, {})]
         for field in fields:
@@ -165,7 +165,7 @@ def test_every_job_form_is_built_from_its_commands_own_flags() -> None:
                 assert f"--{field['name']} <{'|'.join(field['choices'])}>" in shown
             if field.get("default") is not None:
                 assert re.search(rf"\[default: {re.escape(field['default'])}[];]", shown), (command, field)
-    assert {f["name"] for f in job_forms()["train"]} >= {"backend", "model"}
+    assert {f["name"] for f in job_forms(app)["train"]} >= {"backend", "model"}
 
 
 def test_a_form_becomes_the_cli_command_and_nothing_else(tmp_path: Path) -> None:
@@ -242,3 +242,23 @@ def test_train_from_the_page_watch_it_live_stop_it_and_read_an_eval_run(ui: str,
     assert [job["status"] for job in jobs] == ["stopped"] and jobs[0]["argv"][0] == "train"
     outside = [url for url in requests if not url.startswith(ui + "/")]
     assert not outside, f"the page fetched from elsewhere: {outside}"
+
+
+def test_a_damaged_eval_run_is_one_line_everywhere_it_is_read(cli, ingested: Path) -> None:
+    """One policy (Workspace.read_eval): the ui lists it as damaged beside the others, a command names it."""
+    from skinvlm.web.ui import eval_run, eval_runs
+    from skinvlm.workspace import Workspace
+
+    (ingested / "eval" / "broken").mkdir(parents=True)
+    (ingested / "eval" / "broken" / "metrics.json").write_text('{"accuracy": 0.9', encoding="utf-8")
+    ws = Workspace.open(ingested)
+    listed = eval_runs(ws)
+    assert [r["name"] for r in listed] == ["broken"] and "metrics.json is damaged (not valid JSON" in listed[0][
+        "damaged"
+    ]
+    with pytest.raises(BadRequest) as refused:
+        eval_run(ws, "broken")
+    assert refused.value.status == 409 and "metrics.json is damaged" in str(refused.value)
+    for command in (("review", "--model-answers", "eval/broken"), ("eval", "--compare", "broken", "broken")):
+        done = cli(*command, ok=False)
+        assert done.exit_code == 1 and "metrics.json is damaged (not valid JSON" in error_line(done.stderr), command

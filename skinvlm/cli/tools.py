@@ -13,6 +13,7 @@ from skinvlm.cli.common import (
     JsonOpt,
     PageHostOpt,
     WorkspaceOpt,
+    app,
     command,
     err,
     existing_workspace,
@@ -70,6 +71,7 @@ def ui(
     token: Annotated[str | None, page_token_option("SKINVLM_UI_TOKEN")] = None,
 ) -> None:
     """One local page for the whole cycle: the workspace, jobs (with Stop), training live, every eval run."""
-    from skinvlm.web.ui import serve
+    from skinvlm.web.ui import job_forms, serve
 
-    serve(existing_workspace(workspace), host=host, port=port, token=token, say=err.print)
+    forms = job_forms(app)  # the page's job forms from these very commands
+    serve(existing_workspace(workspace), host=host, port=port, token=token, forms=forms, say=err.print)

@@ -49,10 +49,11 @@ SWITCHES = {  # check boxes: a flag without a value, and whether the form starts
 }  # fmt: skip
 
 
-def job_forms() -> dict[str, list[dict[str, Any]]]:
-    """Each job's form from its command's own declaration (the Typer function's annotations: type, default, help),
-    so a field can never drift from the flag it becomes; FIELDS and SWITCHES only choose which flags a form has."""
-    options = cli_options()
+def job_forms(cli: Any) -> dict[str, list[dict[str, Any]]]:
+    """Each job's form from its command's own declaration in the Typer app `cli` (the command function's
+    annotations: type, default, help), so a field can never drift from the flag it becomes; FIELDS and SWITCHES
+    only choose which flags a form has. The app is handed in: the CLI imports the ui, never the other way."""
+    options = cli_options(cli)
     return {
         command: [form_field(name, *options[command][name], SWITCHES.get(command, {}).get(name))
                   for name in (*FIELDS[command], *SWITCHES.get(command, {}))]
@@ -60,15 +61,13 @@ def job_forms() -> dict[str, list[dict[str, Any]]]:
     }  # fmt: skip
 
 
-def cli_options() -> dict[str, dict[str, tuple[Any, Any, str]]]:
+def cli_options(cli: Any) -> dict[str, dict[str, tuple[Any, Any, str]]]:
     """Command -> flag (without its dashes) -> (type, default, help), read from each command function."""
     import inspect
     import typing
 
-    from skinvlm.cli import app
-
     found: dict[str, dict[str, tuple[Any, Any, str]]] = {}
-    for registered in app.registered_commands:
+    for registered in cli.registered_commands:
         function = registered.callback
         assert function is not None
         hints = typing.get_type_hints(function, include_extras=True)
@@ -223,23 +222,27 @@ def train_run(folder: Path) -> dict[str, Any]:
 
 def eval_runs(ws: Workspace) -> list[dict[str, Any]]:
     runs = []
-    for folder in sorted(ws.eval_root.iterdir()) if ws.eval_root.is_dir() else []:
-        if (folder / "metrics.json").is_file():
-            found = json_or_none(folder / "metrics.json")
-            if found is None:
-                runs.append({"name": folder.name, "damaged": "metrics.json is damaged: run this eval again"})
-                continue
-            runs.append(finite({k: found.get(k) for k in ("name", "n", "accuracy", "macro_f1", "unparsed", "backend")}))
+    for name in ws.finished_evals():
+        try:
+            found = ws.read_eval(name)
+        except SkinvlmError as damaged:  # one damaged run is said so; the others are still shown
+            runs.append({"name": name, "damaged": f"{damaged}: run this eval again"})
+            continue
+        runs.append(finite({k: found.get(k) for k in ("name", "n", "accuracy", "macro_f1", "unparsed", "backend")}))
     return runs
 
 
 def eval_run(ws: Workspace, name: str) -> dict[str, Any]:
-    folder = ws.eval_run(name)
-    if not (folder / "metrics.json").is_file() or folder.parent != ws.eval_root:
+    try:
+        folder = ws.eval_run(name)
+    except SkinvlmError:
+        raise BadRequest(404, f"no eval run {name!r}") from None
+    if not ws.eval_metrics(name).is_file():
         raise BadRequest(404, f"no eval run {name!r}")
-    found = json_or_none(folder / "metrics.json")
-    if found is None:
-        raise BadRequest(409, f"eval run {name!r}: its metrics.json is damaged; run this eval again")
+    try:
+        found = ws.read_eval(name)
+    except SkinvlmError as damaged:
+        raise BadRequest(409, f"{damaged}: run this eval again") from None
     keep = ("name", "n", "accuracy", "macro_f1", "unparsed", "intervals", "per_class", "per_view", "labels",
             "predicted_labels", "confusion_matrix", "selective", "patients", "ci_method")  # fmt: skip
     return finite({k: found.get(k) for k in keep}) | {"files": [f for f in EVAL_FILES if (folder / f).is_file()]}
@@ -313,7 +316,7 @@ def report_policy() -> str:
     )
 
 
-def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) -> Any:
+def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str, forms: dict[str, Any]) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -337,8 +340,8 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
         return JSONResponse(found)
 
     @guarded
-    async def forms(request: Request, _: dict[str, str]) -> Response:
-        return JSONResponse(job_forms())
+    async def job_forms_json(request: Request, _: dict[str, str]) -> Response:
+        return JSONResponse(forms)
 
     @guarded
     async def job_list(request: Request, _: dict[str, str]) -> Response:
@@ -399,7 +402,7 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
             Route("/", page),
             asset_route(),
             Route("/api/overview", overview),
-            Route("/api/forms", forms),
+            Route("/api/forms", job_forms_json),
             Route("/api/jobs", job_list),
             Route("/api/jobs", job_start, methods=["POST"]),
             Route("/api/jobs/{job_id:str}/stop", job_stop, methods=["POST"]),
@@ -415,9 +418,11 @@ def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str) 
     return guarded_app(app, bind)
 
 
-def serve(ws: Workspace, *, host: str, port: int, token: str | None, say: Callable[[str], None]) -> None:
+def serve(
+    ws: Workspace, *, host: str, port: int, token: str | None, forms: dict[str, Any], say: Callable[[str], None]
+) -> None:
     """Serve the page until Ctrl-C or SIGTERM; jobs started from it go on after it stops."""
     check_serving("ui", host, port, token)
-    app = create_app(ws, Sessions("ui", secret_key(ws.review_key)), token, host)
+    app = create_app(ws, Sessions("ui", secret_key(ws.review_key)), token, host, forms)
     say(f"skinvlm ui for {ws.root}: {address(host, port, token)} (Ctrl-C stops the page; running jobs go on)")
     run_server(app, host, port)
