@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import explanation, judge, subgroups
+from skinvlm.eval_result import EvalResult
 from skinvlm.leakage import found_any, last_check
 from skinvlm.numbers import auc_phrase, bounds, calibration_phrase
 from skinvlm.workspace import Workspace, read_manifest
@@ -19,7 +20,7 @@ FILLED, NOT_APPLICABLE, TEAM = "filled", "not applicable", "to be written by the
 TITLE = "Reporting checklist (TRIPOD+AI)"
 
 
-def rows(ws: Workspace, result: dict[str, Any], model_dir: str | None) -> list[dict[str, str]]:
+def rows(ws: Workspace, result: EvalResult, model_dir: str | None) -> list[dict[str, str]]:
     """[{item, status, detail}] for one eval run."""
     ingested = read_manifest(ws.ingested) or {}
     settings, counts = ingested.get("settings", {}), ingested.get("counts", {})
@@ -135,7 +136,7 @@ def auc_row(probabilities: dict[str, Any] | None) -> tuple[str, str]:
     return filled(f"{auc_phrase(probabilities)} (one-vs-rest, per class in the report)")
 
 
-def subgroup_text(result: dict[str, Any]) -> str:
+def subgroup_text(result: EvalResult) -> str:
     views = "view: " + ", ".join(f"{v} {a:.3f}" for v, a in result["per_view"].items())
     said = subgroups.lines(result.get("subgroups") or {})
     return "; ".join([views, *said]) if said else f"{views}; no other attribute known (ingest --metadata CSV)"
@@ -157,7 +158,7 @@ def calibration_row(probabilities: dict[str, Any] | None) -> tuple[str, str]:
     return filled(f"{calibration_phrase(probabilities)}; reliability diagram in reliability.png")
 
 
-def sample_row(result: dict[str, Any]) -> tuple[str, str]:
+def sample_row(result: EvalResult) -> tuple[str, str]:
     if "minimal_detectable_difference" not in result:
         return filled(f"{result['n']} photos")
     who = f"{result['patients']} patients" if result.get("patients") else "patients unknown"
@@ -165,7 +166,7 @@ def sample_row(result: dict[str, Any]) -> tuple[str, str]:
                   f"{result['minimal_detectable_difference'] * 100:.1f} points (80% power)")  # fmt: skip
 
 
-def evaluation_row(result: dict[str, Any], leakage: dict[str, Any] | None) -> tuple[str, str]:
+def evaluation_row(result: EvalResult, leakage: dict[str, Any] | None) -> tuple[str, str]:
     """Where the photos come from, and whether training saw them: never, or in part (the leakage audit's finding
     says so here too, not only in its own row)."""
     if found := result.get("external"):
@@ -180,7 +181,7 @@ def evaluation_row(result: dict[str, Any], leakage: dict[str, Any] | None) -> tu
     return filled(f"{held_out}, never trained on (no patient or near-duplicate photo in both splits)")
 
 
-def external_row(result: dict[str, Any]) -> tuple[str, str]:
+def external_row(result: EvalResult) -> tuple[str, str]:
     if found := result.get("external"):
         out = found["out_of_scope"]["n"]
         return filled(f"this run: {found['dataset']}, {found['scored']} photos scored, {out} out of scope")

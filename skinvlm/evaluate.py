@@ -42,6 +42,7 @@ from skinvlm import (
 from skinvlm.config import check_choice, check_seconds
 from skinvlm.endpoints import Pool
 from skinvlm.errors import SkinvlmError, read_json_object
+from skinvlm.eval_result import EvalResult, Metrics
 from skinvlm.images import as_rgb
 from skinvlm.journal import last_by_id
 from skinvlm.numbers import auc_phrase, bounds, calibration_phrase, p_value, rate, score, seconds
@@ -473,7 +474,7 @@ def reusable(record: dict[str, Any] | None, key: str, item: Item) -> bool:
     return record.get("key") == key and record.get("sha256") == item.sha256 and not record["error"]
 
 
-def check_failures(result: dict[str, Any]) -> None:
+def check_failures(result: EvalResult) -> None:
     """A run that left photos without an answer fails once its figures are shown: a script must not take them for
     the model's (they count as wrong)."""
     if result["failed"]:
@@ -496,7 +497,7 @@ def require_an_answer(records: list[dict[str, Any]]) -> None:
 
 
 # -- metrics ---------------------------------------------------------------------------------
-def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_accuracy: float = 0.95) -> dict[str, Any]:
+def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_accuracy: float = 0.95) -> Metrics:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     from skinvlm import stats  # numpy: loaded when a run is scored, not at every CLI start
@@ -506,10 +507,11 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     predicted = [r["predicted"] for r in records]
     p, r, f, support = precision_recall_fscore_support(truth, predicted, labels=classes, zero_division=0)
     scored = [c for c in classes if c in set(truth)] or classes  # macro figures: the classes with photos here
-    averages = {
-        avg: precision_recall_fscore_support(truth, predicted, labels=scored, average=avg, zero_division=0)
+    macro, weighted = (
+        [round(float(v), 4) for v in precision_recall_fscore_support(truth, predicted, labels=scored, average=avg,
+                                                                      zero_division=0)[:3]]
         for avg in ("macro", "weighted")
-    }
+    )  # fmt: skip
     views: dict[str, list[bool]] = defaultdict(list)
     for record in records:
         views[record["view"]].append(record["predicted"] == record["label"])
@@ -521,11 +523,12 @@ def metrics(records: list[dict[str, Any]], rules: Rules, wall: float, target_acc
     return {
         "n": len(records),
         "accuracy": round(float(accuracy_score(truth, predicted)), 4),
-        **{
-            f"{avg}_{name}": round(float(values[i]), 4)
-            for avg, values in averages.items()
-            for i, name in enumerate(("precision", "recall", "f1"))
-        },
+        "macro_precision": macro[0],
+        "macro_recall": macro[1],
+        "macro_f1": macro[2],
+        "weighted_precision": weighted[0],
+        "weighted_recall": weighted[1],
+        "weighted_f1": weighted[2],
         "per_class": {
             c: {
                 "precision": round(float(p[i]), 4),
@@ -619,7 +622,7 @@ def hangul_font() -> str | None:
     return str(font_manager.FontProperties(fname=str(path)).get_name())
 
 
-def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str]:
+def plot_confusion(result: EvalResult, rules: Rules, path: Path) -> list[str]:
     """Counts and row-normalised shares side by side, each with its colour bar; the unparsed column only when
     some answer was unparsed. Returns the column labels drawn."""
     import matplotlib
@@ -664,14 +667,14 @@ def plot_confusion(result: dict[str, Any], rules: Rules, path: Path) -> list[str
     return [c.replace("\n", " ") for c in columns]
 
 
-def plot_reliability(result: dict[str, Any], path: Path) -> None:
+def plot_reliability(name: str, probabilities: dict[str, Any], path: Path) -> None:
     """The reliability diagram: accuracy against confidence of the top class per bin; the diagonal is perfect."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bins = result["probabilities"]["reliability"]
+    bins = probabilities["reliability"]
     figure, axis = plt.subplots(figsize=(6, 6), dpi=120)
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     axis.bar(
@@ -684,7 +687,7 @@ def plot_reliability(result: dict[str, Any], path: Path) -> None:
     )
     axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="darkred", label="bin mean")
     axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence of the top class", ylabel="accuracy")
-    axis.set_title(f"{result['name']}: ECE {result['probabilities']['ece']:.3f} (n={result['probabilities']['n']})")
+    axis.set_title(f"{name}: ECE {probabilities['ece']:.3f} (n={probabilities['n']})")
     axis.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path)
@@ -696,7 +699,7 @@ def short_backend(backend: str) -> str:
     return f"model dir {Path(backend.removeprefix('model dir ')).name}" if backend.startswith("model dir ") else backend
 
 
-def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool = True) -> str:
+def report_markdown(result: EvalResult, rules: Rules, with_checklist: bool = True) -> str:
     from skinvlm.report_html import matrix_axes
 
     rows, columns, counts = matrix_axes(result)
@@ -754,7 +757,7 @@ def report_markdown(result: dict[str, Any], rules: Rules, with_checklist: bool =
     return "\n".join(lines) + "\n"
 
 
-def selective_lines(result: dict[str, Any]) -> list[str]:
+def selective_lines(result: EvalResult) -> list[str]:
     """The referral threshold, as report.md and the model card state it."""
     chosen = result.get("selective")
     if not chosen:
@@ -782,7 +785,7 @@ def external_line(found: dict[str, Any]) -> str:
             f"({', '.join(out['classes']) or 'none'}), answered: {answered}")  # fmt: skip
 
 
-def sample_size_line(result: dict[str, Any]) -> str | None:
+def sample_size_line(result: EvalResult) -> str | None:
     """Who the photos are and what this set can detect (runs before patient-aware eval: None)."""
     if "ci_method" not in result:
         return None
@@ -796,7 +799,7 @@ def sample_size_line(result: dict[str, Any]) -> str | None:
     return f"{who}; a comparison of two models on these photos detects an accuracy difference of about {detectable}"
 
 
-def interval_method(result: dict[str, Any]) -> str:
+def interval_method(result: EvalResult) -> str:
     """How a run's 95% intervals were made (runs before Wilson and the F1 posterior: a stratified bootstrap)."""
     return result["intervals"].get("method") or "bootstrap stratified by class"
 
@@ -809,7 +812,7 @@ def evaluate(
     settings: EvalSettings,
     api_key: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     settings.check()
     devices.return_freed_memory()
     name = settings.name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -867,7 +870,7 @@ def evaluate(
         raise
     wall = time.perf_counter() - clock
     backend = f"model dir {settings.model_dir}" if settings.model_dir else f"{who['endpoint']} ({settings.model})"
-    result = {
+    result: EvalResult = {
         "name": name,
         "backend": backend,
         **metrics(records, rules, wall, settings.target_accuracy),
@@ -900,7 +903,7 @@ def evaluate(
     if settings.confusion_matrix:
         plot_confusion(result, rules, run / "confusion_matrix.png")
     if result["probabilities"]:
-        plot_reliability(result, run / "reliability.png")
+        plot_reliability(name, result["probabilities"], run / "reliability.png")
     from skinvlm import report_html
 
     pictures = report_html.thumbnails(ds, {r["id"]: index_of[r["id"]] for r in records})
@@ -955,7 +958,7 @@ def judged(
     )
 
 
-def run_notes(result: dict[str, Any], records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
+def run_notes(result: EvalResult, records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
     """What a reader of the figures must know: most answers unparsed (the model knew more than the format let it
     say when the probabilities disagree), no log-probabilities from the endpoint."""
     notes = [said] if (said := leakage.warning(result.get("leakage"))) else []

@@ -22,6 +22,7 @@ from typing import Any
 
 from skinvlm import answer_review, checklist, leakage
 from skinvlm.errors import SkinvlmError
+from skinvlm.eval_result import as_result
 from skinvlm.publish import (
     PublishResult,
     confirmed_upload,
@@ -316,14 +317,14 @@ def evaluation_lines(facts: ModelFacts, rules: Rules) -> list[str]:
             "Not evaluated in this workspace after it was merged: run `skinvlm eval --model-dir DIR` (or name a run "
             "with `publish --eval-run`)."
         ]
-    shown = metrics | {"backend": short_backend(metrics["backend"])}
+    shown = as_result(metrics | {"backend": short_backend(metrics["backend"])})
     report = report_markdown(shown, rules, with_checklist=False).splitlines()[1:]  # its title is ours
     leak = leakage.warning(metrics.get("leakage"))
     photos = (f"{metrics['n']} held-out photos, not independent of training ({leak})" if leak
               else f"{metrics['n']} held-out photos never used in training")  # fmt: skip
     return [
         f"Eval run `{facts.eval_name}` on {photos} (95% intervals: "
-        f"{interval_method(metrics)}; calibration where the model's label probabilities were read).",
+        f"{interval_method(shown)}; calibration where the model's label probabilities were read).",
         *report,
         *([""] + facts.clinician_scores if facts.clinician_scores else []),
     ]

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from skinvlm import personal
+from skinvlm.eval_result import EvalResult
 from skinvlm.ingest import IngestResult
 from skinvlm.numbers import auc_phrase, calibration_phrase, rate, score, seconds
 from skinvlm.rules import Rules
@@ -365,7 +366,7 @@ def review_report(out: Console, found: dict[str, Any]) -> None:
         out.print(f"  disagree on {item['id']}: {said}", highlight=False)
 
 
-def eval_report(out: Console, result: dict[str, Any], rules: Any) -> None:
+def eval_report(out: Console, result: EvalResult, rules: Any) -> None:
     from skinvlm.evaluate import external_line, interval_method, sample_size_line
 
     ci = result["intervals"]

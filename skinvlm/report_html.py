@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skinvlm import checklist, devices, leakage
+from skinvlm.eval_result import EvalResult
 from skinvlm.images import as_rgb
 from skinvlm.numbers import score
 from skinvlm.rules import Rules
@@ -45,7 +46,7 @@ def thumbnails(ds: Any, indices: dict[str, int]) -> dict[str, str]:
 
 
 def write_report(
-    path: Path, result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]
+    path: Path, result: EvalResult, records: list[dict[str, Any]], rules: Rules, images: dict[str, str]
 ) -> None:
     html = page(result, records, rules, images)
     write_text(path, html.replace("</style>", hangul_font_face(html) + "</style>", 1))
@@ -105,7 +106,7 @@ def hangul_font_face(html: str) -> str:
     )
 
 
-def page(result: dict[str, Any], records: list[dict[str, Any]], rules: Rules, images: dict[str, str]) -> str:
+def page(result: EvalResult, records: list[dict[str, Any]], rules: Rules, images: dict[str, str]) -> str:
     title = f"skinvlm eval {result['name']}"
     return f"""<!doctype html>
 <html lang="ko"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -143,12 +144,12 @@ def gallery_order(record: dict[str, Any]) -> tuple[bool, str, str]:
     return (record["predicted"] == record["label"], record["label"], record["id"])
 
 
-def interval(result: dict[str, Any], metric: str) -> str:
+def interval(result: EvalResult, metric: str) -> str:
     low, high = result["intervals"][metric]
     return f'<span class="ci">95% CI {low:.3f}&ndash;{high:.3f}</span>'
 
 
-def headline(result: dict[str, Any]) -> str:
+def headline(result: EvalResult) -> str:
     cards = [
         ("images", f'<b id="n">{result["n"]}</b>'),
         ("accuracy", f'<b id="accuracy">{result["accuracy"]:.4f}</b>{interval(result, "accuracy")}'),
@@ -179,7 +180,7 @@ def class_name(label: str, rules: Rules) -> str:
     return f"{escape(label)} <small>{escape(rules.english(label))}</small>" if label != UNPARSED else UNPARSED
 
 
-def matrix_axes(result: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
+def matrix_axes(result: EvalResult) -> tuple[list[str], list[str], list[list[int]]]:
     """(rows: the true classes, columns: the predicted labels, the counts) of a run's confusion matrix, from this
     version's metrics.json or an older one (whose `labels` held unparsed too, a row of zeros)."""
     columns = result.get("predicted_labels") or result["labels"]
@@ -187,7 +188,7 @@ def matrix_axes(result: dict[str, Any]) -> tuple[list[str], list[str], list[list
     return rows, columns, result["confusion_matrix"][: len(rows)]
 
 
-def matrix(result: dict[str, Any], rules: Rules) -> str:
+def matrix(result: EvalResult, rules: Rules) -> str:
     classes, labels, counts = matrix_axes(result)
     shown = labels if any(row[-1] for row in counts) else labels[:-1]
     head = "".join(f"<th>{class_name(label, rules)}</th>" for label in shown)
@@ -206,7 +207,7 @@ def matrix(result: dict[str, Any], rules: Rules) -> str:
     return f'<table id="confusion"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
-def per_class(result: dict[str, Any], rules: Rules) -> str:
+def per_class(result: EvalResult, rules: Rules) -> str:
     auc = (result.get("probabilities") or {}).get("auc", {})
     rows = "".join(
         f"<tr><td>{class_name(c, rules)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
@@ -218,7 +219,7 @@ def per_class(result: dict[str, Any], rules: Rules) -> str:
     return f'<table class="numbers">{head}{rows}</table>'
 
 
-def auc_cell(auc: dict[str, float], c: str, result: dict[str, Any]) -> str:
+def auc_cell(auc: dict[str, float], c: str, result: EvalResult) -> str:
     """A class's AUC, or a dash that says why there is none."""
     if c in auc and auc[c] is not None:
         return score(auc[c])
@@ -240,7 +241,7 @@ def span(bounds: list[float]) -> str:
     return f'<span class="ci">{bounds[0]:.3f}&ndash;{bounds[1]:.3f}</span>'
 
 
-def per_view(result: dict[str, Any]) -> str:
+def per_view(result: EvalResult) -> str:
     bounds = result["intervals"].get("per_view", {})
     rows = "".join(
         f"<tr><td>{escape(view)}</td><td>{acc:.3f} {span(bounds[view]) if view in bounds else ''}</td></tr>"
@@ -249,7 +250,7 @@ def per_view(result: dict[str, Any]) -> str:
     return f'<table class="numbers"><tr><th>view</th><th>accuracy (95% CI)</th></tr>{rows}</table>'
 
 
-def per_subgroup(result: dict[str, Any]) -> str:
+def per_subgroup(result: EvalResult) -> str:
     """Each attribute from ingest --metadata: its groups' accuracy, too-small groups said so, the worst marked."""
     found = result.get("subgroups") or {}
     tables = []
@@ -268,7 +269,7 @@ def per_subgroup(result: dict[str, Any]) -> str:
             "leans low.</p>" + "".join(tables))  # fmt: skip
 
 
-def filters(result: dict[str, Any]) -> str:
+def filters(result: EvalResult) -> str:
     shown = result.get("predicted_labels") or result["labels"]
     options = "".join(f'<option value="{escape(label)}">{escape(label)}</option>' for label in shown)
     return f"""<div class="filters">
@@ -279,11 +280,11 @@ def filters(result: dict[str, Any]) -> str:
 </div>"""
 
 
-def threshold(result: dict[str, Any]) -> float | None:
+def threshold(result: EvalResult) -> float | None:
     return (result.get("selective") or {}).get("threshold")
 
 
-def referral(result: dict[str, Any]) -> str:
+def referral(result: EvalResult) -> str:
     """The risk-coverage curve as an inline SVG, and the referral threshold for the target accuracy."""
     chosen = result.get("selective")
     if not chosen:

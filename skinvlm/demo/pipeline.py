@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skinvlm.eval_result import EvalResult
 from skinvlm.rules import default_rules_path, load_rules
 from skinvlm.workspace import Workspace
 
@@ -35,7 +36,7 @@ DEMO_TEMPLATES = {
 class DemoResult:
     root: Path
     workspace: Path
-    metrics: dict[str, Any]
+    metrics: EvalResult
     seconds: float
     audit_before: int
     audit_after: int
