@@ -10,6 +10,7 @@ with an embedded font cut to the page's own characters, so a machine without Kor
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,7 @@ def page(result: EvalResult, records: list[dict[str, Any]], rules: Rules, images
     title = f"skinvlm eval {result['name']}"
     return f"""<!doctype html>
 <html lang="ko"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{policy()}">
 <title>{escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{escape(title)}</h1>
@@ -138,6 +140,18 @@ def page(result: EvalResult, records: list[dict[str, Any]], rules: Rules, images
 <script>{SCRIPT}</script>
 </body></html>
 """
+
+
+def policy() -> str:
+    """What the page may run and load, opened from disk or served: skinvlm's own script (by the hash of SCRIPT,
+    never one read from the file, so text that slipped past an escape stays inert), its inline style (the
+    confusion matrix colours its cells with style attributes), photos and font as data: URLs; nothing from
+    elsewhere. In the page's <meta> and, from `skinvlm ui`, as its header too."""
+    digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+    return (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
+        "font-src data:; base-uri 'none'; form-action 'none'"
+    )
 
 
 def gallery_order(record: dict[str, Any]) -> tuple[bool, str, str]:

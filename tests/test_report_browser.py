@@ -109,3 +109,23 @@ def every_hangul_in_the_embedded_font(html: str) -> bool:
     missing = {c for c in re.findall(r"[\uac00-\ud7a3]", html) if ord(c) not in covered}
     assert not missing, f"no glyph for {''.join(sorted(missing))}"
     return True
+
+
+def test_opened_from_disk_only_skinvlms_own_script_runs(report: tuple[Path, dict]) -> None:
+    """The page's own <meta> policy allows the hash of skinvlm's script alone: a script that slipped into the file
+    (a description past an escape) does not run, while the page's own does (it fills the gallery's count)."""
+    path, metrics = report
+    html = path.read_text(encoding="utf-8")
+    planted = '<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2">'
+    path.write_text(html.replace("<h1>", planted + "<h1>", 1), encoding="utf-8")
+    problems: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(path.as_uri())
+        assert page.evaluate("window.pwned") is None, "the planted script and handler stayed inert"
+        right = sum(metrics["confusion_matrix"][i][i] for i in range(len(metrics["labels"])))
+        assert page.text_content("#shown-count") == str(metrics["n"] - right), "skinvlm's own script ran"
+        browser.close()
+    assert not problems, problems

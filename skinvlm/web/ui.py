@@ -7,8 +7,6 @@ Content-Security-Policy that lets a page load nothing but skinvlm's own files.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -302,18 +300,12 @@ class ReviewTab:
 
 
 def report_policy() -> str:
-    """The CSP for an eval run's report.html, one self-contained file (its script, style, photos and font inline,
-    so it opens from disk anywhere): skinvlm's own script runs, allowed by the hash of report_html.SCRIPT, never by
-    one read from the file, so a description that slipped past an escape stays inert; nothing loads. Inline style
-    stays allowed: the confusion matrix colours its cells with style attributes. (A report written by another
-    skinvlm version shows its figures with its script off.)"""
-    from skinvlm.report_html import SCRIPT
+    """An eval run's report.html as the ui serves it: the page's own policy (report_html.policy, also in its
+    <meta>), and, as only a header can say, never inside a frame. (A report written by another skinvlm version
+    shows its figures with its script off.)"""
+    from skinvlm.report_html import policy
 
-    digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
-    return (
-        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data:; "
-        "font-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
+    return policy() + "; frame-ancestors 'none'"
 
 
 def create_app(ws: Workspace, sessions: Sessions, token: str | None, bind: str, forms: dict[str, Any]) -> Any:
