@@ -2,7 +2,7 @@
 
     python benchmarks/describe.py --n 240 --latency 0.5 --concurrency 16
 
-Both send the same N images to the same local OpenAI-protocol server (skinvlm/demo/openai_server.py)
+Both send the same N images to the same local OpenAI-protocol server (skinvlm/testing/openai_server.py)
 in one run. Prints both throughputs, their ratio, and skinvlm's time against the ideal
 N x latency / concurrency.
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import ingested_workspace  # noqa: E402
 
-from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
+from skinvlm.testing.openai_server import FakeOpenAI  # noqa: E402
 
 
 def seeds_loop(url: str, workspace: Path) -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/endpoints.py --n 192 --latency 0.5 --concurrency 3
 
-Each endpoint is the project's OpenAI-protocol test server (skinvlm/demo/openai_server.py) answering after a fixed
+Each endpoint is the project's OpenAI-protocol test server (skinvlm/testing/openai_server.py) answering after a fixed
 latency, so an endpoint's capacity is concurrency / latency. The baseline is one endpoint at the same per-endpoint
 --concurrency, measured in the same run; N endpoints should reach at least 0.9 x N its throughput. Throughput is
 counted over the requests (first request sent to last answer), apart from the stage's loading and saving, which
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import ingested_workspace  # noqa: E402
 
-from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
+from skinvlm.testing.openai_server import FakeOpenAI  # noqa: E402
 
 MODEL = "skinvlm"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import ingested_workspace  # noqa: E402
 from train_cpu import FAST, prepare, skinvlm  # noqa: E402
 
-from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
+from skinvlm.testing.openai_server import FakeOpenAI  # noqa: E402
 
 
 def run_eval(workspace: Path, url: str, name: str, concurrency: int, env: dict[str, str]) -> dict:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _measure import run_measured  # noqa: E402
 
-from skinvlm.demo.openai_server import FakeOpenAI  # noqa: E402
+from skinvlm.testing.openai_server import FakeOpenAI  # noqa: E402
 
 CLASSES = ["건선", "아토피", "여드름", "주사", "지루", "정상"]
 

@@ -14,9 +14,9 @@ from conftest import CHROMIUM
 from test_review import Browserless, Server, raw_request
 
 from skinvlm import answer_review
-from skinvlm.demo.openai_server import FakeOpenAI, image_of
 from skinvlm.demo.synthetic import colour_label
 from skinvlm.prompts import parse_answer
+from skinvlm.testing.openai_server import FakeOpenAI, image_of
 from skinvlm.workspace import Workspace
 
 pytest.importorskip("starlette", reason="the review extra is not installed (pip install -e '.[review]')")

@@ -9,8 +9,8 @@ import pytest
 from conftest import FAST, error_line
 from test_eval_serve import run_eval
 
-from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
 from skinvlm.demo.synthetic import colour_label
+from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
 CLASSES = ("건선", "아토피", "여드름", "주사", "지루", "정상")
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import error_line, fake_secret
 from datasets import load_from_disk
 
-from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.testing.openai_server import FakeOpenAI
 
 KEY = fake_secret("sk-", "test-SECRET")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from conftest import error_line, fake_secret, free_port
 
-from skinvlm.demo.openai_server import FakeOpenAI, image_of
 from skinvlm.demo.synthetic import colour_label
+from skinvlm.testing.openai_server import FakeOpenAI, image_of
 
 KEY = fake_secret("sk-", "endpoints")
 SERVED = ("skinvlm",)

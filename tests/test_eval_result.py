@@ -11,8 +11,8 @@ from pathlib import Path
 
 from test_eval_serve import run_eval, scripted_answers
 
-from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.eval_result import EvalResult, Metrics
+from skinvlm.testing.openai_server import FakeOpenAI
 
 
 def test_metrics_json_has_the_keys_of_its_type(cli, ingested: Path) -> None:

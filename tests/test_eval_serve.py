@@ -18,10 +18,10 @@ import pytest
 from conftest import alive, error_line, free_port
 
 from skinvlm import stats
-from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, mean_colour
 from skinvlm.demo.synthetic import colour_label
 from skinvlm.evaluate import label_distribution, plot_confusion
 from skinvlm.rules import default_rules_path, load_rules
+from skinvlm.testing.openai_server import FakeOpenAI, label_conditioned, mean_colour
 
 
 def scripted_answers():

@@ -10,10 +10,10 @@ import pytest
 from sacrebleu.metrics import CHRF
 from test_review import Browserless, Server, load_outputs
 
-from skinvlm.demo.openai_server import FakeOpenAI, image_of
 from skinvlm.demo.synthetic import colour_label
 from skinvlm.explanation import pair_scores
 from skinvlm.prompts import parse_answer
+from skinvlm.testing.openai_server import FakeOpenAI, image_of
 
 SAID = "양 볼에 붉은 구진과 농포가 보입니다."
 
@@ -87,7 +87,7 @@ def test_eval_scores_answers_against_reviewed_descriptions_only(cli, ingested: P
 def judge_answers(body: dict) -> str:
     """A judge that reads the true diagnosis from its prompt: 5s where the answer names it, else accuracy 1; and
     a reply with no scores for one class, as a judge model sometimes gives."""
-    from skinvlm.demo.openai_server import user_text
+    from skinvlm.testing.openai_server import user_text
 
     prompt = user_text(body)
     truth = prompt.split("True diagnosis: ")[1].split("\n")[0]

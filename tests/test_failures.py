@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import fake_secret
 
-from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.testing.openai_server import FakeOpenAI
 
 PLANTED_KEY = fake_secret("sk-", "planted-SECRET")
 PLANTED_TOKEN = fake_secret("hf_", "plantedTOKEN")

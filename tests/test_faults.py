@@ -21,8 +21,8 @@ import pytest
 from conftest import error_line, fake_secret
 from datasets import load_from_disk
 
-from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.demo.synthetic import image_bytes
+from skinvlm.testing.openai_server import FakeOpenAI
 from skinvlm.workspace import Workspace
 
 KEY = fake_secret("sk-", "test-faults")

@@ -11,7 +11,7 @@ from conftest import error_line
 from test_leakage import PATTERN, leaky_tree
 from test_review import plant_text
 
-from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.testing.openai_server import FakeOpenAI
 
 PLANTED = {  # one finding each, as a describer's answer would carry it
     "english": "<label>{label}</label><summary>붉은 plaque 위에 인설이 보입니다.</summary>",

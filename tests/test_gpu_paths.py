@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, alive, error_line, free_port, run_cli
 
-from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.demo.synthetic import image_bytes, write_tree
+from skinvlm.testing.openai_server import FakeOpenAI
 
 # Imported before transformers by every Python started with it on PYTHONPATH: at the import of transformers it
 # writes to file descriptor 1 from below Python and prints, as Unsloth does at import and at load.

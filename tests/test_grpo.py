@@ -148,21 +148,20 @@ def test_grpo_raises_the_reward_and_its_merged_model_leaves_fewer_answers_unpars
     # Each step samples 2 photos: its label reward swings with which 2 (this start knows a few classes), so the
     # test reads the reward this start can raise for sure, the answers' form, over a third of the run at a time;
     # benchmarks/grpo_cpu.py reports the total.
+    # Training is seeded and the CPU deterministic (two runs give the same rewards to the last digit): the figures
+    # are pinned, with room for a library release to move them a little.
     first, last = (sum(r["format"] for r in part) / 20 for part in (rewards[:20], rewards[-20:]))
-    assert last > first, (first, last)
+    assert last > first and last == pytest.approx(0.48, abs=0.15), (first, last)
     snapshot = json.loads((grpo / "train_settings.json").read_text())
     assert snapshot["method"] == "grpo" and snapshot["from_adapter"] == str(sft)
     assert json.loads((grpo / "skinvlm.json").read_text())["from_adapter"] == str(sft)
     before, after = held_out(started, sft, "sft"), held_out(started, grpo, "grpo")
-    # What the form reward moves for sure: no more unparsed answers, fewer where the start had some (40 SFT steps
-    # leave it at the edge of parsing: some runs parse every answer). Which class the answers name is not asserted:
-    # with --eval-rows 0 nothing guards it, and one CI run in several went from 8 right (16 unparsed) to 4 right
-    # (all parsed, one class for every photo). In use, selection on the development rows scores the start before
-    # step 1 and keeps it when no step beats it (a test below); benchmarks/grpo_cpu.py reports accuracy and
-    # macro F1.
-    assert after["unparsed"] <= before["unparsed"], (before, after)
-    if before["unparsed"]:
-        assert after["unparsed"] < before["unparsed"], (before, after)
+    # What the form reward moves: 40 SFT steps leave the start at the edge of parsing (20 of 24 held-out answers
+    # unparsed in most runs of the suite, fewer in some: the start is not pinned), and GRPO's form reward brings
+    # them to (nearly) none, never more than the start had. Which class the answers name is not pinned: with
+    # --eval-rows 0 nothing guards it; in use, selection on the development rows scores the start before step 1
+    # and keeps it when no step beats it (the test below); benchmarks/grpo_cpu.py reports accuracy and macro F1.
+    assert before["n"] == after["n"] == 24 and after["unparsed"] <= min(before["unparsed"], 4), (before, after)
     status = run_cli("status", "-w", started)
     assert "GRPO" in status.stdout, status.stdout
 
@@ -200,12 +199,14 @@ def test_grpo_scores_its_start_before_step_one_and_keeps_it_when_no_step_does_be
     assert kept["first"]["step"] == 0 and kept["kept"]["step"] == trained["best_step"]
     shown = run_cli("status", "-w", started)
     assert shown.returncode == 0
-    if trained["best_step"] == 0:  # a learning rate this high wrecks the adapter: the start is handed back
-        from safetensors.torch import load_file
+    # A learning rate this high wrecks the adapter (seeded, so every run: macro F1 0.17 at the start, 0 after
+    # steps 2 and 4): no step beats the start, which is handed back unchanged.
+    assert trained["best_step"] == 0 and not better, trained["evals"]
+    from safetensors.torch import load_file
 
-        kept = load_file(started / "models" / "adapter-grpo" / "adapter_model.safetensors")
-        start = load_file(sft / "adapter_model.safetensors")
-        assert kept.keys() == start.keys() and all(kept[k].equal(start[k]) for k in kept)
+    kept = load_file(started / "models" / "adapter-grpo" / "adapter_model.safetensors")
+    start = load_file(sft / "adapter_model.safetensors")
+    assert kept.keys() == start.keys() and all(kept[k].equal(start[k]) for k in kept)
 
 
 @pytest.mark.slow

@@ -138,8 +138,8 @@ def patient_tree(root: Path) -> None:
 
 
 def test_eval_intervals_are_by_patient_when_a_patients_photos_are_wrong_together(cli, tmp_path: Path) -> None:
-    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
     from skinvlm.demo.synthetic import colour_label
+    from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
     def wrong_on_rosacea(body: dict) -> str:  # both photos of every 주사 patient wrong: wrong together
         label = colour_label(mean_colour(body))
@@ -218,9 +218,9 @@ def external_folder(root: Path) -> None:
 
 
 def test_external_photos_are_scored_on_the_mapped_classes_and_the_rest_counted(cli, tmp_path: Path) -> None:
-    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
     from skinvlm.demo.synthetic import colour_label
     from skinvlm.rules import default_rules_path
+    from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
     def by_colour(body: dict) -> str:
         return f"<label>{colour_label(mean_colour(body))}</label>\n<summary>색으로 본 소견입니다.</summary>"
@@ -257,8 +257,8 @@ def test_a_hub_dataset_is_read_by_its_image_and_label_columns(cli, tmp_path: Pat
     the way the Hub's loader returns one (an Image column, a ClassLabel label); the rest is the real eval."""
     import datasets
 
-    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
     from skinvlm.demo.synthetic import colour_label, image_bytes
+    from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
     def hub(repo: str, split: str) -> datasets.Dataset:
         assert (repo, split) == ("clinic/skin-set", "validation")

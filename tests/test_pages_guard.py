@@ -16,8 +16,8 @@ import pytest
 from test_review import Server
 from test_ui import serving, status_of
 
-from skinvlm.demo.openai_server import FakeOpenAI
 from skinvlm.report_html import SCRIPT
+from skinvlm.testing.openai_server import FakeOpenAI
 
 pytest.importorskip("uvicorn", reason="the review extra is not installed (pip install -e '.[review]')")
 

@@ -17,7 +17,7 @@ from datasets import Image as ImageFeature
 from datasets import load_from_disk
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
-from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned
+from skinvlm.testing.openai_server import FakeOpenAI, label_conditioned
 
 NAME, CHART, SERIAL, GPS_TEXT = "홍길동", "CHART-778899", "SN-CAM-0042", "GPS-37.5665N"
 LOCAL_KEY = fake_secret("sk-", "local-server")  # the test server takes any key

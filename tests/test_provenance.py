@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import error_line, fake_secret
 
-from skinvlm.demo.openai_server import FakeOpenAI, label_conditioned, user_text
 from skinvlm.demo.synthetic import write_tree
 from skinvlm.demo.tiny import build
+from skinvlm.testing.openai_server import FakeOpenAI, label_conditioned, user_text
 
 KEY = fake_secret("sk-", "test-provenance")
 

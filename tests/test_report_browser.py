@@ -12,7 +12,7 @@ from conftest import CHROMIUM
 from test_eval_serve import run_eval, scripted_answers
 from test_ui import serving
 
-from skinvlm.demo.openai_server import FakeOpenAI
+from skinvlm.testing.openai_server import FakeOpenAI
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytestmark = pytest.mark.skipif(

@@ -258,8 +258,8 @@ def test_fix_and_train_honour_the_decisions(cli, reviewable: Path, tiny: Path) -
 def test_eval_scores_a_photo_against_the_label_a_clinician_corrected(cli, reviewable: Path) -> None:
     import numpy as np
 
-    from skinvlm.demo.openai_server import FakeOpenAI, image_of
     from skinvlm.demo.synthetic import colour_label
+    from skinvlm.testing.openai_server import FakeOpenAI, image_of
 
     def by_colour(body: dict) -> str:  # every photo's folder label, read from its colour
         mean = np.asarray(image_of(body), dtype=float).reshape(-1, 3).mean(axis=0)
@@ -387,9 +387,9 @@ def plant_text(cli, workspace: Path, record_id: str, text: str) -> None:
 def test_low_label_probabilities_come_first_and_fleiss_kappa_matches_the_textbook(cli, reviewable: Path) -> None:
     from test_eval_serve import run_eval
 
-    from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
     from skinvlm.demo.synthetic import colour_label
     from skinvlm.review import kappa
+    from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
     def by_colour(body: dict) -> str:
         label = colour_label(mean_colour(body))

@@ -474,7 +474,7 @@ def test_stored_photos_keep_the_colour_profile_without_its_text(cli, tmp_path: P
 def test_the_checklist_never_calls_a_leaky_split_never_trained_on(cli, tmp_path: Path) -> None:
     from test_leakage import PATTERN, leaky_tree
 
-    from skinvlm.demo.openai_server import FakeOpenAI
+    from skinvlm.testing.openai_server import FakeOpenAI
 
     leaky_tree(tmp_path / "src")
     cli("ingest", tmp_path / "src", "--patient-pattern", PATTERN)

@@ -13,8 +13,8 @@ from test_eval_serve import run_eval
 from test_leakage import PATTERN, every_byte, leaky_tree
 
 from skinvlm import publish
-from skinvlm.demo.openai_server import FakeOpenAI, mean_colour
 from skinvlm.demo.synthetic import colour_label, write_tree
+from skinvlm.testing.openai_server import FakeOpenAI, mean_colour
 
 DARK = ("건선", "아토피")  # the classes this test's CSV calls Fitzpatrick V-VI
 
