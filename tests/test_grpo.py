@@ -151,7 +151,7 @@ def test_grpo_raises_the_reward_and_its_merged_model_leaves_fewer_answers_unpars
     # Training is seeded and the CPU deterministic (two runs give the same rewards to the last digit): the figures
     # are pinned, with room for a library release to move them a little.
     first, last = (sum(r["format"] for r in part) / 20 for part in (rewards[:20], rewards[-20:]))
-    assert last > first and last == pytest.approx(0.48, abs=0.15), (first, last)
+    assert last > first and last == pytest.approx(0.48, abs=0.2), (first, last)
     snapshot = json.loads((grpo / "train_settings.json").read_text())
     assert snapshot["method"] == "grpo" and snapshot["from_adapter"] == str(sft)
     assert json.loads((grpo / "skinvlm.json").read_text())["from_adapter"] == str(sft)
