@@ -124,6 +124,17 @@ def page_guard(sessions: Sessions, token: str | None) -> PageGuard:
     return PageGuard(sessions, token, SESSION_COOKIE, TOKEN_COOKIES, REVIEWER_COOKIE)
 
 
+def reviewer_route(guard: PageGuard, shown_next: Callable[[dict[str, str]], Any]) -> Any:
+    """POST /api/reviewer of either page: the session's reviewer renamed, and what that reviewer is offered next."""
+
+    @guard.route
+    async def set_reviewer(request: Any, session: dict[str, str]) -> Any:
+        session["reviewer"] = reviewer_name(await json_body(request))
+        return shown_next(session)
+
+    return set_reviewer
+
+
 def reviewer_name(body: dict[str, Any]) -> str:
     name = body.get("reviewer", "")
     name = name.strip() if isinstance(name, str) else ""
@@ -173,10 +184,7 @@ def create_app(state: ReviewState, images: Any, rules: Rules, sessions: Sessions
         item = undo_last(state, session["reviewer"])
         return JSONResponse(item_json(state, item, rules, session["reviewer"]))
 
-    @guard.route
-    async def set_reviewer(request: Request, session: dict[str, str]) -> Response:
-        session["reviewer"] = reviewer_name(await json_body(request))
-        return shown_next(session)
+    set_reviewer = reviewer_route(guard, shown_next)
 
     @guard.route
     async def image(request: Request, _: dict[str, str]) -> Response:
@@ -290,10 +298,7 @@ def create_answers_app(state: AnswerReview, images: Any, rules: Rules, sessions:
             return refused(422, str(problem))
         return shown_next(session)
 
-    @guard.route
-    async def set_reviewer(request: Request, session: dict[str, str]) -> Response:
-        session["reviewer"] = reviewer_name(await json_body(request))
-        return shown_next(session)
+    set_reviewer = reviewer_route(guard, shown_next)
 
     @guard.route
     async def image(request: Request, _: dict[str, str]) -> Response:
