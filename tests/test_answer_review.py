@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM
+from conftest import CHROMIUM, error_line
 from test_review import Browserless, Server, raw_request
 
 from skinvlm import answer_review
@@ -96,6 +96,8 @@ def test_two_runs_are_scored_blind_and_the_report_gives_each_runs_means(cli, two
 def test_a_keyboard_only_scoring_in_chromium_and_runs_that_cannot_be_scored(cli, two_runs: Path) -> None:
     missing = cli("review", "--model-answers", "eval/nope", ok=False)
     assert missing.exit_code == 1 and "no eval run 'nope'" in missing.stderr
+    mixed = cli("review", "--model-answers", RUNS[0], "--overlap", "0.2", ok=False)
+    assert mixed.exit_code == 1 and "--stage and --overlap are for descriptions" in error_line(mixed.stderr)
     sync_api = pytest.importorskip("playwright.sync_api")
     if CHROMIUM is None:
         pytest.skip("no Chromium here (apt-get install chromium)")

@@ -399,6 +399,8 @@ def review(
     from skinvlm import review as reviewing
 
     ws, loaded = open_workspace(workspace, rules)
+    if model_answers and (stage or overlap):
+        raise SkinvlmError("--model-answers scores eval runs' answers: --stage and --overlap are for descriptions")
     if model_answers:
         return score_model_answers(ws, loaded, model_answers, report, as_json, host, port, reviewer, token)
     state, stage_name = reviewing.open_review(ws, loaded, stage.value if stage else None, overlap)
